@@ -1,0 +1,272 @@
+"""The specmq wire protocol, written down first (as the Majordomo spec is).
+
+Every message is a msgpack map ``{"v": VERSION, "type": <TYPE>, ...fields}``. On ROUTER sockets it follows the
+peer's identity frame; DEALER peers send and receive the single body frame. The dataclasses below are the
+protocol: the codec (``protocol.codec``) encodes them and validates untrusted input against their fields.
+
+Naming: ``session`` ids are chosen by the drafter (unique per client), ``job`` ids by the generate client.
+``pos`` is always the number of tokens already committed in the session (prompt + accepted output), so a
+chunk's first draft token sits at position ``pos``.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+VERSION = 1
+
+# Liveness constants (Majordomo style: one place, at the top). Brokers and workers may override by config.
+HEARTBEAT_INTERVAL_S = 1.0
+HEARTBEAT_LIVENESS = 3  # a peer is dead after this many missed beats
+
+# Worker kinds announced in READY.
+KIND_TARGET = "target"
+KIND_FUSED = "fused"
+WORKER_KINDS = (KIND_TARGET, KIND_FUSED)
+
+
+@dataclass
+class Message:
+    """Base class; ``TYPE`` is the wire ``type`` string."""
+
+    TYPE: ClassVar[str] = ""
+
+
+# --------------------------------------------------------------------------- client -> broker -> target
+@dataclass
+class SessionOpen(Message):
+    """Open (or re-open after re-placement) a speculative session.
+
+    ``prompt_ids`` is every committed token so far: the prompt on first open, prompt + accepted output when the
+    broker asks the drafter to re-send context after its target died.
+    """
+
+    TYPE: ClassVar[str] = "session_open"
+    session: str
+    prompt_ids: list[int]
+    max_new_tokens: int = 128
+    temperature: float = 0.0
+    top_p: float = 1.0
+    seed: int = 0
+    tokenizer: str = ""  # tokenizer fingerprint; targets refuse a mismatch
+    policy: str = "exact"  # acceptance policy name (workers.acceptance)
+    policy_args: dict = field(default_factory=dict)
+    model: str = ""  # requested target model id ("" = any)
+
+
+@dataclass
+class Verify(Message):
+    """A draft chunk: ``tokens`` proposed at positions ``pos .. pos+len-1``.
+
+    When sampling, ``q_ids[i]`` / ``q_probs[i]`` hold the sparse support of the draft distribution that token i was
+    sampled from (exact: q is zero elsewhere). ``seq`` increases by one per chunk of a session; a resend of the
+    same ``seq`` returns the cached result.
+    """
+
+    TYPE: ClassVar[str] = "verify"
+    session: str
+    seq: int
+    pos: int
+    tokens: list[int]
+    q_ids: list[list[int]] | None = None
+    q_probs: list[list[float]] | None = None
+    sent_at: float = 0.0  # sender's clock, echoed back for latency accounting
+
+
+@dataclass
+class Result(Message):
+    """Outcome of verifying one chunk.
+
+    ``accepted`` draft tokens were kept; ``tokens`` is the committed extension: the accepted draft prefix plus the
+    target's own token (correction or bonus). ``pos`` is the new committed length. ``finished`` says the target
+    saw EOS or the session's token budget is spent.
+    """
+
+    TYPE: ClassVar[str] = "result"
+    session: str
+    seq: int
+    accepted: int
+    tokens: list[int]
+    pos: int
+    finished: bool = False
+    sent_at: float = 0.0
+    verify_ms: float = 0.0  # time the chunk spent in the target's forward pass
+    queue_ms: float = 0.0  # time the chunk waited at the target before its tick
+
+
+@dataclass
+class SessionOpened(Message):
+    """Target's answer to SESSION_OPEN: the session holds a slot and its prompt is prefilled."""
+
+    TYPE: ClassVar[str] = "session_opened"
+    session: str
+    pos: int
+    worker: str = ""
+    token: int = -1  # target's first token after the prompt when it has one (greedy/sampled), else -1
+
+
+@dataclass
+class SessionClose(Message):
+    TYPE: ClassVar[str] = "session_close"
+    session: str
+
+
+@dataclass
+class Reopen(Message):
+    """Broker -> drafter: your target is gone; re-send SESSION_OPEN with every committed token."""
+
+    TYPE: ClassVar[str] = "reopen"
+    session: str
+    reason: str = ""
+
+
+# --------------------------------------------------------------------------- generate queue (fused workers)
+@dataclass
+class Generate(Message):
+    """A whole-generation job. Either ``prompt`` (text; the fused worker tokenizes) or ``prompt_ids``."""
+
+    TYPE: ClassVar[str] = "generate"
+    job: str
+    prompt: str = ""
+    prompt_ids: list[int] | None = None
+    max_new_tokens: int = 128
+    temperature: float = 0.0
+    top_p: float = 1.0
+    seed: int = 0
+    gamma: int = 4
+    policy: str = "exact"
+    policy_args: dict = field(default_factory=dict)
+    stream: bool = True
+    delivery: int = 0  # set by the broker: how many times this job was handed out before
+
+
+@dataclass
+class Tokens(Message):
+    """Streamed progress of a generate job: newly committed tokens (and their text when known)."""
+
+    TYPE: ClassVar[str] = "tokens"
+    job: str
+    tokens: list[int]
+    text: str = ""
+    index: int = 0  # running count of tokens before this message
+
+
+@dataclass
+class Done(Message):
+    """A generate job finished (also the worker's ack: the broker forgets the job only on DONE)."""
+
+    TYPE: ClassVar[str] = "done"
+    job: str
+    token_ids: list[int]
+    text: str = ""
+    finish_reason: str = "length"
+    stats: dict = field(default_factory=dict)
+
+
+# --------------------------------------------------------------------------- worker <-> broker
+@dataclass
+class Ready(Message):
+    """Worker registration. ``capacity``: session slots (target) or concurrent jobs (fused)."""
+
+    TYPE: ClassVar[str] = "ready"
+    kind: str
+    model: str
+    capacity: int
+    vocab_size: int = 0
+    tokenizer: str = ""
+    max_gamma: int = 16
+    max_context: int = 0
+    worker: str = ""  # human-readable name
+
+
+@dataclass
+class Heartbeat(Message):
+    """Liveness, both ways. Workers attach their own figures (tick time, batch size, slots used) in ``stats``."""
+
+    TYPE: ClassVar[str] = "heartbeat"
+    stats: dict = field(default_factory=dict)
+
+
+@dataclass
+class Credit(Message):
+    """Worker -> broker: I can take ``n`` more generate jobs (fused) or chunks (target)."""
+
+    TYPE: ClassVar[str] = "credit"
+    n: int
+
+
+@dataclass
+class Disconnect(Message):
+    TYPE: ClassVar[str] = "disconnect"
+    reason: str = ""
+
+
+# --------------------------------------------------------------------------- errors and backpressure
+@dataclass
+class Error(Message):
+    """An error reply. ``code`` is stable (see ``protocol.errors``); ``message`` is for humans.
+
+    ``session`` / ``seq`` / ``job`` name what the error is about when known.
+    """
+
+    TYPE: ClassVar[str] = "error"
+    code: str
+    message: str
+    session: str = ""
+    seq: int = -1
+    job: str = ""
+
+
+@dataclass
+class Busy(Message):
+    """Backpressure: the queue is full; retry after ``retry_ms``. Nothing was enqueued."""
+
+    TYPE: ClassVar[str] = "busy"
+    retry_ms: int
+    queue: str = ""
+    session: str = ""
+    seq: int = -1
+    job: str = ""
+
+
+# --------------------------------------------------------------------------- observability
+@dataclass
+class StatsRequest(Message):
+    """Client -> broker: send me one stats snapshot (``specmq monitor --once``)."""
+
+    TYPE: ClassVar[str] = "stats_request"
+
+
+@dataclass
+class Stats(Message):
+    TYPE: ClassVar[str] = "stats"
+    snapshot: dict = field(default_factory=dict)
+
+
+MESSAGE_TYPES: dict[str, type[Message]] = {
+    cls.TYPE: cls
+    for cls in (
+        SessionOpen,
+        Verify,
+        Result,
+        SessionOpened,
+        SessionClose,
+        Reopen,
+        Generate,
+        Tokens,
+        Done,
+        Ready,
+        Heartbeat,
+        Credit,
+        Disconnect,
+        Error,
+        Busy,
+        StatsRequest,
+        Stats,
+    )
+}
+
+
+def as_dict(msg: Message) -> dict[str, Any]:
+    """Field values of a message (no version/type)."""
+    return {k: getattr(msg, k) for k in msg.__dataclass_fields__}
