@@ -19,4 +19,4 @@ if [ ! -f "$STAMP" ] || [ "$ROOT/pyproject.toml" -nt "$STAMP" ]; then
   python -m pip install -q -e "$ROOT[$EXTRAS]"
   touch "$STAMP"
 fi
-cd "$ROOT"
+

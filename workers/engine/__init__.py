@@ -1,0 +1,35 @@
+"""Model engines: load an HF causal LM directory and serve batched, per-slot forwards (see ``base.py``).
+
+``load_engine(model_dir, backend="auto")`` picks our compact Llama (``torch_engine``) for ``model_type == "llama"``
+and the recompute engine (``reference``) for anything else transformers can load.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+from workers.engine.base import Engine, EngineError, EngineInfo, NoFreeSlot
+from workers.engine.model_dir import read_config
+from workers.engine.tokenizer_id import tokenizer_fingerprint
+
+BACKENDS = ("auto", "llama", "reference", "neuron")
+
+__all__ = ["Engine", "EngineError", "EngineInfo", "NoFreeSlot", "load_engine", "tokenizer_fingerprint", "BACKENDS"]
+
+
+def load_engine(model_dir: str | Path, device: str = "cpu", dtype: str = "float32", slots: int = 8,
+                max_context: int | None = None, backend: str = "auto") -> Engine:
+    """Load ``model_dir`` with the named backend; errors are ``EngineError`` with a one-line reason."""
+    if backend not in BACKENDS:
+        raise EngineError(f"backend {backend!r} unknown (choose from {', '.join(BACKENDS)})")
+    _, cfg = read_config(model_dir)
+    if backend == "auto":
+        from workers.engine.torch_engine import SUPPORTED_MODEL_TYPES
+        backend = "llama" if cfg.get("model_type") in SUPPORTED_MODEL_TYPES else "reference"
+    if backend == "llama":
+        from workers.engine.torch_engine import load_torch_engine
+        return load_torch_engine(model_dir, device=device, dtype=dtype, slots=slots, max_context=max_context)
+    if backend == "reference":
+        from workers.engine.reference import load_reference_engine
+        return load_reference_engine(model_dir, device=device, dtype=dtype, slots=slots, max_context=max_context)
+    from workers.engine.neuron import load_neuron_engine
+    return load_neuron_engine(model_dir, slots=slots, max_context=max_context, dtype=dtype)

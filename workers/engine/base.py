@@ -31,6 +31,7 @@ class EngineInfo:
     dtype: str
     device: str
     tokenizer_fingerprint: str = ""
+    eos_token_ids: tuple[int, ...] = ()  # every EOS id (Llama-3 has several); eos_token_id is the first
 
 
 class Engine:
