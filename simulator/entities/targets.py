@@ -1,0 +1,204 @@
+"""A target worker: session slots, a verify queue, and ticks batched by the real policy (``workers.batching``).
+
+Per tick (one SimPy timeout): ``tick_due`` decides when, ``plan_tick`` decides what (verify chunks first, then
+chunked prefills in the leftover token budget), the cost model prices the mixed batch
+``(rows, new tokens, mean context)``, and at the end each chunk's accepted count is drawn from the pair's
+acceptance model. Answers reach the drafter after its link's downlink delay (one scheduled event, no extra
+process). Sessions beyond the slot count wait for a slot (admission queue), as the real target queues them.
+"""
+from __future__ import annotations
+
+import random
+from collections import deque
+from itertools import islice
+from typing import Any, Callable
+
+import simpy
+
+from broker.routing import WorkerLoad
+from simulator.costs import CostModel
+from simulator.metrics import Metrics
+from workers.batching import BatchLimits, plan_tick, tick_due
+
+IDLE, WAITING, BUSY = 0, 1, 2
+RESULT_BYTES = 64
+EPS = 1e-9
+
+
+def deliver(env: simpy.Environment, event: simpy.Event, value: Any, delay: float) -> None:
+    """Trigger ``event`` with ``value`` after ``delay`` seconds: a message arriving over a link, as one event."""
+    event._ok = True
+    event._value = value
+    env.schedule(event, delay=delay)
+
+
+class Session:
+    """A speculative session as the target sees it (its KV cache lives here)."""
+
+    __slots__ = ("req", "link", "rng", "context", "prefill_left", "committed", "enqueued", "opened", "acceptance",
+                 "delay_s")
+
+    def __init__(self, req, link, rng: random.Random, acceptance, delay_s: float = 0.0) -> None:
+        self.req = req
+        self.link = link  # the drafter's link: answers travel back over it
+        self.rng = rng
+        self.acceptance = acceptance
+        self.context = 0
+        self.prefill_left = req.prompt_tokens
+        self.committed = 0
+        self.enqueued = 0.0
+        self.opened: simpy.Event | None = None
+        self.delay_s = delay_s  # fixed extra per answer (broker overhead)
+
+
+class Chunk:
+    __slots__ = ("session", "gamma", "enqueued", "event")
+
+    def __init__(self, session: Session, gamma: int, enqueued: float, event: simpy.Event) -> None:
+        self.session, self.gamma, self.enqueued, self.event = session, gamma, enqueued, event
+
+
+class Target:
+    def __init__(self, env: simpy.Environment, name: str, limits: BatchLimits, slots: int, cost: CostModel,
+                 rng: random.Random, metrics: Metrics, group: str = "", queue_max: int = 1 << 30,
+                 on_tick: Callable[[float, list, float], None] | None = None) -> None:
+        self.env, self.name, self.group = env, name, group or name
+        self.limits, self.slots, self.cost, self.rng = limits, slots, cost, rng
+        self.metrics = metrics
+        self.stats = metrics.worker(name, limits.max_batch_rows, limits.max_batch_tokens)
+        self.queue_max = queue_max
+        self.load = WorkerLoad(id=name, capacity=slots)
+        self.verify_q: deque[Chunk] = deque()
+        self.verify_tokens = 0
+        self.prefill_q: list[Session] = []
+        self.admit_q: deque[Session] = deque()
+        self.active = 0
+        self.state = BUSY
+        self.wake: simpy.Event | None = None
+        self.on_tick = on_tick  # test hook: (start, waits_s, service_s) per tick
+        self.proc = env.process(self.run())
+
+    # ------------------------------------------------------------------ requests from the broker
+    def open_session(self, sess: Session, opened: simpy.Event) -> None:
+        """SESSION_OPEN: take a slot (or wait for one), then prefill; ``opened`` fires with the first token."""
+        sess.opened = opened
+        if self.active < self.slots:
+            self._admit(sess)
+        else:
+            self.admit_q.append(sess)
+
+    def verify(self, sess: Session, gamma: int, done: simpy.Event) -> bool:
+        """VERIFY: queue a chunk of ``gamma`` draft tokens; False means BUSY (queue full, nothing enqueued)."""
+        if len(self.verify_q) >= self.queue_max:
+            self.metrics.busy_refusals += 1
+            return False
+        self.verify_q.append(Chunk(sess, gamma, self.env.now, done))
+        self.verify_tokens += gamma + 1
+        self.load.queued = len(self.verify_q)
+        self._poke()
+        return True
+
+    def _admit(self, sess: Session) -> None:
+        self.active += 1
+        self.stats.sessions += 1
+        sess.enqueued = self.env.now
+        self.prefill_q.append(sess)
+        self._poke()
+
+    def _release(self, sess: Session) -> None:
+        self.active -= 1
+        self.load.sessions -= 1
+        if self.admit_q:
+            self._admit(self.admit_q.popleft())
+
+    def _poke(self) -> None:
+        if self.state == IDLE:
+            self.state = BUSY
+            self.wake.succeed()
+        elif self.state == WAITING and (self.verify_tokens >= self.limits.max_batch_tokens
+                                        or len(self.verify_q) + len(self.prefill_q) >= self.limits.max_batch_rows):
+            self.state = BUSY
+            self.proc.interrupt()
+
+    # ------------------------------------------------------------------ the tick loop
+    def _oldest(self) -> float | None:
+        a = self.verify_q[0].enqueued if self.verify_q else None
+        b = self.prefill_q[0].enqueued if self.prefill_q else None
+        if a is None:
+            return b
+        return a if b is None or a < b else b
+
+    def run(self):
+        env, limits = self.env, self.limits
+        chunk = limits.prefill_chunk
+        while True:
+            if not self.verify_q and not self.prefill_q:
+                self.state = IDLE
+                self.wake = env.event()
+                yield self.wake
+            oldest = self._oldest()
+            pending = self.verify_tokens + sum(min(s.prefill_left, chunk) for s in self.prefill_q)
+            if not tick_due(env.now + EPS, oldest, pending, len(self.verify_q) + len(self.prefill_q), limits):
+                self.state = WAITING
+                try:
+                    yield env.timeout(oldest + limits.tick_ms / 1000.0 - env.now)
+                except simpy.Interrupt:
+                    pass
+                self.state = BUSY
+                continue
+            self.state = BUSY
+            yield from self._tick()
+
+    def _tick(self):
+        env, limits = self.env, self.limits
+        n = limits.max_batch_rows
+        plan = plan_tick([(c, c.gamma + 1) for c in islice(self.verify_q, n)],
+                         [(s, s.prefill_left) for s in islice(self.prefill_q, n)], limits)
+        chunks = [self.verify_q.popleft() for _ in plan.verify]
+        tokens = ctx = 0
+        for c in chunks:
+            tokens += c.gamma + 1
+            ctx += c.session.context
+        self.verify_tokens -= tokens
+        self.load.queued = len(self.verify_q)
+        for s, take in plan.prefill:
+            tokens += take
+            ctx += s.context
+        rows = plan.rows
+        start = env.now
+        service = self.cost.verify_ms(rows, tokens, ctx / rows) / 1000.0
+        st = self.stats
+        if self.metrics.start <= start <= self.metrics.end:
+            st.ticks += 1
+            st.rows += rows
+            st.tokens += tokens
+            st.busy_s += service
+            st.verified_chunks += len(chunks)
+        if self.on_tick is not None:
+            self.on_tick(start, [start - c.enqueued for c in chunks], service)
+        yield env.timeout(service)
+        now = env.now
+        m = self.metrics
+        for c in chunks:
+            s = c.session
+            k = s.acceptance.draw(c.gamma, s.rng)
+            m.rounds += 1
+            m.accepted += k
+            m.drafted += c.gamma
+            n_commit = min(k + 1, s.req.output_tokens - s.committed)
+            s.committed += n_commit
+            s.context += n_commit
+            deliver(env, c.event, n_commit, s.link.delay(RESULT_BYTES, s.rng) + s.delay_s)
+            if s.committed >= s.req.output_tokens:
+                self._release(s)
+        if plan.prefill:
+            for s, take in plan.prefill:
+                s.prefill_left -= take
+                s.context += take
+                s.enqueued = now
+                if s.prefill_left <= 0:  # prompt done: the target's first token goes back with SESSION_OPENED
+                    s.committed = 1
+                    deliver(env, s.opened, 1, s.link.delay(RESULT_BYTES, s.rng) + s.delay_s)
+                    if s.req.output_tokens <= 1:
+                        self._release(s)
+            self.prefill_q = [s for s in self.prefill_q if s.prefill_left > 0]

@@ -1,0 +1,245 @@
+"""Requests to simulate: synthetic arrivals, CSV traces, or a specmq capture file.
+
+A ``Request`` is what a user asks: arrival time, prompt and output lengths, and whether it goes through a draft
+(distributed speculative session) or the generate queue (a fused worker). Lengths are drawn from a distribution
+spec: ``{dist: constant, value: 128}``, ``{dist: uniform, low: 32, high: 512}``, ``{dist: lognormal, mean: 256,
+sigma: 0.8}`` or ``{dist: choice, values: [...]}``; a bare number means constant.
+
+CSV trace columns (header row required): ``arrival_s, prompt_tokens, output_tokens``, or the Azure LLM inference
+trace's ``TIMESTAMP, ContextTokens, GeneratedTokens`` as is (TIMESTAMP may be seconds or a date-time string; times
+are made relative to the first row).
+
+Capture files: see ``load_capture``.
+
+Closed loop (``arrival: closed``): no arrival process; every draft session slot is a user who sends a new
+request as soon as the previous one finished, after an exponential think time of mean ``think_s``. Varying the
+number of drafts then varies the load (``--vary drafts=1..1000``).
+"""
+from __future__ import annotations
+
+import csv
+import math
+import random
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Any, Iterator
+
+KIND_SPEC = "spec"  # through a draft and a target (distributed)
+KIND_GENERATE = "generate"  # through the generate queue to a fused worker
+
+
+class WorkloadError(ValueError):
+    pass
+
+
+@dataclass(slots=True)
+class Request:
+    id: int
+    arrival: float  # seconds of virtual time
+    prompt_tokens: int
+    output_tokens: int
+    kind: str = KIND_SPEC
+    peer: str = ""  # who sent it, when known (captures)
+    # filled in by the simulation
+    first_token: float = math.nan
+    finished: float = math.nan
+    committed: int = 0
+    target: str = ""
+    rounds: int = 0
+
+
+def draw_length(spec: Any, rng: random.Random) -> int:
+    if isinstance(spec, (int, float)):
+        return max(1, int(spec))
+    if not isinstance(spec, dict):
+        raise WorkloadError(f"length spec must be a number or a mapping, got {spec!r}")
+    dist = spec.get("dist", "constant")
+    if dist == "constant":
+        return max(1, int(spec["value"]))
+    if dist == "uniform":
+        return rng.randint(int(spec["low"]), int(spec["high"]))
+    if dist == "lognormal":
+        sigma = float(spec.get("sigma", 0.5))
+        mu = math.log(float(spec["mean"])) - sigma * sigma / 2  # so the mean is ``mean``
+        n = int(round(rng.lognormvariate(mu, sigma)))
+        return max(1, min(n, int(spec.get("max", 1 << 20))))
+    if dist == "choice":
+        return max(1, int(rng.choice(spec["values"])))
+    raise WorkloadError(f"unknown length distribution {dist!r} (constant, uniform, lognormal, choice)")
+
+
+def interarrivals(kind: str, rate: float, rng: random.Random, cv: float = 2.0) -> Iterator[float]:
+    """Gaps between arrivals at ``rate`` per second: poisson (exponential), deterministic, or bursty.
+
+    Bursty: gamma-distributed gaps with coefficient of variation ``cv`` (> 1 = clumped), mean 1/rate.
+    """
+    if rate <= 0:
+        raise WorkloadError(f"arrival rate must be > 0, got {rate}")
+    if kind == "poisson":
+        while True:
+            yield rng.expovariate(rate)
+    elif kind == "deterministic":
+        while True:
+            yield 1.0 / rate
+    elif kind == "bursty":
+        shape = 1.0 / (cv * cv)
+        scale = 1.0 / (rate * shape)
+        while True:
+            yield rng.gammavariate(shape, scale)
+    else:
+        raise WorkloadError(f"unknown arrival process {kind!r} "
+                            "(poisson, deterministic, bursty, closed, trace, capture)")
+
+
+def synthetic(spec: dict[str, Any], until: float, rng: random.Random) -> list[Request]:
+    """Arrivals in [0, until) from the workload spec (arrival, rate, cv, prompt_tokens, output_tokens)."""
+    out, t = [], 0.0
+    gaps = interarrivals(spec.get("arrival", "poisson"), float(spec.get("rate", 10.0)), rng,
+                         float(spec.get("cv", 2.0)))
+    limit = int(spec.get("max_requests", 0)) or None
+    while True:
+        t += next(gaps)
+        if t >= until or (limit is not None and len(out) >= limit):
+            return out
+        out.append(Request(len(out), t, draw_length(spec.get("prompt_tokens", 128), rng),
+                           draw_length(spec.get("output_tokens", 128), rng)))
+
+
+_ALIASES = {
+    "arrival": ("arrival_s", "TIMESTAMP"),
+    "prompt": ("prompt_tokens", "ContextTokens"),
+    "output": ("output_tokens", "GeneratedTokens"),
+}
+
+
+def _parse_time(text: str) -> float:
+    try:
+        return float(text)
+    except ValueError:
+        pass
+    s = text.strip().replace("T", " ")
+    if "." in s:  # Azure writes 7 fractional digits; datetime takes at most 6
+        head, frac = s.split(".", 1)
+        digits = "".join(ch for ch in frac if ch.isdigit())
+        s = f"{head}.{digits[:6]}"
+    return datetime.fromisoformat(s).timestamp()
+
+
+def load_trace(path: str | Path, speed: float = 1.0) -> list[Request]:
+    """Read a CSV trace; ``speed`` > 1 compresses time. Errors name the file, row and column."""
+    path = Path(path)
+    try:
+        lines = path.read_text().splitlines()
+    except FileNotFoundError:
+        raise WorkloadError(f"trace {path} not found") from None
+    reader = csv.DictReader(lines)
+    header = [h.strip() for h in (reader.fieldnames or [])]
+    cols = {}
+    for role, names in _ALIASES.items():
+        found = [n for n in names if n in header]
+        if not found:
+            raise WorkloadError(f"{path}: missing column {' or '.join(names)} (header: {', '.join(header)})")
+        cols[role] = found[0]
+    reader.fieldnames = header
+    rows = []
+    for i, rec in enumerate(reader, start=2):
+        try:
+            col = cols["arrival"]
+            t = _parse_time(rec[col])
+            col = cols["prompt"]
+            p = int(float(rec[col]))
+            col = cols["output"]
+            o = int(float(rec[col]))
+        except (TypeError, ValueError):
+            raise WorkloadError(f"{path}: row {i}, column {col!r}: bad value {rec.get(col)!r}") from None
+        if p < 0 or o < 1:
+            raise WorkloadError(f"{path}: row {i}: need prompt tokens >= 0 and output tokens >= 1, got {p}, {o}")
+        rows.append((t, max(1, p), o))
+    if not rows:
+        raise WorkloadError(f"{path}: no rows")
+    rows.sort(key=lambda r: r[0])
+    t0 = rows[0][0]
+    return [Request(i, (t - t0) / speed, p, o) for i, (t, p, o) in enumerate(rows)]
+
+
+def load_capture(path: str | Path, speed: float = 1.0) -> list[Request]:
+    """Adapter for a specmq capture file (``broker --capture``): the client side becomes the workload.
+
+    Format: a msgpack stream; first a header map ``{"format": "specmq-capture", "version": 1, ...}``, then one
+    map per message: ``{"t": float seconds, "dir": "in" | "out", "peer": bytes, "body": bytes}`` where ``body``
+    is one encoded protocol message (``protocol.codec``). Inbound ``session_open`` messages become distributed
+    requests (prompt = len(prompt_ids), output = max_new_tokens; a re-open of a known session is skipped);
+    inbound ``generate`` messages become generate-queue requests (prompt = len(prompt_ids), or len(prompt) / 4
+    for text). Everything else is ignored; bodies that do not decode are skipped.
+    """
+    import msgpack
+
+    from protocol.codec import decode
+    from protocol.errors import ProtocolError
+    from protocol.messages import Generate, SessionOpen
+
+    path = Path(path)
+    try:
+        fh = open(path, "rb")
+    except FileNotFoundError:
+        raise WorkloadError(f"capture {path} not found") from None
+    with fh:
+        unpacker = msgpack.Unpacker(fh, raw=False, strict_map_key=False)
+        try:
+            header = next(unpacker)
+        except StopIteration:
+            raise WorkloadError(f"{path}: empty capture") from None
+        except Exception as exc:
+            raise WorkloadError(f"{path}: not a msgpack stream ({type(exc).__name__})") from None
+        if not isinstance(header, dict) or header.get("format") != "specmq-capture":
+            raise WorkloadError(f"{path}: missing header {{'format': 'specmq-capture', ...}}")
+        if header.get("version") != 1:
+            raise WorkloadError(f"{path}: unsupported capture version {header.get('version')!r}")
+        out: list[tuple[float, int, int, str, str]] = []
+        seen: set[tuple[bytes, str]] = set()
+        try:
+            for n, rec in enumerate(unpacker, start=1):
+                if not isinstance(rec, dict) or rec.get("dir") != "in" or not isinstance(rec.get("body"), bytes):
+                    continue
+                try:
+                    msg = decode(rec["body"])
+                    t = float(rec["t"])
+                except (ProtocolError, KeyError, TypeError, ValueError):
+                    continue
+                peer = rec.get("peer", b"")
+                peer_s = peer.hex() if isinstance(peer, bytes) else str(peer)
+                if isinstance(msg, SessionOpen):
+                    if (peer, msg.session) in seen:
+                        continue
+                    seen.add((peer, msg.session))
+                    out.append((t, len(msg.prompt_ids), msg.max_new_tokens, KIND_SPEC, peer_s))
+                elif isinstance(msg, Generate):
+                    p = len(msg.prompt_ids) if msg.prompt_ids else max(1, len(msg.prompt) // 4)
+                    out.append((t, p, msg.max_new_tokens, KIND_GENERATE, peer_s))
+        except Exception as exc:  # a truncated or corrupt stream: keep what was read, say where it broke
+            raise WorkloadError(f"{path}: corrupt record after {len(out)} requests ({type(exc).__name__})") from None
+    if not out:
+        raise WorkloadError(f"{path}: no session_open or generate messages from clients")
+    out.sort(key=lambda r: r[0])
+    t0 = out[0][0]
+    return [Request(i, (t - t0) / speed, max(1, p), max(1, o), kind, peer)
+            for i, (t, p, o, kind, peer) in enumerate(out)]
+
+
+def build_workload(spec: dict[str, Any], until: float, rng: random.Random) -> list[Request]:
+    """Requests arriving before ``until`` for a workload spec; ``fused_fraction`` marks generate-queue requests."""
+    arrival = spec.get("arrival", "poisson")
+    if arrival == "closed":  # requests are made on the fly by each draft slot (simulator.simulation)
+        return []
+    speed = float(spec.get("speed", 1.0))
+    if arrival in ("trace", "capture") and not spec.get(arrival):
+        raise WorkloadError(f"workload.arrival is {arrival!r} but workload.{arrival} (a file path) is not set")
+    if arrival == "trace":
+        reqs = load_trace(spec["trace"], speed)
+    elif arrival == "capture":
+        reqs = load_capture(spec["capture"], speed)
+    else:
+        reqs = synthetic(spec, until, rng)
+    reqs = [r for r in reqs if r.arrival < until]
+    return reqs
