@@ -1,0 +1,274 @@
+"""Acceptance policies: which draft tokens the target keeps, and which token it appends. Pure functions on tensors.
+
+Every policy takes the target's logits for one verify row, ``[γ+1, V]`` (row i scores the token after input i of
+``[pending, d1..dγ]``), the γ draft tokens and, when the drafter sampled, its sparse distributions ``q``; it
+returns ``AcceptResult(accepted=k, tokens=[d1..dk, t])`` where ``t`` is the target's own token: the correction
+at the first rejection, or the bonus token after all γ were accepted. So ``len(tokens) == k + 1`` always.
+
+- ``exact`` (lossless): greedy exact-match at temperature 0; rejection sampling at temperature > 0 (Leviathan et
+  al. 2023, Chen et al. 2023): accept x with probability min(1, p(x)/q(x)), on rejection draw from
+  norm(max(0, p − q)), after γ accepted draw the bonus from p. ``p`` is the distribution the target samples from
+  on its own (``workers.sampling.sampling_probs``: temperature, then top-k/top-p), so the output distribution is
+  the target's. A chunk without q at temperature > 0 is treated as drawn from a one-hot q (still lossless).
+- lossy, faster: ``confidence`` (keep x when p(x) >= threshold), ``topk`` (keep x when it ranks in the target's
+  top k), ``typical`` (Medusa: keep x when p(x) > min(epsilon, delta * exp(-H(p)))). They judge with p at the
+  session's temperature (temperature 1 when greedy, since a one-hot p would make them all exact-match) and append
+  the target's own token after the first rejection: argmax when greedy, a draw from p otherwise.
+
+``make_policy(name, args)`` validates names and arguments (``AcceptanceError``, a ``ValueError``, listing what is
+valid); ``accept(...)`` is the one entry point workers call.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, fields
+from typing import Any, Callable, ClassVar, Mapping, Sequence
+
+import torch
+
+from workers.sampling import SamplingError, SamplingParams, sample_draft, sample_from, sampling_probs
+
+__all__ = [
+    "AcceptResult", "AcceptanceError", "Policy", "Exact", "Confidence", "TopK", "Typical", "POLICIES",
+    "make_policy", "accept", "greedy_match", "rejection_sample", "sample_draft",
+]
+
+
+class AcceptanceError(SamplingError):
+    """Unknown policy, bad policy arguments, or a malformed chunk (shape, q)."""
+
+
+@dataclass
+class AcceptResult:
+    accepted: int  # draft tokens kept (k)
+    tokens: list[int]  # committed extension: d1..dk + the target's own token
+
+
+# --------------------------------------------------------------------------- lossless
+def greedy_match(logits: torch.Tensor, draft_tokens: Sequence[int]) -> AcceptResult:
+    """Temperature 0: keep draft tokens while they equal the target's argmax, then append the target's argmax."""
+    target = logits.argmax(-1).tolist()
+    k = 0
+    while k < len(draft_tokens) and int(draft_tokens[k]) == target[k]:
+        k += 1
+    return AcceptResult(k, [int(t) for t in draft_tokens[:k]] + [target[k]])
+
+
+def _dense_q(i: int, x: int, q_ids: Sequence[Sequence[int]] | None, q_probs: Sequence[Sequence[float]] | None,
+             vocab: int) -> tuple[torch.Tensor, float]:
+    """Row i of q as a dense float64 vector over the target vocabulary, and q(x). Ids past the vocabulary carry
+    mass the target gives probability 0: they can only be rejected, and never appear in max(0, p - q)."""
+    dense = torch.zeros(vocab, dtype=torch.float64)
+    if q_ids is None:
+        if x < vocab:
+            dense[x] = 1.0
+        return dense, 1.0
+    ids, probs = q_ids[i], q_probs[i]  # type: ignore[index]
+    if len(ids) != len(probs) or not ids:
+        raise AcceptanceError(f"q at draft position {i}: ids and probs must be non-empty and of equal length")
+    ids_t = torch.as_tensor(ids, dtype=torch.long)
+    probs_t = torch.as_tensor(probs, dtype=torch.float64)
+    if not torch.isfinite(probs_t).all() or (probs_t < 0).any():
+        raise AcceptanceError(f"q at draft position {i}: probabilities must be finite and >= 0")
+    if (ids_t < 0).any():
+        raise AcceptanceError(f"q at draft position {i}: negative token id")
+    if len(set(ids)) != len(ids):
+        raise AcceptanceError(f"q at draft position {i}: duplicate token ids")
+    total = float(probs_t.sum())
+    if abs(total - 1.0) > 1e-3:
+        raise AcceptanceError(f"q at draft position {i}: probabilities sum to {total:.6f}, expected 1")
+    probs_t = probs_t / total
+    hit = (ids_t == x).nonzero()
+    qx = float(probs_t[hit[0, 0]]) if len(hit) else 0.0
+    inside = ids_t < vocab
+    dense[ids_t[inside]] = probs_t[inside]
+    return dense, qx
+
+
+def rejection_sample(p: torch.Tensor | Callable[[int], torch.Tensor], draft_tokens: Sequence[int],
+                     q_ids: Sequence[Sequence[int]] | None, q_probs: Sequence[Sequence[float]] | None,
+                     generator: torch.Generator, vocab: int | None = None) -> AcceptResult:
+    """Speculative sampling on target probabilities ``p`` ``[γ+1, V]`` (already tempered and truncated).
+
+    ``p`` may also be a function of the row index (with ``vocab`` given), so rows past the first rejection are
+    never computed. One uniform per examined draft token, then one draw for the correction or bonus token.
+    """
+    if isinstance(p, torch.Tensor):
+        vocab, table = p.shape[-1], p
+        p = lambda i: table[i]  # noqa: E731
+    assert vocab is not None, "vocab is required when p is a function"
+    q = [_dense_q(i, int(x), q_ids, q_probs, vocab) for i, x in enumerate(draft_tokens)]  # validate all rows
+    for i, (x, (_, qx)) in enumerate(zip(draft_tokens, q)):
+        if qx <= 0.0:
+            raise AcceptanceError(f"draft token {x} at position {i} has q = 0: it cannot have been sampled from q")
+    for i, x in enumerate(draft_tokens):
+        x = int(x)
+        q_row, qx = q[i]
+        p_row = p(i)
+        px = float(p_row[x]) if x < vocab else 0.0
+        u = float(torch.rand((), generator=generator, dtype=torch.float64))
+        if u * qx < px:  # u < p(x)/q(x)
+            continue
+        residual = torch.clamp(p_row - q_row, min=0.0)
+        t = sample_from(residual if float(residual.sum()) > 1e-12 else p_row, generator)
+        return AcceptResult(i, [int(d) for d in draft_tokens[:i]] + [t])
+    k = len(draft_tokens)
+    return AcceptResult(k, [int(d) for d in draft_tokens] + [sample_from(p(k), generator)])
+
+
+# --------------------------------------------------------------------------- policies
+@dataclass(frozen=True)
+class Policy:
+    """A named acceptance rule with validated arguments (frozen dataclass fields)."""
+
+    name: ClassVar[str] = ""
+    lossless: ClassVar[bool] = False
+
+    @classmethod
+    def from_args(cls, args: Mapping[str, Any] | None) -> "Policy":
+        args = dict(args or {})
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(args) - known)
+        if unknown:
+            raise AcceptanceError(f"policy {cls.name!r}: unknown argument(s) {unknown}; "
+                                  f"valid: {sorted(known) or 'none'}")
+        try:
+            return cls(**args)
+        except TypeError as exc:
+            raise AcceptanceError(f"policy {cls.name!r}: {exc}") from None
+
+    def accept(self, logits: torch.Tensor, draft_tokens: Sequence[int], q_ids: Sequence[Sequence[int]] | None,
+               q_probs: Sequence[Sequence[float]] | None, params: SamplingParams,
+               generator: torch.Generator | None) -> AcceptResult:
+        raise NotImplementedError
+
+
+@dataclass(frozen=True)
+class Exact(Policy):
+    """Lossless: greedy exact-match at temperature 0, rejection sampling above."""
+
+    name: ClassVar[str] = "exact"
+    lossless: ClassVar[bool] = True
+
+    def accept(self, logits, draft_tokens, q_ids, q_probs, params, generator):
+        if params.greedy:
+            return greedy_match(logits, draft_tokens)
+        def p_row(i: int) -> torch.Tensor:
+            return sampling_probs(logits[i], params.temperature, params.top_p, params.top_k)
+
+        return rejection_sample(p_row, draft_tokens, q_ids, q_probs, _need(generator), vocab=logits.shape[-1])
+
+
+def _need(generator: torch.Generator | None) -> torch.Generator:
+    if generator is None:
+        raise AcceptanceError("sampling at temperature > 0 needs a generator")
+    return generator
+
+
+def _check_number(policy: str, name: str, value: Any, lo: float, hi: float, lo_open: bool = False) -> None:
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    ok = ok and (value > lo if lo_open else value >= lo) and value <= hi
+    if not ok:
+        bound = "(" if lo_open else "["
+        raise AcceptanceError(f"policy {policy!r}: {name} must be a number in {bound}{lo}, {hi}], got {value!r}")
+
+
+@dataclass(frozen=True)
+class _Lossy(Policy):
+    """Keep draft tokens while ``keep(...)`` says so, then append the target's own token."""
+
+    def keep(self, logits_row: torch.Tensor, judge_row: torch.Tensor, x: int) -> bool:
+        raise NotImplementedError
+
+    def accept(self, logits, draft_tokens, q_ids, q_probs, params, generator):
+        vocab = logits.shape[-1]
+        logits64 = logits.detach().to("cpu", torch.float64)
+
+        def judge(i: int) -> torch.Tensor:  # rows past the first rejection are never computed
+            return sampling_probs(logits64[i], params.temperature or 1.0, params.top_p, params.top_k)
+
+        k = 0
+        for i, x in enumerate(draft_tokens):
+            x = int(x)
+            if not (0 <= x < vocab and self.keep(logits64[i], judge(i), x)):
+                break
+            k += 1
+        if params.greedy:
+            t = int(logits64[k].argmax())
+        else:
+            t = sample_from(judge(k), _need(generator))
+        return AcceptResult(k, [int(d) for d in draft_tokens[:k]] + [t])
+
+
+@dataclass(frozen=True)
+class Confidence(_Lossy):
+    """Keep x when the target gives it probability >= ``threshold``."""
+
+    name: ClassVar[str] = "confidence"
+    threshold: float = 0.3
+
+    def __post_init__(self) -> None:
+        _check_number(self.name, "threshold", self.threshold, 0.0, 1.0)
+
+    def keep(self, logits_row, judge_row, x):
+        return float(judge_row[x]) >= self.threshold
+
+
+@dataclass(frozen=True)
+class TopK(_Lossy):
+    """Keep x when fewer than ``k`` tokens have a strictly higher target logit."""
+
+    name: ClassVar[str] = "topk"
+    k: int = 5
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.k, int) or isinstance(self.k, bool) or self.k < 1:
+            raise AcceptanceError(f"policy 'topk': k must be an int >= 1, got {self.k!r}")
+
+    def keep(self, logits_row, judge_row, x):
+        return int((logits_row > logits_row[x]).sum()) < self.k
+
+
+@dataclass(frozen=True)
+class Typical(_Lossy):
+    """Medusa's typical acceptance: keep x when p(x) > min(epsilon, delta * exp(-H(p)))."""
+
+    name: ClassVar[str] = "typical"
+    epsilon: float = 0.09  # hard threshold (Medusa's posterior_threshold)
+    delta: float = 0.3  # entropy-scaled threshold (Medusa's posterior_alpha)
+
+    def __post_init__(self) -> None:
+        _check_number(self.name, "epsilon", self.epsilon, 0.0, 1.0)
+        _check_number(self.name, "delta", self.delta, 0.0, 1.0)
+
+    def keep(self, logits_row, judge_row, x):
+        nz = judge_row[judge_row > 0]
+        entropy = float(-(nz * nz.log()).sum())
+        return float(judge_row[x]) > min(self.epsilon, self.delta * math.exp(-entropy))
+
+
+POLICIES: dict[str, type[Policy]] = {cls.name: cls for cls in (Exact, Confidence, TopK, Typical)}
+
+
+def make_policy(name: str, args: Mapping[str, Any] | None = None) -> Policy:
+    """Build a policy by name from wire arguments (``SessionOpen.policy`` / ``policy_args``)."""
+    cls = POLICIES.get(name)
+    if cls is None:
+        raise AcceptanceError(f"unknown acceptance policy {name!r}; valid: {', '.join(sorted(POLICIES))}")
+    return cls.from_args(args)
+
+
+def accept(policy: str | Policy, logits: torch.Tensor, draft_tokens: Sequence[int],
+           q_ids: Sequence[Sequence[int]] | None, q_probs: Sequence[Sequence[float]] | None,
+           params: SamplingParams, generator: torch.Generator | None) -> AcceptResult:
+    """Judge one verify row: ``logits`` ``[γ+1, V]`` for ``[pending, d1..dγ]``. See the module docstring."""
+    if isinstance(policy, str):
+        policy = make_policy(policy)
+    gamma = len(draft_tokens)
+    if logits.dim() != 2 or logits.shape[0] != gamma + 1:
+        raise AcceptanceError(f"logits must be [gamma+1, V] = [{gamma + 1}, V], got {list(logits.shape)}")
+    if (q_ids is None) != (q_probs is None):
+        raise AcceptanceError("q_ids and q_probs must be given together")
+    if q_ids is not None and (len(q_ids) != gamma or len(q_probs) != gamma):  # type: ignore[arg-type]
+        raise AcceptanceError(f"q must have one row per draft token ({gamma}), got {len(q_ids)}/{len(q_probs)}")
+    return policy.accept(logits, draft_tokens, q_ids, q_probs, params, generator)
