@@ -42,7 +42,7 @@ def decode(frame: bytes, max_frame: int = DEFAULT_MAX_FRAME, vocab_size: int | N
     if len(frame) > max_frame:
         raise ProtocolError(TOO_LARGE, f"frame of {len(frame)} bytes exceeds the limit of {max_frame}")
     try:
-        body = msgpack.unpackb(frame, raw=False, strict_map_key=True, max_buffer_size=max_frame)
+        body = msgpack.unpackb(frame, raw=False, strict_map_key=True)  # size already checked above
     except Exception as exc:  # msgpack raises many kinds: ExtraData, ValueError, UnicodeDecodeError...
         raise ProtocolError(BAD_ENCODING, f"frame is not valid msgpack ({type(exc).__name__})") from None
     if not isinstance(body, dict):

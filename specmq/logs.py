@@ -26,4 +26,6 @@ def configure_logging(level: str = "info", json_logs: bool | None = None) -> Non
 
 
 def get_logger(name: str, **bind):
-    return structlog.get_logger(name).bind(**bind)
+    # A lazy proxy: binding eagerly at import time would freeze the configuration in force then (before
+    # configure_logging ran), so --log-level would not apply to module-level loggers.
+    return structlog.get_logger(name, **bind)

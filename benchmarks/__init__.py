@@ -1,0 +1,1 @@
+"""Benchmarks: ``specmq bench NAME`` (see benchmarks/cli.py)."""

@@ -1,0 +1,52 @@
+"""``specmq bench NAME``: benchmarks, each a module with ``register(sub)`` that adds its own subparser.
+
+Adding a benchmark is one line in ``BENCHMARKS``; only the chosen module is imported (the broker benchmark never
+imports torch).
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# name -> module exposing register(sub) (which calls specmq.cliutil.add_command)
+BENCHMARKS: dict[str, str] = {
+    "broker": "benchmarks.broker",
+    "simulator": "benchmarks.simulator",
+    "e2e": "benchmarks.e2e",
+    "gpu_engine": "benchmarks.gpu_engine",
+}
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("bench", help="run a benchmark", description="Run a benchmark: " + ", ".join(BENCHMARKS))
+    bench_sub = p.add_subparsers(dest="benchmark", required=True, metavar="BENCHMARK")
+    chosen = _chosen(sys.argv)
+    for name, module_name in BENCHMARKS.items():
+        if chosen is not None and name != chosen:
+            bench_sub.add_parser(name, help=f"(see specmq bench {name} --help)")
+            continue
+        try:
+            importlib.import_module(module_name).register(bench_sub)
+        except ImportError as exc:  # an optional dependency is missing: say so when chosen
+            stub = bench_sub.add_parser(name, help=f"unavailable: {exc}")
+            stub.set_defaults(func=_unavailable(name, str(exc)), _parser=stub)
+
+
+def _unavailable(name: str, why: str):
+    def run(args: argparse.Namespace) -> int:
+        from specmq.cliutil import CommandError
+
+        raise CommandError(f"benchmark {name} is unavailable: {why}")
+
+    return run
+
+
+def _chosen(argv: list[str]) -> str | None:
+    """The benchmark named on the command line, so the others' modules are not imported."""
+    if "bench" in argv:
+        rest = argv[argv.index("bench") + 1:]
+        for a in rest:
+            if a in BENCHMARKS:
+                return a
+    return None

@@ -1,0 +1,191 @@
+"""Async DEALER client of the broker's frontend, for draft workers and generate clients (no torch).
+
+    async with BrokerClient("tcp://127.0.0.1:5555") as client:
+        opened = await client.request(SessionOpen(session="s1", prompt_ids=[1, 2, 3]))
+        result = await client.request(Verify(session="s1", seq=0, pos=3, tokens=[7, 8]))
+        async for msg in client.generate(Generate(job="j1", prompt="hello")):
+            ...  # Tokens..., then Done (or Error)
+
+``request`` matches the reply by (session, seq) or job, waits out ``Busy`` (sleeping its retry hint) and resends
+on timeout (safe: the broker answers a retried chunk from its cache). ``Reopen`` for a session is returned to the
+caller, who re-sends ``SessionOpen`` with every committed token. Replies nobody waits for land in ``recv()``.
+"""
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any, AsyncIterator
+
+import zmq
+import zmq.asyncio
+
+from protocol.codec import decode, encode
+from protocol.errors import ProtocolError
+from protocol.messages import Busy, Done, Error, Generate, Message, Reopen, SessionOpen, Stats, StatsRequest, Verify
+from specmq.logs import get_logger
+
+log = get_logger("broker.client")
+
+
+def reply_key(msg: Any) -> tuple:
+    """The waiter a reply belongs to: ('j', job), ('s', session, seq) or ('stats',)."""
+    job = getattr(msg, "job", "")
+    if job:
+        return ("j", job)
+    if isinstance(msg, (Stats, StatsRequest)):
+        return ("stats",)
+    session = getattr(msg, "session", "")
+    if isinstance(msg, SessionOpen):
+        return ("s", session, -1)
+    if isinstance(msg, Verify):
+        return ("s", session, msg.seq)
+    return ("s", session, getattr(msg, "seq", -1))
+
+
+class BrokerClient:
+    def __init__(self, address: str = "tcp://127.0.0.1:5555", *, identity: bytes | None = None,
+                 timeout: float = 5.0, ctx: zmq.asyncio.Context | None = None) -> None:
+        self.address = address
+        self.identity = identity
+        self.timeout = timeout
+        self.ctx = ctx or zmq.asyncio.Context.instance()
+        self.sock: zmq.asyncio.Socket | None = None
+        self.inbox: asyncio.Queue[Message] = asyncio.Queue()
+        self._waiters: dict[tuple, asyncio.Queue] = {}
+        self._reader: asyncio.Task | None = None
+
+    async def __aenter__(self) -> "BrokerClient":
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: Any) -> None:
+        await self.close()
+
+    async def start(self) -> None:
+        self.sock = self.ctx.socket(zmq.DEALER)
+        if self.identity:
+            self.sock.setsockopt(zmq.IDENTITY, self.identity)
+        self.sock.setsockopt(zmq.LINGER, 0)
+        self.sock.connect(self.address)
+        self._reader = asyncio.create_task(self._read_loop())
+
+    async def close(self) -> None:
+        if self._reader is not None:
+            self._reader.cancel()
+            try:
+                await self._reader
+            except (asyncio.CancelledError, Exception):
+                pass
+            self._reader = None
+        if self.sock is not None:
+            self.sock.close(linger=0)
+            self.sock = None
+
+    async def _read_loop(self) -> None:
+        while True:
+            frame = await self.sock.recv()
+            try:
+                msg = decode(frame, max_frame=1 << 26)
+            except ProtocolError as exc:
+                log.warning("client.bad_frame", code=exc.code, reason=exc.message)
+                continue
+            self._deliver(msg)
+
+    def _deliver(self, msg: Message) -> None:
+        if isinstance(msg, Reopen):  # wakes every waiter of that session
+            hit = False
+            for key, q in self._waiters.items():
+                if key[0] == "s" and key[1] == msg.session:
+                    q.put_nowait(msg)
+                    hit = True
+            if not hit:
+                self.inbox.put_nowait(msg)
+            return
+        q = self._waiters.get(reply_key(msg))
+        (q or self.inbox).put_nowait(msg)
+
+    async def send(self, msg: Message) -> None:
+        await self.sock.send(encode(msg))
+
+    async def send_raw(self, frames: list[bytes] | bytes) -> None:
+        """Send arbitrary frames (tests of bad input)."""
+        if isinstance(frames, bytes):
+            frames = [frames]
+        await self.sock.send_multipart(frames)
+
+    async def recv(self, timeout: float | None = None) -> Message | None:
+        """Next reply that no ``request`` waits for; None on timeout."""
+        try:
+            return await asyncio.wait_for(self.inbox.get(), timeout if timeout is not None else self.timeout)
+        except asyncio.TimeoutError:
+            return None
+
+    async def request(self, msg: Message, *, timeout: float | None = None, retries: int = 3,
+                      busy_retries: int = 100) -> Message:
+        """Send ``msg`` and return its reply; retries on Busy (after its hint) and on timeout (resend).
+
+        Raises ``TimeoutError`` when every try timed out.
+        """
+        key = reply_key(msg)
+        q: asyncio.Queue = asyncio.Queue()
+        self._waiters[key] = q
+        timeout = timeout if timeout is not None else self.timeout
+        try:
+            tries = busies = 0
+            await self.send(msg)
+            while True:
+                try:
+                    reply = await asyncio.wait_for(q.get(), timeout)
+                except asyncio.TimeoutError:
+                    tries += 1
+                    if tries > retries:
+                        raise TimeoutError(f"no reply to {msg.TYPE} {key} after {tries} tries") from None
+                    await self.send(msg)
+                    continue
+                if isinstance(reply, Busy) and busies < busy_retries:
+                    busies += 1
+                    await asyncio.sleep(max(reply.retry_ms, 1) / 1000)
+                    await self.send(msg)
+                    continue
+                return reply
+        finally:
+            self._waiters.pop(key, None)
+
+    async def generate(self, job: Generate, timeout: float | None = None) -> AsyncIterator[Message]:
+        """Send a generate job and yield its Tokens, then the final Done or Error."""
+        key = reply_key(job)
+        q: asyncio.Queue = asyncio.Queue()
+        self._waiters[key] = q
+        timeout = timeout if timeout is not None else self.timeout
+        try:
+            await self.send(job)
+            while True:
+                try:
+                    msg = await asyncio.wait_for(q.get(), timeout)
+                except asyncio.TimeoutError:
+                    raise TimeoutError(f"job {job.job!r}: nothing for {timeout}s") from None
+                if isinstance(msg, Busy):
+                    await asyncio.sleep(max(msg.retry_ms, 1) / 1000)
+                    await self.send(job)
+                    continue
+                yield msg
+                if isinstance(msg, (Done, Error)):
+                    return
+        finally:
+            self._waiters.pop(key, None)
+
+    async def stats(self, timeout: float | None = None) -> dict:
+        reply = await self.request(StatsRequest(), timeout=timeout)
+        if not isinstance(reply, Stats):
+            raise ProtocolError("bad_reply", f"expected stats, got {reply.TYPE}")
+        return reply.snapshot
+
+
+async def wait_for(predicate, timeout: float = 5.0, interval: float = 0.01) -> bool:
+    """Poll ``predicate()`` until true or ``timeout``; helper for tests and scripts."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        await asyncio.sleep(interval)
+    return bool(predicate())

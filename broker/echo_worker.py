@@ -1,0 +1,106 @@
+"""A model-free worker for tests and benchmarks (``specmq echo-worker``).
+
+As a target it answers SessionOpen with SessionOpened and Verify with a Result that accepts every draft token
+plus one bonus token; as a fused worker it streams a few Tokens and then Done. It speaks the real protocol through
+``workers.link.WorkerLink`` (Ready, heartbeats, credit, reconnect), so it exercises the broker like a real worker.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+
+from protocol.messages import (
+    Disconnect,
+    Done,
+    Generate,
+    Message,
+    Ready,
+    Result,
+    SessionClose,
+    SessionOpen,
+    SessionOpened,
+    Tokens,
+    Verify,
+)
+from specmq.cliutil import CommandError, add_command
+from specmq.logs import get_logger
+from workers.link import WorkerLink
+
+log = get_logger("echo_worker")
+
+
+def answer(msg: Message, name: str = "echo", vocab_size: int = 32000, stream_tokens: int = 3) -> list[Message]:
+    """The echo worker's whole behaviour: the replies to one request (pure, shared with the benchmark)."""
+    if isinstance(msg, Verify):
+        bonus = (msg.tokens[-1] + 1) % vocab_size if msg.tokens else 0
+        return [Result(session=msg.session, seq=msg.seq, accepted=len(msg.tokens), tokens=msg.tokens + [bonus],
+                       pos=msg.pos + len(msg.tokens) + 1, sent_at=msg.sent_at)]
+    if isinstance(msg, SessionOpen):
+        return [SessionOpened(session=msg.session, pos=len(msg.prompt_ids), worker=name)]
+    if isinstance(msg, Generate):
+        out: list[Message] = []
+        ids: list[int] = []
+        for i in range(min(stream_tokens, max(1, msg.max_new_tokens))):
+            out.append(Tokens(job=msg.job, tokens=[i + 1], text=f"t{i + 1} ", index=i))
+            ids.append(i + 1)
+        out.append(Done(job=msg.job, token_ids=ids, text="".join(t.text for t in out), finish_reason="length",
+                        stats={"delivery": msg.delivery}))
+        return out
+    return []
+
+
+async def serve_echo(broker: str, kind: str = "target", *, capacity: int = 256, name: str = "echo",
+                     vocab_size: int = 32000, heartbeat_interval: float = 1.0, liveness: int = 3,
+                     delay_ms: float = 0.0, stop: asyncio.Event | None = None) -> None:
+    """Serve until ``stop`` is set (or forever). ``delay_ms`` simulates a slow worker per batch."""
+    ready = Ready(kind=kind, model="echo", capacity=capacity, vocab_size=vocab_size, worker=name, max_gamma=64)
+    served = 0
+    async with WorkerLink(broker, ready, heartbeat_interval=heartbeat_interval, liveness=liveness,
+                          initial_credit=capacity, stats=lambda: {"served": served, "slots_total": capacity}) as link:
+        stop = stop or asyncio.Event()
+        while not stop.is_set():
+            batch = await link.recv_batch(timeout=0.2)
+            if delay_ms and batch:
+                await asyncio.sleep(delay_ms / 1000)
+            done = 0
+            for msg in batch:
+                if isinstance(msg, Disconnect):
+                    continue  # re-registered: the link already re-granted full credit
+                for reply in answer(msg, name, vocab_size):
+                    if not link.send_nowait(reply):
+                        await link.send(reply)
+                if isinstance(msg, (Verify, SessionOpen, SessionClose, Generate)):
+                    done += 1
+            served += done
+            link.grant(done)
+
+
+def _run(args: argparse.Namespace) -> int:
+    if args.kind not in ("target", "fused"):
+        raise CommandError(f"--kind must be target or fused, not {args.kind!r}")
+    try:
+        import uvloop
+
+        runner = uvloop.run
+    except ImportError:  # pragma: no cover
+        runner = asyncio.run
+    try:
+        runner(serve_echo(args.broker, args.kind, capacity=args.capacity, name=args.name,
+                          vocab_size=args.vocab_size, heartbeat_interval=args.heartbeat_interval,
+                          liveness=args.liveness, delay_ms=args.delay_ms))
+    except KeyboardInterrupt:
+        pass
+    return 0
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = add_command(sub, "echo-worker", help="run a model-free echo worker (testing and benchmarks)",
+                    example="specmq echo-worker --broker tcp://127.0.0.1:5556 --kind target", func=_run)
+    p.add_argument("--broker", default="tcp://127.0.0.1:5556", help="broker backend address")
+    p.add_argument("--kind", default="target", help="target or fused (default: target)")
+    p.add_argument("--capacity", type=int, default=256, help="session slots / concurrent jobs (default: 256)")
+    p.add_argument("--name", default="echo", help="worker name shown in stats")
+    p.add_argument("--vocab-size", type=int, default=32000, help="announced vocab size (default: 32000)")
+    p.add_argument("--heartbeat-interval", type=float, default=1.0, help="seconds between heartbeats")
+    p.add_argument("--liveness", type=int, default=3, help="missed beats before the broker is presumed dead")
+    p.add_argument("--delay-ms", type=float, default=0.0, help="simulated work per batch (default: 0)")
