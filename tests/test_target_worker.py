@@ -1,0 +1,281 @@
+"""Target worker: greedy output through broker + target equals target-only greedy; many sessions share a tick;
+bad input is answered with the right code without disturbing other sessions; resends are idempotent."""
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+import torch
+
+from broker.client import BrokerClient, wait_for
+from protocol import errors as E
+from protocol.messages import Busy, Error, Result, SessionClose, SessionOpen, SessionOpened, Verify
+from tests.conftest import run_async
+from tests.model_fixtures import tiny_pair  # noqa: F401  (fixture)
+from workers.engine import load_engine
+from workers.sampling import SamplingParams
+from workers.speculation import apply_result_to_draft, autoregressive_generate, draft_chunk, prefill
+from workers.target_worker import TargetConfig, TargetServer, serve_target
+from workers.tokenizer_text import encode, load_tokenizer
+
+GREEDY = SamplingParams()
+TEXTS = ["Once upon a time", "The quick brown fox", "A message queue carries", "She said hello"]
+
+
+@pytest.fixture
+def broker(make_broker):
+    """Generous liveness: a loaded CI box must not make the broker declare the worker dead mid-test."""
+    return make_broker(heartbeat_interval=0.2, liveness=25)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def prompts(tiny_pair):
+    tok = load_tokenizer(tiny_pair.target)
+    return [encode(tok, t) for t in TEXTS]
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_pair, prompts):
+    """Target-only greedy continuations (the baseline every speculative path must equal)."""
+    eng = load_engine(tiny_pair.target, slots=1, max_context=256)
+    return [autoregressive_generate(eng, p, 24, GREEDY).tokens for p in prompts]
+
+
+class Drafter:
+    """A minimal draft client: SessionOpen, then Verify chunks made by a draft engine with ``draft_chunk``."""
+
+    def __init__(self, client: BrokerClient, engine, sid: str, prompt: list[int], gamma: int = 3,
+                 max_new: int = 24, tokenizer: str = "") -> None:
+        self.client, self.engine, self.sid, self.prompt = client, engine, sid, prompt
+        self.gamma, self.max_new, self.tokenizer = gamma, max_new, tokenizer
+        self.out: list[int] = []
+        self.seq = 0
+
+    async def open(self) -> object:
+        return await self.client.request(SessionOpen(session=self.sid, prompt_ids=self.prompt,
+                                                     max_new_tokens=self.max_new, tokenizer=self.tokenizer),
+                                         timeout=20)
+
+    async def run(self) -> list[int]:
+        opened = await self.open()
+        assert isinstance(opened, SessionOpened), opened
+        slot = self.engine.allocate()
+        uncached = [prefill(self.engine, slot, self.prompt)]
+        pos = len(self.prompt)
+        try:
+            while True:
+                g = max(1, min(self.gamma, self.max_new - len(self.out) - 1))
+                chunk = draft_chunk(self.engine, slot, uncached, g, GREEDY)
+                res = await self.client.request(Verify(session=self.sid, seq=self.seq, pos=pos,
+                                                       tokens=chunk.tokens), timeout=20)
+                assert isinstance(res, Result), res
+                self.seq += 1
+                self.out += res.tokens
+                pos = res.pos
+                if res.finished:
+                    return self.out
+                uncached = apply_result_to_draft(self.engine, slot, chunk, res.accepted, res.tokens)
+        finally:
+            self.engine.free(slot)
+            await self.client.send(SessionClose(session=self.sid))
+
+
+async def _with_target(broker, tiny_pair, body, config: TargetConfig | None = None, slots: int = 8):
+    """Run ``body(client, server)`` against an in-process target worker on the broker."""
+    engine = load_engine(tiny_pair.target, slots=slots, max_context=256)
+    stop = asyncio.Event()
+    holder = []
+    task = asyncio.create_task(serve_target(broker.backend, engine, config or TargetConfig(name="t0"), stop=stop,
+                                            heartbeat_interval=0.2, liveness=25, on_server=holder.append))
+    try:
+        assert await wait_for(lambda: len(broker.snapshot()["workers"]) == 1, timeout=10)
+        async with BrokerClient(broker.frontend, timeout=20) as client:
+            return await body(client, holder[0])
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 10)
+
+
+def test_greedy_through_target_equals_target_only_and_sessions_share_ticks(broker, tiny_pair, prompts, reference):
+    draft = load_engine(tiny_pair.draft, slots=8, max_context=256)
+
+    async def body(client, server):
+        drafters = [Drafter(client, draft, f"s{i}", p) for i, p in enumerate(prompts)]
+        outs = await asyncio.gather(*(d.run() for d in drafters))
+        return outs, server.stats()
+
+    # a long tick so the four drafters' chunks meet in one forward
+    outs, stats = run_async(_with_target(broker, tiny_pair, body, TargetConfig(name="t0", tick_ms=50)), 120)
+    assert outs == [r[:24] for r in reference]
+    assert stats["max_batch_rows"] > 1
+    assert stats["drafted"] > 0 and 0 <= stats["accepted"] <= stats["drafted"]
+    assert stats["slots_total"] == 8
+
+
+def test_bad_input_answered_per_session_and_resend_is_idempotent(broker, tiny_pair, prompts, reference):
+    draft = load_engine(tiny_pair.draft, slots=8, max_context=256)
+    fp = load_engine(tiny_pair.target, slots=1, max_context=16).info.tokenizer_fingerprint
+
+    async def body(client, server):
+        good = Drafter(client, draft, "good", prompts[0], tokenizer=fp)
+        worker = asyncio.create_task(good.run())
+        codes = {}
+        r = await client.request(SessionOpen(session="tok", prompt_ids=prompts[1], tokenizer="0" * 16))
+        codes["tokenizer"] = (r.code, r.message)
+        r = await client.request(SessionOpen(session="long", prompt_ids=prompts[1], max_new_tokens=1000))
+        codes["context"] = r.code
+        r = await client.request(SessionOpen(session="ok", prompt_ids=prompts[1], max_new_tokens=8))
+        assert isinstance(r, SessionOpened) and r.pos == len(prompts[1])
+        r = await client.request(Verify(session="ok", seq=0, pos=r.pos + 5, tokens=[5]))
+        codes["pos"] = r.code
+        r = await client.request(Verify(session="ok", seq=3, pos=len(prompts[1]), tokens=[5]))
+        codes["seq"] = r.code
+        r = await client.request(Verify(session="ok", seq=0, pos=len(prompts[1]), tokens=[5] * 40))
+        codes["gamma"] = r.code
+        r = await client.request(Verify(session="ok", seq=0, pos=len(prompts[1]), tokens=[5, 10 ** 6]))
+        codes["vocab"] = r.code
+        r = await client.request(Verify(session="nope", seq=0, pos=3, tokens=[5]))
+        codes["unknown"] = r.code
+        first = await client.request(Verify(session="ok", seq=0, pos=len(prompts[1]), tokens=[7, 8]))
+        again = await client.request(Verify(session="ok", seq=0, pos=len(prompts[1]), tokens=[7, 8]))
+        ticks = server.counters["ticks"]
+        out = await asyncio.wait_for(worker, 60)
+        return codes, first, again, out, ticks
+
+    codes, first, again, out, _ = run_async(_with_target(broker, tiny_pair, body), 120)
+    assert codes["tokenizer"][0] == E.TOKENIZER_MISMATCH
+    assert "0" * 16 in codes["tokenizer"][1] and fp in codes["tokenizer"][1]
+    assert codes["context"] == E.CONTEXT_TOO_LONG
+    assert codes["pos"] == E.BAD_SEQUENCE and codes["seq"] == E.BAD_SEQUENCE
+    assert codes["gamma"] == E.GAMMA_TOO_LARGE and codes["vocab"] == E.TOKEN_OUT_OF_RANGE
+    assert codes["unknown"] == E.UNKNOWN_SESSION
+    assert isinstance(first, Result) and first == again
+    assert out == reference[0][:24]  # the well-behaved session never noticed
+
+
+# ---------------------------------------------------------------------- the state machine alone (no sockets)
+def _run_ticks(server: TargetServer) -> list:
+    out = []
+    while server.oldest() is not None:
+        tick = server.take_tick()
+        out += server.finish(tick, server.compute(tick), 1.0)
+    return out
+
+
+def test_server_checks_each_request_itself(tiny_pair, prompts):
+    engine = load_engine(tiny_pair.target, slots=2, max_context=64)
+    server = TargetServer(engine, TargetConfig(max_gamma=4, prefill_chunk=3, max_batch_tokens=8,
+                                               max_waiting_opens=1))
+    handled = []
+    real_handle = server.handle
+    server.handle = lambda msg: handled.append(msg) or real_handle(msg)
+    p = prompts[0]
+    assert server.handle(SessionOpen(session="a", prompt_ids=p, max_new_tokens=8)) == []
+    opened = _run_ticks(server)  # prefilled in chunks of 3 over several ticks
+    assert [type(m) for m in opened] == [SessionOpened] and opened[0].pos == len(p)
+    assert engine.length(server.sessions["a"].slot) == len(p) - 1
+    pos = len(p)
+
+    def code(msg):
+        (reply,) = server.handle(msg)
+        return reply.code
+
+    assert code(Verify(session="zz", seq=0, pos=pos, tokens=[1])) == E.UNKNOWN_SESSION
+    assert code(Verify(session="a", seq=0, pos=pos, tokens=[1] * 5)) == E.GAMMA_TOO_LARGE
+    assert code(Verify(session="a", seq=0, pos=pos, tokens=[1, 999])) == E.TOKEN_OUT_OF_RANGE
+    assert code(Verify(session="a", seq=1, pos=pos, tokens=[1])) == E.BAD_SEQUENCE
+    assert code(Verify(session="a", seq=0, pos=pos - 1, tokens=[1])) == E.BAD_SEQUENCE
+    assert code(SessionOpen(session="b", prompt_ids=p, tokenizer="feedface")) == E.TOKENIZER_MISMATCH
+    assert code(SessionOpen(session="b", prompt_ids=[1] * 60, max_new_tokens=10)) == E.CONTEXT_TOO_LONG
+    assert code(SessionOpen(session="b", prompt_ids=[1, 500], max_new_tokens=4)) == E.TOKEN_OUT_OF_RANGE
+    assert code(SessionOpen(session="b", prompt_ids=[1], max_new_tokens=4, temperature=-1)) == E.BAD_REQUEST
+    assert code(SessionOpen(session="b", prompt_ids=[1], max_new_tokens=4, policy="nonsense")) == E.BAD_REQUEST
+    # slots: b takes the last one, c waits for a slot, d is refused with Busy
+    assert server.handle(SessionOpen(session="b", prompt_ids=[1], max_new_tokens=4))[0].pos == 1
+    assert server.handle(SessionOpen(session="c", prompt_ids=[1, 5], max_new_tokens=4)) == []
+    (busy,) = server.handle(SessionOpen(session="d", prompt_ids=[1], max_new_tokens=4))
+    assert isinstance(busy, Busy) and busy.session == "d"
+    assert server.handle(SessionClose(session="b")) == []  # c is admitted (prefill pending)
+    assert "c" in server.sessions and not server.waiting_opens
+    # the first session still verifies fine, and a resend of its seq returns the same answer
+    assert server.handle(Verify(session="a", seq=0, pos=pos, tokens=[5, 6])) == []
+    results = [m for m in _run_ticks(server) if isinstance(m, Result)]
+    assert len(results) == 1 and results[0].pos == pos + len(results[0].tokens)
+    assert server.handle(Verify(session="a", seq=0, pos=pos, tokens=[5, 6])) == results
+    assert engine.length(server.sessions["a"].slot) == results[0].pos - 1
+    # a malformed q fails that chunk alone (bad_request), the cache is untouched and the seq can be sent again
+    pos = results[0].pos
+    server.handle(Verify(session="a", seq=1, pos=pos, tokens=[5], q_ids=[[5], [6]], q_probs=[[1.0], [1.0]]))
+    (bad,) = [m for m in _run_ticks(server) if isinstance(m, Error)]
+    assert bad.code == E.BAD_REQUEST and bad.seq == 1 and engine.length(server.sessions["a"].slot) == pos - 1
+    server.handle(Verify(session="a", seq=1, pos=pos, tokens=[5]))
+    assert any(isinstance(m, Result) and m.seq == 1 for m in _run_ticks(server))
+    _run_ticks(server)  # c's prompt
+    # every request was answered or finished, so each gave back exactly one credit
+    assert server.take_credits() == len(handled)
+
+
+def test_forward_failure_answers_worker_error_and_keeps_sessions(tiny_pair, prompts):
+    engine = load_engine(tiny_pair.target, slots=2, max_context=64)
+    server = TargetServer(engine)
+    server.handle(SessionOpen(session="a", prompt_ids=prompts[0], max_new_tokens=4))
+    _run_ticks(server)
+    pos = len(prompts[0])
+    server.handle(Verify(session="a", seq=0, pos=pos, tokens=[5]))
+    tick = server.take_tick()
+    from workers.engine import EngineError
+    (err,) = server.finish(tick, EngineError("boom"), 1.0)
+    assert isinstance(err, Error) and err.code == E.WORKER_ERROR and err.seq == 0
+    server.handle(Verify(session="a", seq=0, pos=pos, tokens=[5]))  # the same chunk again: now it works
+    (res,) = _run_ticks(server)
+    assert isinstance(res, Result) and res.seq == 0
+
+
+def test_long_prompt_is_prefilled_in_chunks_beside_decodes(tiny_pair, prompts, reference):
+    engine = load_engine(tiny_pair.target, slots=2, max_context=256)
+    server = TargetServer(engine, TargetConfig(prefill_chunk=8, max_batch_tokens=12))
+    p = prompts[0]
+    server.handle(SessionOpen(session="a", prompt_ids=p, max_new_tokens=24))
+    _run_ticks(server)
+    long_prompt = (prompts[1] * 6)[:45]
+    server.handle(SessionOpen(session="b", prompt_ids=long_prompt, max_new_tokens=8))
+    server.handle(Verify(session="a", seq=0, pos=len(p), tokens=reference[0][:3]))
+    tick = server.take_tick()
+    assert tick.plan.verify == ["a"] and tick.plan.prefill == [("b", 8)]  # 4 verify tokens + 8 prompt tokens
+    (res,) = server.finish(tick, server.compute(tick), 1.0)
+    assert isinstance(res, Result) and res.accepted == 3 and res.tokens == reference[0][:4]
+    rest = _run_ticks(server)
+    assert [type(m) for m in rest] == [SessionOpened] and rest[0].pos == len(long_prompt)
+    assert engine.length(server.sessions["b"].slot) == len(long_prompt) - 1
+    assert server.stats()["ticks"] >= 1 + 44 // 8
+
+
+def test_sampled_chunks_with_q_are_reproducible_and_reset_frees_every_slot(tiny_pair, prompts):
+    draft = load_engine(tiny_pair.draft, slots=1, max_context=256)
+    params = SamplingParams(temperature=0.8, seed=7)
+    slot = draft.allocate()
+    chunk = draft_chunk(draft, slot, [prefill(draft, slot, prompts[2])], 4, params,
+                        torch.Generator().manual_seed(3))
+    results = []
+    for _ in range(2):
+        engine = load_engine(tiny_pair.target, slots=2, max_context=256)
+        server = TargetServer(engine)
+        server.handle(SessionOpen(session="s", prompt_ids=prompts[2], max_new_tokens=16, temperature=0.8, seed=7))
+        _run_ticks(server)
+        server.handle(Verify(session="s", seq=0, pos=len(prompts[2]), tokens=chunk.tokens, q_ids=chunk.q_ids,
+                             q_probs=chunk.q_probs))
+        (res,) = _run_ticks(server)
+        assert isinstance(res, Result) and len(res.tokens) == res.accepted + 1
+        results.append(res)
+        from protocol.messages import Disconnect
+        server.handle(Disconnect(reason="reconnected"))
+        assert not server.sessions and engine.allocate() == 0 and engine.allocate() == 1
+    assert [(r.accepted, r.tokens, r.pos) for r in results[:1]] == [(r.accepted, r.tokens, r.pos) for r in results[1:]]

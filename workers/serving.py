@@ -1,0 +1,54 @@
+"""What every model-serving command shares: the shipped model paths, loading an engine as a one-line
+``CommandError``, and running an asyncio service until SIGINT/SIGTERM (then a clean Disconnect, exit 0)."""
+from __future__ import annotations
+
+import asyncio
+import signal
+from pathlib import Path
+from typing import Awaitable, Callable
+
+from specmq.cliutil import CommandError
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_TARGET_MODEL = REPO_ROOT / "models" / "tiny-target"
+DEFAULT_DRAFT_MODEL = REPO_ROOT / "models" / "tiny-draft"
+DEFAULT_BACKEND = "tcp://127.0.0.1:5556"
+
+
+def load_engine_or_fail(model_dir: str | Path, *, device: str = "cpu", dtype: str = "float32", slots: int = 8,
+                        max_context: int | None = None, backend: str = "auto", what: str = "model"):
+    """``load_engine`` with every failure (missing or corrupt directory, device absent) as one line."""
+    from workers.engine import EngineError, load_engine
+
+    if not isinstance(slots, int) or slots < 1:
+        raise CommandError(f"--slots must be >= 1, got {slots!r}")
+    try:
+        return load_engine(model_dir, device=device, dtype=dtype, slots=slots, max_context=max_context,
+                           backend=backend)
+    except EngineError as exc:
+        raise CommandError(f"cannot load {what}: {exc}") from None
+    except Exception as exc:  # corrupt weights (safetensors), shape mismatches, out of memory...
+        first = (str(exc).splitlines() or [""])[0][:200]
+        raise CommandError(f"cannot load {what} from {model_dir}: {type(exc).__name__}: {first}") from None
+
+
+def run_service(main: Callable[[asyncio.Event], Awaitable[None]]) -> int:
+    """Run ``main(stop)`` until it returns; SIGINT/SIGTERM set ``stop`` so it can say Disconnect. Exit 0."""
+
+    async def runner() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        await main(stop)
+
+    try:
+        asyncio.run(runner())
+    except KeyboardInterrupt:
+        pass
+    return 0
+
+
+def positive(name: str, value: float, minimum: float = 1) -> None:
+    if value < minimum:
+        raise CommandError(f"--{name} must be >= {minimum:g}, got {value}")

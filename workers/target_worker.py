@@ -1,0 +1,427 @@
+"""The target (verifier) worker: many drafters' chunks, one forward pass per tick.
+
+``TargetServer`` is the worker's whole state machine, free of sockets so tests can drive it directly:
+
+- ``handle(msg)`` files a ``SessionOpen`` / ``Verify`` / ``SessionClose`` into per-session state and returns the
+  replies it can give at once (errors, cached results, Busy).
+- ``due(now)`` is ``workers.batching.tick_due`` over what waits; ``take_tick`` plans with ``plan_tick`` (verifies
+  first, chunked prefills in the leftover token budget) and ``compute`` runs ONE ``engine.forward`` for the whole
+  tick through ``speculation.verify_batch`` (verify rows and prefill rows mixed, prefill rows ``last_only``);
+  ``finish`` accepts per session, answers (``Result``, ``SessionOpened`` once a prompt is fully cached) and counts
+  the credits to give back.
+
+``serve_target`` puts it on a ``WorkerLink``; ``compute`` runs in a thread so heartbeats flow during long ticks.
+Token positions follow protocol/FLOW.md: a slot caches every committed token but the pending one.
+"""
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import deque
+from dataclasses import dataclass, field
+
+from protocol import errors as E
+from protocol.messages import (Busy, Disconnect, Error, Message, Ready, Result, SessionClose, SessionOpen,
+                               SessionOpened, Verify)
+from specmq.logs import get_logger
+from workers.acceptance import AcceptanceError, Policy, make_policy
+from workers.batching import BatchLimits, TickPlan, plan_tick, tick_due
+from workers.engine.base import Engine, EngineError, NoFreeSlot
+from workers.link import WorkerLink
+from workers.sampling import SamplingError, SamplingParams
+from workers.speculation import TargetSession, VerifyOutcome, eos_ids, verify_batch
+
+log = get_logger("target")
+
+IDLE_WAIT_S = 0.1  # longest the loop sleeps with nothing queued (how fast it notices a stop request)
+EWMA = 0.2  # weight of the newest tick in the tick_ms average
+
+
+@dataclass
+class TargetConfig:
+    tick_ms: float = 2.0
+    max_batch_tokens: int = 512
+    max_batch_rows: int = 64
+    prefill_chunk: int = 256
+    max_gamma: int = 16
+    max_waiting_opens: int | None = None  # opens queued for a free slot (default: one per slot), then Busy
+    credit: int | None = None  # requests the broker may forward ahead (default: 2 x slots + max_batch_rows)
+    retry_ms: int = 50  # Busy hint when every slot is taken and the open queue is full
+    name: str = "target"
+
+    @property
+    def limits(self) -> BatchLimits:
+        return BatchLimits(max_batch_tokens=self.max_batch_tokens, max_batch_rows=self.max_batch_rows,
+                           prefill_chunk=self.prefill_chunk, tick_ms=self.tick_ms)
+
+
+@dataclass
+class Chunk:
+    msg: Verify
+    arrived: float
+
+
+@dataclass
+class Served:
+    """A session on this worker: prefilling (``target is None``) or open."""
+
+    key: str
+    slot: int
+    prompt: list[int]
+    params: SamplingParams
+    policy: Policy
+    max_new_tokens: int
+    arrived: float
+    prefilled: int = 0  # prompt tokens cached so far (of prompt[:-1])
+    target: TargetSession | None = None
+    chunk: Chunk | None = None  # the verify waiting for the next tick
+
+    @property
+    def to_prefill(self) -> int:
+        return len(self.prompt) - 1 - self.prefilled
+
+
+@dataclass
+class Tick:
+    plan: TickPlan
+    started: float
+    verify: list[tuple[str, Chunk]] = field(default_factory=list)
+    prefill: list[tuple[str, int]] = field(default_factory=list)  # (session, tokens this tick)
+    items: list = field(default_factory=list)
+    prefill_rows: list[tuple[int, list[int]]] = field(default_factory=list)
+
+    @property
+    def tokens(self) -> int:
+        return sum(len(c.msg.tokens) + 1 for _, c in self.verify) + sum(n for _, n in self.prefill)
+
+
+class TargetServer:
+    def __init__(self, engine: Engine, config: TargetConfig | None = None) -> None:
+        self.engine = engine
+        self.config = config or TargetConfig()
+        self.limits = self.config.limits
+        self.info = engine.info
+        self.eos = eos_ids(engine.info)
+        self.max_waiting = (self.config.max_waiting_opens if self.config.max_waiting_opens is not None
+                            else engine.info.num_slots)
+        self.sessions: dict[str, Served] = {}
+        self.verify_order: deque[str] = deque()  # sessions with a chunk waiting, FIFO
+        self.prefill_order: deque[str] = deque()  # sessions still prefilling, FIFO
+        self.waiting_opens: deque[tuple[SessionOpen, float]] = deque()  # no free slot yet
+        self.credits = 0  # requests finished since the last grant
+        self.counters = {"ticks": 0, "drafted": 0, "accepted": 0, "rows": 0, "tokens": 0, "errors": 0,
+                         "max_rows": 0}
+        self.tick_ms = 0.0
+        self.last_rows = 0
+        self.last_tokens = 0
+
+    @property
+    def initial_credit(self) -> int:
+        c = self.config.credit
+        return c if c is not None else 2 * self.info.num_slots + self.limits.max_batch_rows
+
+    # ------------------------------------------------------------------ requests
+    def handle(self, msg: Message, now: float | None = None) -> list[Message]:
+        now = time.monotonic() if now is None else now
+        if isinstance(msg, Verify):
+            return self.on_verify(msg, now)
+        if isinstance(msg, SessionOpen):
+            return self.on_open(msg, now) + self.admit_waiting(now)
+        if isinstance(msg, SessionClose):
+            self.drop_session(msg.session)
+            self.credits += 1
+            return self.admit_waiting(now)
+        if isinstance(msg, Disconnect):  # the link re-registered: every session is gone
+            self.reset()
+            return []
+        log.warning("request.ignored", type=msg.TYPE)
+        return []
+
+    def _error(self, code: str, message: str, session: str = "", seq: int = -1) -> Error:
+        self.credits += 1
+        self.counters["errors"] += 1
+        return Error(code=code, message=message, session=session, seq=seq)
+
+    def check_open(self, msg: SessionOpen) -> Error | tuple[SamplingParams, Policy]:
+        key, mine = msg.session, self.info.tokenizer_fingerprint
+        if msg.tokenizer and mine and msg.tokenizer != mine:
+            return self._error(E.TOKENIZER_MISMATCH, f"drafter tokenizer {msg.tokenizer} != target tokenizer "
+                               f"{mine} ({self.info.model_id})", key)
+        if not msg.prompt_ids:
+            return self._error(E.BAD_REQUEST, "prompt_ids is empty", key)
+        bad = next((t for t in msg.prompt_ids if not 0 <= t < self.info.vocab_size), None)
+        if bad is not None:
+            return self._error(E.TOKEN_OUT_OF_RANGE, f"prompt_ids holds {bad}, outside [0, {self.info.vocab_size})",
+                               key)
+        if msg.max_new_tokens < 0:
+            return self._error(E.BAD_REQUEST, f"max_new_tokens must be >= 0, got {msg.max_new_tokens}", key)
+        need = len(msg.prompt_ids) + msg.max_new_tokens
+        if need > self.info.max_context:
+            return self._error(E.CONTEXT_TOO_LONG, f"prompt {len(msg.prompt_ids)} + max_new_tokens "
+                               f"{msg.max_new_tokens} = {need} > max_context {self.info.max_context}", key)
+        try:
+            params = SamplingParams(temperature=msg.temperature, top_p=msg.top_p, seed=msg.seed)
+            policy = make_policy(msg.policy, msg.policy_args)
+        except (SamplingError, AcceptanceError, TypeError) as exc:
+            return self._error(E.BAD_REQUEST, str(exc), key)
+        return params, policy
+
+    def on_open(self, msg: SessionOpen, now: float) -> list[Message]:
+        if msg.session in self.sessions:  # re-open: start over from the committed tokens it carries
+            self.drop_session(msg.session)
+        for i, (old, _) in enumerate(self.waiting_opens):
+            if old.session == msg.session:
+                del self.waiting_opens[i]
+                self.credits += 1
+                break
+        checked = self.check_open(msg)
+        if isinstance(checked, Error):
+            return [checked]
+        try:
+            slot = self.engine.allocate()
+        except NoFreeSlot:
+            if len(self.waiting_opens) < self.max_waiting:
+                self.waiting_opens.append((msg, now))
+                return []
+            self.credits += 1
+            return [Busy(retry_ms=self.config.retry_ms, queue="target_slots", session=msg.session)]
+        params, policy = checked
+        s = Served(msg.session, slot, list(msg.prompt_ids), params, policy, msg.max_new_tokens, now)
+        self.sessions[s.key] = s
+        if s.to_prefill > 0:
+            self.prefill_order.append(s.key)
+            return []
+        return [self.opened(s)]
+
+    def opened(self, s: Served) -> SessionOpened:
+        """The prompt is cached: the session takes chunks from now on."""
+        s.target = TargetSession(s.key, s.slot, s.prompt[-1], len(s.prompt), s.params, s.policy, s.max_new_tokens)
+        s.target.finished = s.max_new_tokens <= 0
+        self.credits += 1
+        return SessionOpened(session=s.key, pos=len(s.prompt), worker=self.config.name)
+
+    def admit_waiting(self, now: float) -> list[Message]:
+        out: list[Message] = []
+        while self.waiting_opens and len(self.sessions) < self.info.num_slots:
+            msg, _ = self.waiting_opens.popleft()
+            out += self.on_open(msg, now)
+        return out
+
+    def on_verify(self, msg: Verify, now: float) -> list[Message]:
+        key, seq = msg.session, msg.seq
+        s = self.sessions.get(key)
+        if s is None:
+            return [self._error(E.UNKNOWN_SESSION, f"session {key!r} is not open on this target", key, seq)]
+        t = s.target
+        if t is None:
+            return [self._error(E.BAD_SEQUENCE, "session is still prefilling (wait for session_opened)", key, seq)]
+        if seq == t.last_seq and t.last_result is not None:  # a resend: the same answer, never a second apply
+            self.credits += 1
+            return [t.last_result]
+        if s.chunk is not None:
+            if s.chunk.msg.seq == seq:  # duplicate of the queued chunk: its answer is coming
+                self.credits += 1
+                return []
+            return [self._error(E.BAD_SEQUENCE, f"seq {seq} while seq {s.chunk.msg.seq} is still queued", key, seq)]
+        if seq != t.last_seq + 1:
+            return [self._error(E.BAD_SEQUENCE, f"seq {seq} does not follow {t.last_seq}", key, seq)]
+        if msg.pos != t.pos:
+            return [self._error(E.BAD_SEQUENCE, f"pos {msg.pos} != committed length {t.pos}", key, seq)]
+        if len(msg.tokens) > self.config.max_gamma:
+            return [self._error(E.GAMMA_TOO_LARGE, f"chunk of {len(msg.tokens)} tokens > max_gamma "
+                                f"{self.config.max_gamma}", key, seq)]
+        bad = next((x for x in msg.tokens if not 0 <= x < self.info.vocab_size), None)
+        if bad is not None:
+            return [self._error(E.TOKEN_OUT_OF_RANGE, f"tokens holds {bad}, outside [0, {self.info.vocab_size})",
+                                key, seq)]
+        if self.engine.length(s.slot) + len(msg.tokens) + 1 > self.info.max_context:
+            return [self._error(E.CONTEXT_TOO_LONG, f"chunk of {len(msg.tokens)} at pos {t.pos} overflows "
+                                f"max_context {self.info.max_context}", key, seq)]
+        if t.finished:
+            self.credits += 1
+            t.last_seq = seq
+            t.last_result = Result(session=key, seq=seq, accepted=0, tokens=[], pos=t.pos, finished=True,
+                                   sent_at=msg.sent_at)
+            return [t.last_result]
+        s.chunk = Chunk(msg, now)
+        self.verify_order.append(key)
+        return []
+
+    def drop_session(self, key: str) -> None:
+        s = self.sessions.pop(key, None)
+        if s is None:
+            return
+        if s.chunk is not None:  # its answer would go nowhere; the broker forgot it
+            self.credits += 1
+            self.verify_order.remove(key)
+        if s.target is None:
+            self.credits += 1  # the open it came from is over too
+            self.prefill_order.remove(key)
+        self.engine.free(s.slot)
+
+    def reset(self) -> None:
+        for key in list(self.sessions):
+            self.engine.free(self.sessions.pop(key).slot)
+        self.verify_order.clear()
+        self.prefill_order.clear()
+        self.waiting_opens.clear()
+        self.credits = 0  # the link grants its initial credit again after re-registering
+
+    def take_credits(self) -> int:
+        n, self.credits = self.credits, 0
+        return n
+
+    # ------------------------------------------------------------------ ticks
+    def _pending(self) -> tuple[list[tuple[str, int]], list[tuple[str, int]]]:
+        verifies = [(k, len(self.sessions[k].chunk.msg.tokens) + 1) for k in self.verify_order]
+        prefills = [(k, self.sessions[k].to_prefill) for k in self.prefill_order]
+        return verifies, prefills
+
+    def oldest(self) -> float | None:
+        times = [self.sessions[k].chunk.arrived for k in self.verify_order]
+        times += [self.sessions[k].arrived for k in self.prefill_order]
+        return min(times) if times else None
+
+    def due(self, now: float) -> bool:
+        verifies, prefills = self._pending()
+        return tick_due(now, self.oldest(), sum(n for _, n in verifies) + sum(n for _, n in prefills),
+                        len(verifies) + len(prefills), self.limits)
+
+    def wait_s(self, now: float) -> float:
+        """How long the loop may wait for messages before a tick is due."""
+        oldest = self.oldest()
+        if oldest is None:
+            return IDLE_WAIT_S
+        if self.due(now):
+            return 0.0
+        return max(0.0, oldest + self.limits.tick_ms / 1000.0 - now)
+
+    def take_tick(self, now: float | None = None) -> Tick | None:
+        """Plan this tick and take its work off the queues (the verify items are built here, on the loop)."""
+        now = time.monotonic() if now is None else now
+        plan = plan_tick(*self._pending(), self.limits)
+        if not plan:
+            return None
+        tick = Tick(plan, now)
+        for key in plan.verify:
+            s = self.sessions[key]
+            chunk, s.chunk = s.chunk, None
+            self.verify_order.remove(key)
+            tick.verify.append((key, chunk))
+            tick.items.append(s.target.verify_item(chunk.msg.tokens, chunk.msg.q_ids, chunk.msg.q_probs))
+        for key, take in plan.prefill:
+            s = self.sessions[key]
+            tick.prefill.append((key, take))
+            tick.prefill_rows.append((s.slot, s.prompt[s.prefilled:s.prefilled + take]))
+        return tick
+
+    def compute(self, tick: Tick) -> list[VerifyOutcome] | Exception:
+        """The tick's one forward (verify + prefill rows) and per-row acceptance. Runs in a worker thread."""
+        try:
+            return verify_batch(self.engine, tick.items, tick.prefill_rows)
+        except Exception as exc:  # answered per request by finish(); the loop never dies of it
+            return exc
+
+    def finish(self, tick: Tick, outcomes: list[VerifyOutcome] | Exception, verify_ms: float) -> list[Message]:
+        self.counters["ticks"] += 1
+        self.counters["rows"] += tick.plan.rows
+        self.counters["max_rows"] = max(self.counters["max_rows"], tick.plan.rows)
+        self.counters["tokens"] += tick.tokens
+        self.last_rows, self.last_tokens = tick.plan.rows, tick.tokens
+        self.tick_ms = verify_ms if self.counters["ticks"] == 1 else (1 - EWMA) * self.tick_ms + EWMA * verify_ms
+        if isinstance(outcomes, Exception):
+            return self.fail_tick(tick, outcomes)
+        out: list[Message] = []
+        for (key, chunk), o in zip(tick.verify, outcomes):
+            s = self.sessions[key]
+            m = chunk.msg
+            if o.error:
+                out.append(self._error(E.BAD_REQUEST, f"chunk rejected: {o.error}", key, m.seq))
+                continue
+            t = s.target
+            tokens = t.apply(o, self.eos)
+            self.counters["drafted"] += len(m.tokens)
+            self.counters["accepted"] += o.accepted
+            t.last_seq = m.seq
+            t.last_result = Result(session=key, seq=m.seq, accepted=min(o.accepted, len(tokens)), tokens=tokens,
+                                   pos=t.pos, finished=t.finished, sent_at=m.sent_at, verify_ms=round(verify_ms, 3),
+                                   queue_ms=round((tick.started - chunk.arrived) * 1000.0, 3))
+            self.credits += 1
+            out.append(t.last_result)
+        for key, take in tick.prefill:
+            s = self.sessions[key]
+            s.prefilled += take
+            if s.to_prefill == 0:
+                self.prefill_order.remove(key)
+                out.append(self.opened(s))
+        return out
+
+    def fail_tick(self, tick: Tick, exc: Exception) -> list[Message]:
+        """The forward failed. EngineError is raised before any cache is touched: the sessions stay as they
+        were and the chunks can be resent. Anything else may have left caches half-written: drop those sessions."""
+        log.error("tick.failed", error=repr(exc), rows=tick.plan.rows)
+        intact = isinstance(exc, EngineError)
+        out: list[Message] = []
+        for key, chunk in tick.verify:
+            out.append(self._error(E.WORKER_ERROR, f"verify failed: {exc}", key, chunk.msg.seq))
+            if not intact:
+                self.drop_session(key)
+        for key, _ in tick.prefill:
+            self.drop_session(key)  # gives back the open's credit
+            out.append(Error(code=E.WORKER_ERROR, message=f"prefill failed: {exc}", session=key))
+        return out + self.admit_waiting(time.monotonic())
+
+    # ------------------------------------------------------------------ observability
+    def stats(self) -> dict:
+        c = self.counters
+        return {"tick_ms": round(self.tick_ms, 3), "batch_rows": self.last_rows, "batch_tokens": self.last_tokens,
+                "slots_used": len(self.sessions), "slots_total": self.info.num_slots, "ticks": c["ticks"],
+                "drafted": c["drafted"], "accepted": c["accepted"],
+                "mean_batch": round(c["rows"] / c["ticks"], 3) if c["ticks"] else 0.0,
+                "max_batch_rows": c["max_rows"], "waiting_opens": len(self.waiting_opens), "errors": c["errors"]}
+
+
+# ---------------------------------------------------------------------- the loop on a WorkerLink
+def ready_message(engine: Engine, config: TargetConfig) -> Ready:
+    info = engine.info
+    return Ready(kind="target", model=info.model_id, capacity=info.num_slots, vocab_size=info.vocab_size,
+                 tokenizer=info.tokenizer_fingerprint, max_gamma=config.max_gamma, max_context=info.max_context,
+                 worker=config.name)
+
+
+async def _send_all(link: WorkerLink, replies: list[Message]) -> None:
+    for r in replies:
+        if not link.send_nowait(r):
+            await link.send(r)
+
+
+async def serve_target(broker: str, engine: Engine, config: TargetConfig | None = None, *,
+                       stop: asyncio.Event | None = None, heartbeat_interval: float = 1.0, liveness: int = 3,
+                       on_server=None) -> None:
+    """Serve until ``stop`` is set; Disconnect on the way out. ``on_server(server)`` sees the state (tests)."""
+    config = config or TargetConfig()
+    server = TargetServer(engine, config)
+    if on_server is not None:
+        on_server(server)
+    stop = stop or asyncio.Event()
+    link = WorkerLink(broker, ready_message(engine, config), heartbeat_interval=heartbeat_interval,
+                      liveness=liveness, stats=server.stats, initial_credit=server.initial_credit)
+    info = engine.info
+    log.info("target.serving", broker=broker, model=info.model_id, slots=info.num_slots, device=info.device,
+             dtype=info.dtype, max_context=info.max_context, tick_ms=config.tick_ms)
+    async with link:
+        while not stop.is_set():
+            msgs = await link.recv_batch(timeout=server.wait_s(time.monotonic()))
+            now = time.monotonic()
+            replies: list[Message] = []
+            for m in msgs:
+                replies += server.handle(m, now)
+            await _send_all(link, replies)
+            if server.due(time.monotonic()):
+                tick = server.take_tick()
+                if tick is not None:
+                    t0 = time.perf_counter()
+                    outcomes = await asyncio.to_thread(server.compute, tick)
+                    await _send_all(link, server.finish(tick, outcomes, (time.perf_counter() - t0) * 1000.0))
+            link.grant(server.take_credits())
+    log.info("target.stopped", **server.stats())
