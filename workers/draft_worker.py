@@ -1,0 +1,453 @@
+"""The draft worker: many prompts at once through the broker's targets, one batched draft forward per step.
+
+Each prompt is a session: ``SessionOpen`` (prompt ids, tokenizer fingerprint, sampling), then rounds of
+draft γ -> ``Verify`` -> ``Result`` -> roll the draft cache back (``apply_result_to_draft``), until the target says
+``finished``; then ``SessionClose``. Sessions run as coroutines; a ``DraftBatcher`` collects every session that
+wants to draft at the same moment and drafts them in ONE ``draft_batch`` call, so 16 sessions cost about one
+session's drafting.
+
+Recovery (protocol/FLOW.md): ``Busy`` is waited out by ``BrokerClient.request``; a timed-out request is resent with
+the same seq (the broker answers from its cache); ``Reopen`` (or ``unknown_session``) re-sends ``SessionOpen`` with
+the prompt + every committed token and re-sends the chunk in hand as seq 0: nothing is lost, the draft cache is
+still right. Any other ``Error`` fails that session alone.
+"""
+from __future__ import annotations
+
+import asyncio
+import csv
+import json
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+from broker.client import BrokerClient
+from protocol import errors as E
+from protocol.messages import Error, Message, Reopen, Result, SessionClose, SessionOpen, SessionOpened, Verify
+from specmq.logs import get_logger
+
+log = get_logger("worker.draft")
+
+DEFAULT_MODEL = Path(__file__).resolve().parent.parent / "models" / "tiny-draft"
+DEFAULT_BROKER = "tcp://127.0.0.1:5555"
+PROFILE_COLUMNS = ("session", "round", "gamma", "accepted", "draft_ms", "network_ms", "verify_ms", "queue_ms",
+                   "batch")
+
+
+class DraftError(Exception):
+    """A failure of the whole run (not of one session): unreachable broker, unloadable model."""
+
+
+# --------------------------------------------------------------------------- text <-> ids
+class TextCodec:
+    """The model directory's tokenizer (``workers.tokenizer_text``: the same encoding fused workers use)."""
+
+    def __init__(self, model_dir: str | Path) -> None:
+        from workers.tokenizer_text import TokenizerError, load_tokenizer
+
+        try:
+            self.tok = load_tokenizer(model_dir)
+        except TokenizerError as exc:
+            raise DraftError(str(exc)) from None
+
+    def encode(self, text: str) -> list[int]:
+        from workers.tokenizer_text import encode
+
+        return encode(self.tok, text)
+
+    def decode(self, ids: Sequence[int]) -> str:
+        from workers.tokenizer_text import decode
+
+        return decode(self.tok, ids)
+
+
+# --------------------------------------------------------------------------- configuration and results
+@dataclass
+class DraftConfig:
+    broker: str = DEFAULT_BROKER
+    model: str | Path = DEFAULT_MODEL
+    max_new_tokens: int = 64
+    gamma: int = 4
+    adaptive: bool = False
+    max_gamma: int = 8  # ceiling of adaptive γ
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0
+    seed: int = 0
+    concurrency: int = 16
+    link_delay_ms: float = 0.0
+    timeout: float = 10.0  # per request try; resent ``retries`` times
+    retries: int = 3
+    connect_timeout: float = 5.0  # the broker must answer a stats request within this on start
+    gather_ms: float = 2.0  # how long the batcher waits for more sessions to draft with
+    policy: str = "exact"
+    max_reopens: int = 20
+    threads: int = 0  # torch threads (0: torch's default)
+
+
+@dataclass
+class RoundRow:
+    session: int
+    round: int
+    gamma: int
+    accepted: int
+    draft_ms: float
+    network_ms: float
+    verify_ms: float
+    queue_ms: float
+    batch: int  # sessions drafted in the same forward
+
+
+@dataclass
+class PromptResult:
+    index: int
+    prompt: str
+    prompt_ids: list[int]
+    token_ids: list[int] = field(default_factory=list)
+    text: str = ""
+    drafted: int = 0
+    accepted: int = 0
+    rounds: int = 0
+    reopens: int = 0
+    wall_s: float = 0.0
+    finished: bool = False
+    error: str | None = None
+    error_code: str | None = None
+    gammas: list[int] = field(default_factory=list)
+
+    @property
+    def new_tokens(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def acceptance_rate(self) -> float:
+        return self.accepted / self.drafted if self.drafted else 0.0
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.new_tokens / self.wall_s if self.wall_s > 0 else 0.0
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "index": self.index, "prompt": self.prompt, "text": self.text, "token_ids": self.token_ids,
+            "new_tokens": self.new_tokens, "drafted": self.drafted, "accepted": self.accepted,
+            "acceptance_rate": round(self.acceptance_rate, 4), "rounds": self.rounds,
+            "mean_accepted": round(self.accepted / self.rounds, 3) if self.rounds else 0.0,
+            "mean_gamma": round(sum(self.gammas) / len(self.gammas), 3) if self.gammas else 0.0,
+            "reopens": self.reopens, "wall_s": round(self.wall_s, 4),
+            "tokens_per_s": round(self.tokens_per_s, 2), "error": self.error, "error_code": self.error_code,
+        }
+
+
+class SessionFailed(Exception):
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+# --------------------------------------------------------------------------- link delay
+class DelayedBrokerClient(BrokerClient):
+    """A ``BrokerClient`` whose every send and every receive waits ``delay_s`` (a simulated one-way link)."""
+
+    def __init__(self, address: str, delay_s: float, **kw: Any) -> None:
+        super().__init__(address, **kw)
+        self.delay_s = delay_s
+
+    async def send(self, msg: Message) -> None:
+        await asyncio.sleep(self.delay_s)
+        await super().send(msg)
+
+    def _deliver(self, msg: Message) -> None:
+        asyncio.get_running_loop().call_later(self.delay_s, super()._deliver, msg)
+
+
+def make_client(address: str, link_delay_ms: float = 0.0, timeout: float = 10.0) -> BrokerClient:
+    if link_delay_ms > 0:
+        return DelayedBrokerClient(address, link_delay_ms / 1000.0, timeout=timeout)
+    return BrokerClient(address, timeout=timeout)
+
+
+async def probe_broker(client: BrokerClient, address: str, timeout: float) -> dict:
+    """One stats round trip, so an unreachable broker is a clear error instead of a hang."""
+    try:
+        return await _stats_once(client, timeout)
+    except TimeoutError:
+        raise DraftError(f"broker at {address} is not reachable (no reply within {timeout:g}s)") from None
+
+
+async def _stats_once(client: BrokerClient, timeout: float) -> dict:
+    from protocol.messages import Stats, StatsRequest
+
+    reply = await client.request(StatsRequest(), timeout=timeout, retries=0)
+    return reply.snapshot if isinstance(reply, Stats) else {}
+
+
+# --------------------------------------------------------------------------- batched drafting
+class DraftBatcher:
+    """Collects draft requests from session coroutines and serves them with one ``draft_batch`` per step."""
+
+    def __init__(self, engine: Any, gather_s: float = 0.002) -> None:
+        self.engine = engine
+        self.gather_s = gather_s
+        self.active = 0  # live sessions: the batcher waits (at most gather_s) until all of them have submitted
+        self._queue: list[tuple[Any, asyncio.Future]] = []
+        self._wake = asyncio.Event()
+        self.steps = 0
+        self.rows = 0
+
+    async def draft(self, request: Any) -> tuple[Any, float, int]:
+        """Draft for one session; returns (chunk, draft_ms of the shared batch, batch size)."""
+        fut = asyncio.get_running_loop().create_future()
+        self._queue.append((request, fut))
+        self._wake.set()
+        return await fut
+
+    async def run(self) -> None:
+        from workers.speculation import draft_batch
+
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            start = time.perf_counter()
+            while True:  # let sessions whose results just arrived join this step
+                for _ in range(3):
+                    await asyncio.sleep(0)
+                if len(self._queue) >= self.active or time.perf_counter() - start >= self.gather_s:
+                    break
+                await asyncio.sleep(0.0003)
+            batch, self._queue = self._queue, []
+            if not batch:
+                continue
+            t0 = time.perf_counter()
+            try:
+                chunks = draft_batch(self.engine, [r for r, _ in batch])
+            except Exception as exc:  # engine error: every requester learns it
+                for _, fut in batch:
+                    if not fut.done():
+                        fut.set_exception(exc)
+                continue
+            ms = (time.perf_counter() - t0) * 1000
+            self.steps += 1
+            self.rows += len(batch)
+            for (_, fut), chunk in zip(batch, chunks):
+                if not fut.done():
+                    fut.set_result((chunk, ms, len(batch)))
+
+
+# --------------------------------------------------------------------------- the worker
+class DraftWorker:
+    """Runs prompts through the broker's targets (see module docstring). ``run`` returns results in prompt order."""
+
+    def __init__(self, config: DraftConfig, engine: Any = None, codec: TextCodec | None = None) -> None:
+        self.config = config
+        self.codec = codec or TextCodec(config.model)
+        self.engine = engine
+        self.rows: list[RoundRow] = []
+        self.fingerprint = ""
+
+    def _load(self, prompts_ids: list[list[int]]) -> None:
+        from workers.engine import EngineError, load_engine, tokenizer_fingerprint
+
+        cfg = self.config
+        self.fingerprint = tokenizer_fingerprint(cfg.model)
+        if self.engine is not None:
+            return
+        if cfg.threads > 0:
+            import torch
+
+            torch.set_num_threads(cfg.threads)
+        need = max((len(p) for p in prompts_ids), default=1) + cfg.max_new_tokens + max(cfg.gamma, cfg.max_gamma) + 8
+        slots = max(1, min(cfg.concurrency, len(prompts_ids)))
+        try:
+            self.engine = load_engine(cfg.model, slots=slots, max_context=need)
+        except EngineError as exc:
+            raise DraftError(f"cannot load draft model {cfg.model}: {exc}") from None
+        except (OSError, ValueError) as exc:
+            raise DraftError(f"cannot load draft model {cfg.model}: {exc}") from None
+
+    async def run(self, prompts: Sequence[str]) -> list[PromptResult]:
+        cfg = self.config
+        results = [PromptResult(i, p, self.codec.encode(p)) for i, p in enumerate(prompts)]
+        client = make_client(cfg.broker, cfg.link_delay_ms, cfg.timeout)
+        await client.start()
+        batch_task = None
+        try:
+            await probe_broker(client, cfg.broker, cfg.connect_timeout)  # before the model load: fail fast
+            self._load([r.prompt_ids for r in results])
+            batcher = DraftBatcher(self.engine, cfg.gather_ms / 1000.0)
+            batch_task = asyncio.create_task(batcher.run())
+            gate = asyncio.Semaphore(max(1, cfg.concurrency))
+            run_id = uuid.uuid4().hex[:6]
+
+            async def one(res: PromptResult) -> None:
+                async with gate:
+                    await self._session(client, batcher, res, f"{run_id}-{res.index}")
+
+            await asyncio.gather(*(one(r) for r in results))
+        finally:
+            if batch_task is not None:
+                batch_task.cancel()
+                try:
+                    await batch_task
+                except (asyncio.CancelledError, Exception):
+                    pass
+            await client.close()
+        for r in results:
+            r.text = self.codec.decode(r.token_ids)
+        return results
+
+    # ------------------------------------------------------------------ one session
+    def _open_msg(self, res: PromptResult, sid: str) -> SessionOpen:
+        cfg = self.config
+        return SessionOpen(session=sid, prompt_ids=res.prompt_ids + res.token_ids,
+                           max_new_tokens=cfg.max_new_tokens - len(res.token_ids), temperature=cfg.temperature,
+                           top_p=cfg.top_p, seed=cfg.seed + res.index, tokenizer=self.fingerprint,
+                           policy=cfg.policy)
+
+    async def _open(self, client: BrokerClient, res: PromptResult, sid: str) -> None:
+        """Send SessionOpen (prompt + committed tokens) until a target holds the session."""
+        cfg = self.config
+        deadline = time.monotonic() + cfg.timeout * (cfg.retries + 1)
+        committed = len(res.prompt_ids) + len(res.token_ids)
+        while True:
+            try:
+                reply = await client.request(self._open_msg(res, sid), timeout=cfg.timeout, retries=cfg.retries)
+            except TimeoutError:
+                raise SessionFailed("timeout", f"no answer to session open from {cfg.broker}") from None
+            if isinstance(reply, SessionOpened):
+                if reply.pos != committed:
+                    raise SessionFailed(E.BAD_SEQUENCE, f"target opened at pos {reply.pos}, expected {committed}")
+                return
+            if isinstance(reply, Reopen) or (isinstance(reply, Error) and reply.code == E.NO_WORKERS
+                                             and time.monotonic() < deadline):
+                await asyncio.sleep(0.05)  # a target is coming or going: try again
+                continue
+            if isinstance(reply, Error):
+                raise SessionFailed(reply.code, self._error_text(reply))
+            raise SessionFailed("bad_reply", f"unexpected {reply.TYPE} to session open")
+
+    def _error_text(self, err: Error) -> str:
+        msg = err.message
+        if err.code == E.TOKENIZER_MISMATCH and self.fingerprint not in msg:
+            msg += f" (draft tokenizer {self.fingerprint or 'unknown'})"
+        return f"{err.code}: {msg}"
+
+    async def _session(self, client: BrokerClient, batcher: DraftBatcher, res: PromptResult, sid: str) -> None:
+        from workers.adaptive_gamma import AdaptiveGamma
+        from workers.sampling import STREAM_DRAFT, SamplingParams, round_generator
+        from workers.speculation import DraftRequest, apply_result_to_draft
+
+        cfg = self.config
+        t_start = time.perf_counter()
+        if cfg.max_new_tokens <= 0:
+            res.finished = True
+            return
+        sampling = SamplingParams(cfg.temperature, cfg.top_p, cfg.top_k, cfg.seed + res.index)
+        controller = AdaptiveGamma(cfg.max_gamma) if cfg.adaptive else None
+        slot = self.engine.allocate()
+        batcher.active += 1
+        opened = False
+        try:
+            await self._open(client, res, sid)
+            opened = True
+            uncached = list(res.prompt_ids)  # the first draft step prefills the draft cache
+            seq = 0
+            while not res.finished:
+                remaining = cfg.max_new_tokens - len(res.token_ids)
+                if remaining <= 0:
+                    res.finished = True
+                    break
+                g = controller.next_gamma() if controller else cfg.gamma
+                g = max(1, min(g, remaining - 1))
+                pos = len(res.prompt_ids) + len(res.token_ids)
+                gen = None if sampling.greedy else round_generator(sampling.seed, pos, STREAM_DRAFT)
+                chunk, draft_ms, bsize = await batcher.draft(DraftRequest(slot, uncached, g, sampling, gen))
+                reply, seq, rtt_ms = await self._verify(client, res, sid, seq, pos, chunk)
+                if not isinstance(reply, Result):
+                    raise SessionFailed("bad_reply", f"unexpected {reply.TYPE} to verify")
+                k = reply.accepted
+                if not 0 <= k <= g:
+                    raise SessionFailed(E.BAD_SEQUENCE, f"target accepted {k} of {g} draft tokens")
+                res.token_ids += list(reply.tokens)
+                res.rounds += 1
+                res.drafted += g
+                res.accepted += k
+                res.gammas.append(g)
+                self.rows.append(RoundRow(res.index, res.rounds, g, k, round(draft_ms, 3),
+                                          round(max(0.0, rtt_ms - reply.verify_ms), 3), round(reply.verify_ms, 3),
+                                          round(reply.queue_ms, 3), bsize))
+                if controller:
+                    controller.update(k, g)
+                if reply.finished or len(res.token_ids) >= cfg.max_new_tokens:
+                    res.finished = True
+                    break
+                uncached = apply_result_to_draft(self.engine, slot, chunk, k, reply.tokens)
+                seq += 1
+        except SessionFailed as exc:
+            res.error, res.error_code = exc.message, exc.code
+            log.warning("session.failed", session=sid, code=exc.code, reason=exc.message)
+        except Exception as exc:  # engine or protocol trouble: this session fails, the others go on
+            res.error, res.error_code = f"{type(exc).__name__}: {exc}", E.WORKER_ERROR
+            log.warning("session.failed", session=sid, error=res.error)
+        finally:
+            batcher.active -= 1
+            self.engine.free(slot)
+            res.wall_s = time.perf_counter() - t_start
+            if opened:
+                try:
+                    await client.send(SessionClose(session=sid))
+                except Exception:  # the broker forgets it anyway
+                    pass
+
+    async def _verify(self, client: BrokerClient, res: PromptResult, sid: str, seq: int, pos: int,
+                      chunk: Any) -> tuple[Message, int, float]:
+        """Send a chunk until it is answered; on Reopen re-open and resend it as seq 0.
+
+        Returns (reply, the seq it was answered under, round trip ms).
+        """
+        cfg = self.config
+        used_seq = seq
+        for _ in range(cfg.max_reopens + 1):
+            msg = Verify(session=sid, seq=used_seq, pos=pos, tokens=list(chunk.tokens), q_ids=chunk.q_ids,
+                         q_probs=chunk.q_probs, sent_at=time.time())
+            t0 = time.perf_counter()
+            try:
+                reply = await client.request(msg, timeout=cfg.timeout, retries=cfg.retries)
+            except TimeoutError:
+                raise SessionFailed("timeout", f"no result for chunk seq {used_seq} from {cfg.broker} after "
+                                    f"{cfg.retries + 1} tries of {cfg.timeout:g}s") from None
+            rtt_ms = (time.perf_counter() - t0) * 1000
+            reopen = isinstance(reply, Reopen) or (isinstance(reply, Error) and reply.code == E.UNKNOWN_SESSION)
+            if reopen:
+                res.reopens += 1
+                log.info("session.reopen", session=sid, committed=len(res.token_ids))
+                await self._open(client, res, sid)
+                used_seq = 0
+                continue
+            if isinstance(reply, Error):
+                raise SessionFailed(reply.code, self._error_text(reply))
+            return reply, used_seq, rtt_ms
+        raise SessionFailed("reopen_loop", f"session re-opened {cfg.max_reopens} times without a result")
+
+
+# --------------------------------------------------------------------------- output
+def write_profile(path: str | Path, rows: Sequence[RoundRow]) -> None:
+    """Per-round rows as CSV or JSON (by extension): what the simulator and ``bench sim_vs_real`` read."""
+    path = Path(path)
+    dicts = [{c: getattr(r, c) for c in PROFILE_COLUMNS} for r in rows]
+    if path.suffix.lower() == ".json":
+        path.write_text(json.dumps({"rounds": dicts}, indent=1))
+        return
+    with path.open("w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=PROFILE_COLUMNS)
+        w.writeheader()
+        w.writerows(dicts)
+
+
+def run_prompts(config: DraftConfig, prompts: Sequence[str]) -> tuple[list[PromptResult], list[RoundRow]]:
+    """Synchronous entry point (CLI, benchmarks)."""
+    worker = DraftWorker(config)
+    results = asyncio.run(worker.run(prompts))
+    return results, worker.rows
