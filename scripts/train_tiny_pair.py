@@ -390,8 +390,7 @@ def export_one(name: str, shape: Shape, vocab: int, final: Path, files: list[str
     out.mkdir(parents=True, exist_ok=True)
     for old in out.glob("*.safetensors*"):
         old.unlink()
-    model.generation_config = GenerationConfig(bos_token_id=1, eos_token_id=2, pad_token_id=0, do_sample=False,
-                                               max_length=2048)
+    model.generation_config = GenerationConfig(bos_token_id=1, eos_token_id=2, pad_token_id=0, do_sample=False)
     model.save_pretrained(out, max_shard_size="15MB")
     if store_bf16:
         # Weights are stored in bf16 to fit the size limit; loading defaults to float32 compute (exact on CPU).
@@ -413,7 +412,7 @@ def plot_losses(info: dict, path: Path) -> None:
     for ax, name in zip(axes, ("target", "draft")):
         h = info[name]["history"]
         ax.plot([r["step"] for r in h], [r["train_loss"] for r in h], label="train (CE)" if name == "target"
-                else "train (KL + CE weight)")
+                else f"train (KL + {info['args']['distil_ce']} CE)")
         ev = [r for r in h if "val_loss" in r]
         ax.plot([r["step"] for r in ev], [r["val_loss"] for r in ev], "o-", label="held-out CE")
         ax.set_title(f"{name}: best step {info[name]['best_step']}, held-out ppl {info[name]['val_ppl']:.2f}")

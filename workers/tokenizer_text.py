@@ -22,14 +22,44 @@ def load_tokenizer(model_dir: str | Path):
     if not path.is_file():
         raise TokenizerError(f"{path}: missing (the model directory needs a tokenizer.json)")
     try:
-        return Tokenizer.from_file(str(path))
+        tok = Tokenizer.from_file(str(path))
     except Exception as exc:  # tokenizers raises a bare Exception on bad JSON
         raise TokenizerError(f"{path}: not a valid tokenizer ({str(exc).splitlines()[0][:120]})") from None
+    tok.specmq_bos_id = _bos_to_prepend(Path(model_dir), tok)
+    return tok
+
+
+def _bos_to_prepend(model_dir: Path, tok) -> int | None:
+    """The BOS id to put before a prompt, or None.
+
+    Models are trained on ``<bos> text``; HF tokenizers add BOS through ``add_bos_token`` in tokenizer_config.json
+    (default on when a ``bos_token`` is named, as Llama's are) or through the tokenizer.json template. We prepend it
+    here when the template does not already do so, so every worker encodes prompts exactly as training did.
+    """
+    import json
+
+    cfg_path = model_dir / "tokenizer_config.json"
+    try:
+        cfg = json.loads(cfg_path.read_text()) if cfg_path.is_file() else {}
+    except ValueError:
+        raise TokenizerError(f"{cfg_path}: not valid JSON") from None
+    bos = cfg.get("bos_token")
+    if isinstance(bos, dict):
+        bos = bos.get("content")
+    if not bos or cfg.get("add_bos_token") is False:
+        return None
+    bos_id = tok.token_to_id(bos)
+    if bos_id is None:
+        return None
+    probe = tok.encode("x").ids
+    return None if probe and probe[0] == bos_id else bos_id
 
 
 def encode(tokenizer, text: str) -> list[int]:
     """Token ids of ``text`` as the model saw text in training (special tokens per the tokenizer's template)."""
-    return list(tokenizer.encode(text).ids)
+    ids = list(tokenizer.encode(text).ids)
+    bos = getattr(tokenizer, "specmq_bos_id", None)
+    return [bos] + ids if bos is not None else ids
 
 
 def decode(tokenizer, ids: Sequence[int]) -> str:
