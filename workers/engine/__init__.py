@@ -1,7 +1,9 @@
 """Model engines: load an HF causal LM directory and serve batched, per-slot forwards (see ``base.py``).
 
 ``load_engine(model_dir, backend="auto")`` picks our compact Llama (``torch_engine``) for ``model_type == "llama"``
-and the recompute engine (``reference``) for anything else transformers can load.
+and the recompute engine (``reference``) for anything else transformers can load. ``backend="cuda"`` is the
+CUDA-graph engine (``cuda_engine``: static per-slot cache, (batch, tokens) buckets; on CPU it runs the same
+static-shape forward without graphs).
 """
 from __future__ import annotations
 
@@ -11,7 +13,7 @@ from workers.engine.base import Engine, EngineError, EngineInfo, NoFreeSlot
 from workers.engine.model_dir import read_config
 from workers.engine.tokenizer_id import tokenizer_fingerprint
 
-BACKENDS = ("auto", "llama", "reference", "neuron")
+BACKENDS = ("auto", "llama", "cuda", "reference", "neuron")
 
 __all__ = ["Engine", "EngineError", "EngineInfo", "NoFreeSlot", "load_engine", "tokenizer_fingerprint", "BACKENDS"]
 
@@ -28,6 +30,9 @@ def load_engine(model_dir: str | Path, device: str = "cpu", dtype: str = "float3
     if backend == "llama":
         from workers.engine.torch_engine import load_torch_engine
         return load_torch_engine(model_dir, device=device, dtype=dtype, slots=slots, max_context=max_context)
+    if backend == "cuda":
+        from workers.engine.cuda_engine import load_cuda_engine
+        return load_cuda_engine(model_dir, device=device, dtype=dtype, slots=slots, max_context=max_context)
     if backend == "reference":
         from workers.engine.reference import load_reference_engine
         return load_reference_engine(model_dir, device=device, dtype=dtype, slots=slots, max_context=max_context)

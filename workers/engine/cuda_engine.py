@@ -1,0 +1,363 @@
+"""CUDA target engine: our Llama (``llama.py``) run as a static-shape forward, replayed from CUDA graphs.
+
+Why: at small batch a verify step of an 8B model is a weight read (~16 GB, ~5 ms on an H100), but the eager path
+launches ~30 kernels per layer from Python and has data-dependent shapes. Here every shape is fixed per bucket
+``(batch B, tokens T, span S)`` so one graph per bucket replays the whole forward with no Python in the loop:
+
+* the cache is the engine's own, ``[num_slots + 1, cols, Hkv, D]`` per layer: the last slot is the *padding
+  slot* and ``cols`` = max_context + the largest token bucket, rounded up to 256-token pages. A call is padded up
+  to the smallest (B, T) bucket: dummy rows point at the padding slot; every token, padding included, writes its
+  K/V at ``length + t`` of its own slot, i.e. past the slot's length (harmless, like stale entries after a
+  rollback), so the write is one index_put of static shape;
+* attention (CUDA, bf16/fp16) is FA2's paged flash attention from torch (``block_table`` = each row's slot pages,
+  ``seqused_k = length + T``, causal bottom-right): it reads each row's KV in place, once, with GQA native.
+  Elsewhere (CPU, float32, a torch without the op) the portable path gathers the first ``S`` columns of each row's
+  slot (``S`` = the smallest span bucket >= the batch's longest ``length + n``) and runs SDPA with a position mask,
+  query heads grouped by KV head (``[B, Hkv, G*T, D]``) so K/V are not expanded;
+* the step's integers (tokens, slots, lengths, counts) travel in ONE host-to-device copy into the bucket's static
+  input buffer; positions, page tables, rope rows and write indices are derived inside the graph.
+
+``graphs=False`` runs the same static-shape forward eagerly: that is how the CPU tests check it against the eager
+engine (``torch_engine.py``), which stays the reference. Shapes past the largest bucket (long prefill chunks, more
+rows than the largest batch bucket) also run eagerly, so any call is served.
+Rollback is a length change (``SlotTable``), as in every backend.
+"""
+from __future__ import annotations
+
+import bisect
+from pathlib import Path
+from typing import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from workers.engine.base import Engine, EngineError, EngineInfo
+from workers.engine.llama import ModelArgs, Transformer, apply_rope, load_weights, rope_table
+from workers.engine.model_dir import dtype_name, eos_token_ids, parse_device, parse_dtype, read_config
+from workers.engine.slots import SlotTable
+from workers.engine.tokenizer_id import tokenizer_fingerprint
+
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64)
+TOKEN_BUCKETS = (1, 2, 3, 4, 5, 6, 8, 9, 12, 16)  # gamma+1 for gamma in 0..8 pads little
+SPAN_STEP = 128  # attention span buckets: multiples of this (a finer step reads fewer stale cache columns)
+DEFAULT_MAX_CONTEXT = 2048
+
+
+def span_buckets(max_context: int, step: int = SPAN_STEP) -> list[int]:
+    """Static attention spans: step, 2*step, ... up to max_context (always included)."""
+    spans = list(range(step, max_context, step))
+    return spans + [max_context]
+
+
+PAGE = 256  # flash-attention's paged-KV page size (FA2 wants a multiple of 256)
+
+
+FLASH_ERRORS: list[str] = []  # why the flash paths were rejected on this machine (diagnostics)
+
+
+def flash_paged_attention(q: Tensor, k_pool: Tensor, v_pool: Tensor, slots: Tensor, seqused: Tensor,
+                          T: int, mode: str = "paged") -> Tensor:
+    """Causal attention of q ``[B*T, H, D]`` over each row's own slot, read in place (no gather copy).
+
+    ``mode="paged"``: the cache ``[slots, cols, Hkv, D]`` is a pool of 256-token pages and row b's page table is
+    its slot's pages. ``mode="offsets"``: the cache is one flat key sequence and row b's keys start at
+    ``slot_b * cols`` (``cu_seqlens_k`` as offsets, lengths from ``seqused_k``). Either way
+    ``seqused[b] = start_b + T`` and FA2 aligns the causal mask bottom-right: query t sees keys ``<= start_b + t``.
+    """
+    n_slots, cols, Hkv, D = k_pool.shape
+    B = slots.shape[0]
+    cu_q = torch.arange(0, B * T + 1, T, device=slots.device, dtype=torch.int32)
+    if mode == "paged":
+        pps = cols // PAGE
+        table = (slots[:, None] * pps + torch.arange(pps, device=slots.device)[None, :]).to(torch.int32)
+        out = torch.ops.aten._flash_attention_forward(
+            q, k_pool.view(n_slots * pps, PAGE, Hkv, D), v_pool.view(n_slots * pps, PAGE, Hkv, D), cu_q, cu_q, T,
+            cols, 0.0, True, False, seqused_k=seqused, block_table=table)
+    else:
+        cu_k = torch.cat([slots * cols, slots.new_full((1,), n_slots * cols)]).to(torch.int32)
+        out = torch.ops.aten._flash_attention_forward(
+            q, k_pool.view(n_slots * cols, Hkv, D), v_pool.view(n_slots * cols, Hkv, D), cu_q, cu_k, T, cols,
+            0.0, True, False, seqused_k=seqused)
+    return out[0]
+
+
+def sdpa_gather_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, slots: Tensor, mask: Tensor, T: int
+                          ) -> Tensor:
+    """The portable path (CPU, and CUDA when the flash op is missing): gather each row's first ``span`` cache
+    columns and run SDPA with the position mask. Query heads are grouped by KV head, so K/V are not expanded."""
+    BT, H, D = q.shape
+    B, span = slots.shape[0], mask.shape[-1]
+    Hkv = k_cache.shape[2]
+    G = H // Hkv
+    keys = k_cache[:, :span].index_select(0, slots).transpose(1, 2)  # [B, Hkv, S, D]
+    values = v_cache[:, :span].index_select(0, slots).transpose(1, 2)
+    qg = q.view(B, T, Hkv, G, D).permute(0, 2, 3, 1, 4).reshape(B, Hkv, G * T, D)
+    y = F.scaled_dot_product_attention(qg, keys, values, attn_mask=mask)  # [B, Hkv, G*T, D]
+    return y.view(B, Hkv, G, T, D).permute(0, 3, 1, 2, 4).reshape(BT, H, D)
+
+
+def flash_mode(head_dim: int, dtype: torch.dtype, device: torch.device) -> str | None:
+    """Which flash path ("paged", "offsets") runs in this torch build and agrees with SDPA on random data."""
+    g = torch.Generator(device=device).manual_seed(0)
+    B, T, H, Hkv, cols = 3, 4, 8, 2, 2 * PAGE
+    q = torch.randn((B * T, H, head_dim), generator=g, device=device).to(dtype)
+    k, v = (torch.randn((B + 1, cols, Hkv, head_dim), generator=g, device=device).to(dtype) for _ in range(2))
+    slots = torch.tensor([2, 0, 3], device=device)
+    start = torch.tensor([0, 300, 17], device=device)
+    pos = start[:, None] + torch.arange(T, device=device)[None, :]
+    mask = (torch.arange(cols, device=device)[None, None, None, :] <= pos[:, None, :, None]).repeat(1, 1, H // Hkv, 1)
+    ref = sdpa_gather_attention(q.float(), k.float(), v.float(), slots, mask, T)
+    for mode in ("paged", "offsets"):
+        try:
+            out = flash_paged_attention(q, k, v, slots, (start + T).to(torch.int32), T, mode)
+            err = float((out.float() - ref).norm() / ref.norm())
+            if err < 2e-2:
+                return mode
+            FLASH_ERRORS.append(f"{mode}: relative error {err:.3g}")
+        except Exception as exc:  # the op is missing or rejects these arguments in this build
+            FLASH_ERRORS.append(f"{mode}: {type(exc).__name__}: {str(exc)[:300]}")
+    return None
+
+
+def _module_linear(x: Tensor, module: torch.nn.Linear) -> Tensor:
+    return module(x)
+
+
+def static_forward(model: Transformer, caches: list[tuple[Tensor, Tensor]], rope: tuple[Tensor, Tensor],
+                   tokens: Tensor, slots: Tensor, start: Tensor, counts: Tensor, span: int, attn: str,
+                   linear: Callable[[Tensor, torch.nn.Linear], Tensor] = _module_linear) -> Tensor:
+    """Logits ``[B*T, vocab]`` for tokens ``[B, T]``; every shape depends on (B, T, span) only (graph-capturable).
+
+    ``slots``/``start``/``counts`` are ``[B]``: the row's slot, its cached length, its number of valid tokens.
+    Every token (padding too) writes its K/V at ``start + t`` of its own slot, clamped into the slot's spare
+    columns: past the slot's length, so harmless (a rollback leaves such stale entries too). ``counts`` is not
+    needed by the math: padding queries are computed and dropped.
+    """
+    args = model.args
+    B, T = tokens.shape
+    dev = tokens.device
+    H, Hkv, D = args.n_head, args.n_kv_head, args.head_dim
+    dtype = model.output.weight.dtype
+    cols = caches[0][0].shape[1]
+    ar = torch.arange(T, device=dev)
+    positions = start[:, None] + ar[None, :]  # [B, T]
+    write_pos = positions.clamp(max=cols - 1)
+    write_slot = slots[:, None].expand(B, T)
+    cos = rope[0][write_pos].to(dtype)[:, :, None]  # [B, T, 1, D]
+    sin = rope[1][write_pos].to(dtype)[:, :, None]
+    if attn != "sdpa":
+        seqused = (start + T).to(torch.int32)
+    else:
+        mask = torch.arange(span, device=dev)[None, None, None, :] <= positions[:, None, :, None]  # [B, 1, T, S]
+        mask = mask.repeat(1, 1, H // Hkv, 1)  # row g*T + t of the grouped queries is token t
+    q_size, kv_size = H * D, Hkv * D
+    x = model.tok_embeddings(tokens)
+    for layer, (k_cache, v_cache) in zip(model.layers, caches):
+        a = layer.attention
+        h = F.rms_norm(x, (x.shape[-1],), layer.attention_norm.weight, layer.attention_norm.eps)
+        qkv = linear(h, a.wqkv)
+        qk = apply_rope(qkv[..., :q_size + kv_size].unflatten(-1, (H + Hkv, D)), cos, sin)  # one rope for q and k
+        k_cache[write_slot, write_pos] = qk[:, :, H:]
+        v_cache[write_slot, write_pos] = qkv[..., q_size + kv_size:].unflatten(-1, (Hkv, D))
+        q = qk[:, :, :H].reshape(B * T, H, D)
+        if attn in ("paged", "offsets"):
+            y = flash_paged_attention(q, k_cache, v_cache, slots, seqused, T, attn)
+        else:
+            y = sdpa_gather_attention(q, k_cache, v_cache, slots, mask, T)
+        x = x + linear(y.reshape(B, T, q_size), a.wo)
+        f = layer.feed_forward
+        h = F.rms_norm(x, (x.shape[-1],), layer.ffn_norm.weight, layer.ffn_norm.eps)
+        gate, up = linear(h, f.w13).chunk(2, dim=-1)
+        x = x + linear(F.silu(gate) * up, f.w2)
+    x = F.rms_norm(x, (x.shape[-1],), model.norm.weight, model.norm.eps)
+    return linear(x, model.output).view(B * T, -1)
+
+
+class _Bucket:
+    """One captured (B, T, span) shape: its static input buffer, its graph and its static logits."""
+
+    def __init__(self, engine: "CudaGraphEngine", B: int, T: int, span: int) -> None:
+        self.B, self.T, self.span = B, T, span
+        self.engine = engine
+        self.inputs = torch.zeros((B, T + 3), dtype=torch.long, device=engine.device)
+        self.inputs[:, T] = engine.pad_slot  # dummy rows until the first copy
+        self.graph: torch.cuda.CUDAGraph | None = None
+        self.logits: Tensor | None = None
+
+    def run_eager(self) -> Tensor:
+        T = self.T
+        x = self.inputs
+        e = self.engine
+        return static_forward(e.model, e.kv, e.rope, x[:, :T], x[:, T], x[:, T + 1], x[:, T + 2], self.span,
+                              e.attn if self.T <= e.token_buckets[-1] else "sdpa", e.linear)
+
+    def capture(self, pool) -> None:
+        """Warm up on a side stream (cuBLAS handles, allocator), then capture one forward."""
+        stream = torch.cuda.Stream(self.engine.device)
+        stream.wait_stream(torch.cuda.current_stream(self.engine.device))
+        with torch.cuda.stream(stream), torch.inference_mode():
+            for _ in range(2):
+                self.run_eager()
+        torch.cuda.current_stream(self.engine.device).wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.inference_mode(), torch.cuda.graph(graph, pool=pool):
+            self.logits = self.run_eager()
+        self.graph = graph
+
+    def run(self) -> Tensor:
+        if self.graph is None:
+            with torch.inference_mode():
+                return self.run_eager()
+        self.graph.replay()
+        assert self.logits is not None
+        return self.logits
+
+
+class CudaGraphEngine(Engine):
+    """Static-shape Llama engine; ``graphs=True`` (CUDA only) replays one CUDA graph per bucket, captured lazily
+    on first use or up front with ``capture()``."""
+
+    def __init__(self, model: Transformer, info: EngineInfo, *, graphs: bool = True,
+                 batch_buckets: Sequence[int] = BATCH_BUCKETS, token_buckets: Sequence[int] = TOKEN_BUCKETS,
+                 span_step: int = SPAN_STEP, attn: str | None = None, gemm: str = "cublas") -> None:
+        self.model = model
+        self.info = info
+        self.device = next(model.parameters()).device
+        if graphs and self.device.type != "cuda":
+            raise EngineError("CUDA graphs need a CUDA device (use graphs=False on CPU)")
+        self.graphs = graphs
+        self.pad_slot = info.num_slots
+        self.batch_buckets = sorted(set(int(b) for b in batch_buckets))
+        self.token_buckets = sorted(set(int(t) for t in token_buckets))
+        self.spans = span_buckets(info.max_context, span_step)
+        self.table = SlotTable(info.num_slots, info.max_context, info.vocab_size)
+        self._buckets: dict[tuple[int, int, int], _Bucket] = {}
+        self._pool = torch.cuda.graph_pool_handle() if graphs else None
+        # the cache: [slots + padding slot, cols, Hkv, D] per layer; cols leaves room for a bucket's padding tokens
+        a = model.args
+        cols = -(-(info.max_context + self.token_buckets[-1]) // PAGE) * PAGE
+        dtype = model.output.weight.dtype
+        self.kv = [tuple(torch.zeros((info.num_slots + 1, cols, a.n_kv_head, a.head_dim), dtype=dtype,
+                                     device=self.device) for _ in range(2)) for _ in range(a.n_layer)]
+        cos, sin = rope_table(a, cols)
+        self.rope = (cos.to(self.device), sin.to(self.device))
+        if attn is None:
+            attn = (flash_mode(a.head_dim, dtype, self.device) if self.device.type == "cuda" else None) or "sdpa"
+        self.attn = attn  # "paged" | "offsets" (flash, in place) | "sdpa" (gather + SDPA)
+        # "cublas" (default): every projection through cuBLAS, which already streams the 8B weights at 2.0-2.8 TB/s
+        # for 1..64 rows on an H100. "auto": Triton skinny GEMMs where they measure faster (bf16/fp16, CUDA):
+        # measured, only the lm_head gained (~5%, 0.02 ms a step); kept as an option (benchmarks/results/).
+        self.linear: Callable[[Tensor, torch.nn.Linear], Tensor] = _module_linear
+        if gemm == "auto" and self.device.type == "cuda" and dtype in (torch.bfloat16, torch.float16):
+            from workers.engine.cuda_gemm import SkinnyLinear
+            self.linear = SkinnyLinear()
+
+    # ---- slots: bookkeeping only (the padding slot is never handed out)
+    def allocate(self) -> int:
+        return self.table.allocate()
+
+    def free(self, slot: int) -> None:
+        self.table.free(slot)
+
+    def length(self, slot: int) -> int:
+        return self.table.length(slot)
+
+    def rollback(self, slot: int, n: int) -> None:
+        self.table.rollback(slot, n)
+
+    def buckets(self) -> list[tuple[int, int]]:
+        return [(b, t) for b in self.batch_buckets for t in self.token_buckets]
+
+    # ---- shapes
+    @staticmethod
+    def _fit(buckets: list[int], n: int) -> int | None:
+        i = bisect.bisect_left(buckets, n)
+        return buckets[i] if i < len(buckets) else None
+
+    def shape_for(self, batch: int, tokens: int, need_span: int) -> tuple[int, int, int, bool]:
+        """(B, T, span, graphed) that a call of ``batch`` rows, ``tokens`` max new tokens, ``need_span`` runs as."""
+        B, T = self._fit(self.batch_buckets, batch), self._fit(self.token_buckets, tokens)
+        span = self._fit(self.spans, need_span)
+        assert span is not None  # need_span <= max_context was checked
+        if B is None or T is None:
+            return batch, tokens, span, False
+        return B, T, span, self.graphs
+
+    def _bucket(self, B: int, T: int, span: int, graphed: bool) -> _Bucket:
+        key = (B, T, span)
+        bucket = self._buckets.get(key)
+        if bucket is None:
+            bucket = _Bucket(self, B, T, span)
+            if graphed:
+                bucket.capture(self._pool)
+                self._buckets[key] = bucket  # eager one-off shapes are not kept
+        return bucket
+
+    def capture(self, shapes: Sequence[tuple[int, int, int]] | None = None) -> int:
+        """Capture graphs now for (B, T, span) shapes (default: every bucket at every span). Returns the count."""
+        if not self.graphs:
+            return 0
+        todo = shapes if shapes is not None else [(b, t, s) for b, t in self.buckets() for s in self.spans]
+        for B, T, S in todo:
+            self._bucket(B, T, S, True)
+        return len(todo)
+
+    # ---- the one forward
+    def forward(self, rows: Sequence[tuple[int, Sequence[int]]], last_only: Sequence[bool] | None = None
+                ) -> list[Tensor]:
+        slots, tokens, last = self.table.check_rows(rows, last_only)
+        with torch.inference_mode():
+            logits, want = self._run(slots, tokens, last)
+        for s, t in zip(slots, tokens):
+            self.table.lengths[s] += len(t)
+        return list(logits.split([len(w) for w in want]))
+
+    def _run(self, slots: list[int], tokens: list[list[int]], last: list[bool]) -> tuple[Tensor, list[list[int]]]:
+        counts = [len(t) for t in tokens]
+        lengths = [self.table.lengths[s] for s in slots]
+        need_span = max(l + n for l, n in zip(lengths, counts))
+        B, T, span, graphed = self.shape_for(len(slots), max(counts), need_span)
+        packed = [t + [0] * (T - len(t)) + [s, l, len(t)] for t, s, l in zip(tokens, slots, lengths)]
+        packed += [[0] * T + [self.pad_slot, 0, 0]] * (B - len(slots))
+        bucket = self._bucket(B, T, span, graphed)
+        bucket.inputs.copy_(torch.tensor(packed, dtype=torch.long), non_blocking=True)
+        want = [[b * T + n - 1] if lo else list(range(b * T, b * T + n)) for b, (n, lo) in enumerate(zip(counts, last))]
+        flat = torch.tensor([i for w in want for i in w], dtype=torch.long).to(self.device, non_blocking=True)
+        return bucket.run().index_select(0, flat).float(), want
+
+
+def make_engine(model: Transformer, info: EngineInfo, *, graphs: bool = True, **kw) -> CudaGraphEngine:
+    """Wrap ``model`` (on its final device); the engine allocates its own caches."""
+    return CudaGraphEngine(model, info, graphs=graphs, **kw)
+
+
+def load_cuda_engine(model_dir: str | Path, device: str = "cuda", dtype: str = "bfloat16", slots: int = 8,
+                     max_context: int | None = None, graphs: bool | None = None, **kw) -> CudaGraphEngine:
+    """Load a Llama HF directory into a ``CudaGraphEngine`` (``graphs`` defaults to True on CUDA)."""
+    path, cfg = read_config(model_dir)
+    if cfg.get("model_type") != "llama":
+        raise EngineError(f"{path}: architecture {cfg.get('model_type')!r} not supported by the cuda backend "
+                          "(llama only)")
+    dev, dt = parse_device(device), parse_dtype(dtype)
+    if not isinstance(slots, int) or slots < 1:
+        raise EngineError(f"slots must be a positive integer, got {slots!r}")
+    try:
+        args = ModelArgs.from_hf_config(cfg)
+    except (KeyError, TypeError, ValueError) as exc:
+        raise EngineError(f"{path}/config.json: unsupported or incomplete Llama config: {exc!r}") from exc
+    ctx = max_context if max_context is not None else min(args.max_position_embeddings, DEFAULT_MAX_CONTEXT)
+    if not isinstance(ctx, int) or ctx < 1:
+        raise EngineError(f"max_context must be a positive integer, got {max_context!r}")
+    with torch.device("meta"):
+        model = Transformer(args)
+    try:
+        load_weights(model, path)
+    except (FileNotFoundError, ValueError) as exc:
+        raise EngineError(str(exc)) from exc
+    model = model.to(device=dev, dtype=dt).eval()
+    eos = eos_token_ids(path, cfg)
+    info = EngineInfo(model_id=path.resolve().name, vocab_size=args.vocab_size, max_context=ctx, num_slots=slots,
+                      eos_token_id=eos[0] if eos else None, dtype=dtype_name(dt), device=str(dev),
+                      tokenizer_fingerprint=tokenizer_fingerprint(path), eos_token_ids=eos)
+    return make_engine(model, info, graphs=dev.type == "cuda" if graphs is None else graphs, **kw)
