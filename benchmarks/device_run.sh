@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
 # Everything one device call needs (issue 7): CUDA engine tests, the gpu_engine benchmark, the H100 cost tables.
 # Run from the repo root on the device with the wheels folder carried:  bash benchmarks/device_run.sh [STAGES]
-# STAGES: comma list of test,bench,profile8b,profile1b (default: all). Results go under $OUT (default /tmp/out).
+# STAGES: comma list of step,test,bench,profile8b,profile1b (default: all). Results go under $OUT (default /tmp/out).
 set -u
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
-STAGES=${1:-test,bench,profile8b,profile1b}; shift || true
+STAGES=${1:-step,test,bench,profile8b,profile1b}; shift || true
 if ls .whl_gpu/*.whl >/dev/null 2>&1; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl_gpu/*.whl \
     && export PYTHONPATH=/tmp/site:$PWD || exit 1
@@ -14,6 +14,10 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | 
 python3 -c 'import torch, transformers; print("torch", torch.__version__, "transformers", transformers.__version__)' | tee -a "$OUT/device.txt"
 python3 -c "import torch; from workers.engine.cuda_engine import flash_mode, FLASH_ERRORS as E; print('flash mode', flash_mode(128, torch.bfloat16, torch.device('cuda')), E)" 2>&1 | tail -3 | tee -a "$OUT/device.txt"
 has() { [[ ",$STAGES," == *",$1,"* ]]; }
+if has step; then  # per-kernel profile of one step + the glue variants (benchmarks/gpu_profile_step.py)
+  timeout 240 python3 benchmarks/gpu_profile_step.py --out "$OUT" >"$OUT/step.log" 2>&1
+  echo "step rc=$?"; grep -E "step |logits|kernels/step|done" "$OUT/step.log" | tail -60
+fi
 if has test; then
   timeout 240 python3 -m pytest tests/test_cuda_engine.py -q --noconftest -p no:cacheprovider 2>&1 | tail -15 | tee "$OUT/tests.log"
 fi
@@ -22,12 +26,12 @@ if has bench; then
   echo "bench rc=$?"; tail -5 "$OUT/bench.log"
 fi
 if has profile8b; then
-  timeout 300 python3 -m specmq.cli profile --shape llama-3.1-8b --device cuda --out "$OUT/h100-llama-3.1-8b-bf16.yaml" \
-    --batches 1,4,16,32,64 --tokens 1,5,9 --contexts 128,512,2048 --reps 7 2>"$OUT/profile8b.log"
-  echo "profile8b rc=$?"; tail -2 "$OUT/profile8b.log"
+  timeout 300 python3 -m specmq.cli profile --shape llama-3.1-8b --device cuda --out "$OUT/${GPU_TAG:-gpu}-llama-3.1-8b-bf16.yaml" \
+    --batches 1,4,16,32,64 --tokens 1,5,9 --contexts 128,512,2048 --reps 7 2>>"$OUT/bench.log"
+  echo "profile8b rc=$?"; tail -2 "$OUT/bench.log"
 fi
 if has profile1b; then
-  timeout 240 python3 -m specmq.cli profile --shape llama-3.2-1b --device cuda --out "$OUT/h100-llama-3.2-1b-bf16.yaml" \
-    --batches 1,4,16,32,64 --tokens 1,5,9 --contexts 128,512,2048 --reps 7 2>"$OUT/profile1b.log"
-  echo "profile1b rc=$?"; tail -2 "$OUT/profile1b.log"
+  timeout 240 python3 -m specmq.cli profile --shape llama-3.2-1b --device cuda --out "$OUT/${GPU_TAG:-gpu}-llama-3.2-1b-bf16.yaml" \
+    --batches 1,4,16,32,64 --tokens 1,5,9 --contexts 128,512,2048 --reps 7 2>>"$OUT/bench.log"
+  echo "profile1b rc=$?"; tail -2 "$OUT/bench.log"
 fi

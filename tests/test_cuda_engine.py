@@ -30,13 +30,13 @@ def info(device: str, dtype: str) -> EngineInfo:
 
 
 def engines(device: str = "cpu", dtype: torch.dtype = torch.float32, graphs: bool = False,
-            args: ModelArgs = ARGS) -> tuple[TorchEngine, CudaGraphEngine]:
+            args: ModelArgs = ARGS, **kw) -> tuple[TorchEngine, CudaGraphEngine]:
     base = random_model(args, "cpu", torch.float32, seed=3)
     ref_model = copy.deepcopy(base)
     ref_model.setup_caches(SLOTS, CTX)
     ref = TorchEngine(ref_model, info("cpu", "float32"))
     fast = make_engine(copy.deepcopy(base).to(device=device, dtype=dtype), info(device, str(dtype)), graphs=graphs,
-                       batch_buckets=(1, 2, 4), token_buckets=(1, 4, 8), span_step=16)
+                       batch_buckets=(1, 2, 4), token_buckets=(1, 4, 8), span_step=16, **kw)
     return ref, fast
 
 
@@ -115,6 +115,8 @@ def test_shapes_and_errors():
     with pytest.raises(EngineError, match="CUDA"):
         make_engine(random_model(ARGS, "cpu", torch.float32), info("cpu", "float32"), graphs=True)
     assert fast.attn == "sdpa"
+    with pytest.raises(EngineError, match="fuse"):
+        engines(fuse="bogus")
 
 
 def test_load_engine_cuda_backend_from_hf_dir(tmp_path):
@@ -145,9 +147,10 @@ def test_cuda_graphs_bf16_match_float32_cpu_reference():
 
 
 @cuda
-def test_cuda_graphs_llama8b_head_layout_flash_match_reference():
+@pytest.mark.parametrize("fuse", ["triton", "hoist", "off"])
+def test_cuda_graphs_llama8b_head_layout_flash_match_reference(fuse):
     """Llama-3-8B head grouping (G=4, head_dim 128) and rope scaling, few layers: bf16 graphs on the paged flash
-    path against the float32 CPU reference."""
+    path against the float32 CPU reference, with each glue variant (fused Triton kernels, unfused)."""
     global ARGS
     saved = ARGS
     ARGS = ModelArgs(vocab_size=512, dim=512, intermediate_size=1024, n_layer=2, n_head=4, n_kv_head=1,
@@ -155,9 +158,11 @@ def test_cuda_graphs_llama8b_head_layout_flash_match_reference():
                      rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
                                    "high_freq_factor": 4.0, "original_max_position_embeddings": 8192})
     try:
-        ref, fast = engines("cuda", torch.bfloat16, graphs=True, args=ARGS)
+        ref, fast = engines("cuda", torch.bfloat16, graphs=True, args=ARGS, fuse=fuse)
         from workers.engine.cuda_engine import FLASH_ERRORS
         assert fast.attn in ("paged", "offsets"), FLASH_ERRORS
+        assert fast.fuse == fuse, FLASH_ERRORS
+        assert fast.token_rows or fuse == "off", FLASH_ERRORS
         play(ref, fast, script(2), tol=3e-2)
     finally:
         ARGS = saved

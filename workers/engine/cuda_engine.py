@@ -40,6 +40,10 @@ from workers.engine.tokenizer_id import tokenizer_fingerprint
 
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64)
 TOKEN_BUCKETS = (1, 2, 3, 4, 5, 6, 8, 9, 12, 16)  # gamma+1 for gamma in 0..8 pads little
+FUSE_DEFAULT = "triton"  # 19-30% faster on an H200 (benchmarks/results/gpu_engine_h100.md); else falls back to "hoist"
+# flash token rows (one one-query row per token) only up to this many B x T: measured on an H200, a win up to
+# B x T = 20 (ctx 2048 B=1 T=5: 7.19 -> 5.50 ms), a loss from 36 (B=4 T=9 ctx 2048: 7.47 -> 10.23 ms)
+TOKEN_ROWS_MAX = 20
 SPAN_STEP = 128  # attention span buckets: multiples of this (a finer step reads fewer stale cache columns)
 DEFAULT_MAX_CONTEXT = 2048
 
@@ -56,28 +60,56 @@ PAGE = 256  # flash-attention's paged-KV page size (FA2 wants a multiple of 256)
 FLASH_ERRORS: list[str] = []  # why the flash paths were rejected on this machine (diagnostics)
 
 
+def flash_meta(slots: Tensor, T: int, cols: int, n_slots: int, mode: str, token_rows: bool = False
+               ) -> tuple[Tensor, Tensor]:
+    """``(cu_seqlens_q, page table | cu_seqlens_k offsets)`` of one step: the same for every layer, so the static
+    forward builds them once per step (``hoist``) instead of ~5 tiny kernels per layer. ``token_rows``: every
+    token is its own one-query row over its row's slot (see ``flash_paged_attention``)."""
+    if token_rows and T > 1:
+        slots, T = slots.repeat_interleave(T), 1
+    B = slots.shape[0]
+    cu_q = torch.arange(0, B * T + 1, T, device=slots.device, dtype=torch.int32)
+    if mode == "paged":
+        pps = cols // PAGE
+        return cu_q, (slots[:, None] * pps + torch.arange(pps, device=slots.device)[None, :]).to(torch.int32)
+    return cu_q, torch.cat([slots * cols, slots.new_full((1,), n_slots * cols)]).to(torch.int32)
+
+
+def flash_seqused(start: Tensor, T: int, token_rows: bool = False) -> Tensor:
+    """FA2's ``seqused_k``: ``start + T`` a row, or ``start + t + 1`` a token with ``token_rows``."""
+    if token_rows and T > 1:
+        return (start[:, None] + torch.arange(1, T + 1, device=start.device)[None, :]).flatten().to(torch.int32)
+    return (start + T).to(torch.int32)
+
+
 def flash_paged_attention(q: Tensor, k_pool: Tensor, v_pool: Tensor, slots: Tensor, seqused: Tensor,
-                          T: int, mode: str = "paged") -> Tensor:
+                          T: int, mode: str = "paged", meta: tuple[Tensor, Tensor] | None = None,
+                          token_rows: bool = False) -> Tensor:
     """Causal attention of q ``[B*T, H, D]`` over each row's own slot, read in place (no gather copy).
 
     ``mode="paged"``: the cache ``[slots, cols, Hkv, D]`` is a pool of 256-token pages and row b's page table is
     its slot's pages. ``mode="offsets"``: the cache is one flat key sequence and row b's keys start at
     ``slot_b * cols`` (``cu_seqlens_k`` as offsets, lengths from ``seqused_k``). Either way
     ``seqused[b] = start_b + T`` and FA2 aligns the causal mask bottom-right: query t sees keys ``<= start_b + t``.
+    ``meta``: ``flash_meta(...)`` precomputed for the step.
+
+    ``token_rows`` (T > 1): each of the B*T queries is its own row of one query over its row's slot, with
+    ``seqused = start + t + 1`` (causality by length). Why: FA2 only takes its split-KV, GQA-packed decode kernel
+    for one-query rows; with T > 1 queries per row its plain kernel runs B x H blocks that each stream the row's
+    keys alone (measured on an H200: 40 us a layer at B=1 T=5 ctx 512, against 11 us at T=1).
     """
     n_slots, cols, Hkv, D = k_pool.shape
-    B = slots.shape[0]
-    cu_q = torch.arange(0, B * T + 1, T, device=slots.device, dtype=torch.int32)
+    cu_q, tk = meta if meta is not None else flash_meta(slots, T, cols, n_slots, mode, token_rows)
+    if token_rows:
+        T = 1
     if mode == "paged":
         pps = cols // PAGE
-        table = (slots[:, None] * pps + torch.arange(pps, device=slots.device)[None, :]).to(torch.int32)
         out = torch.ops.aten._flash_attention_forward(
             q, k_pool.view(n_slots * pps, PAGE, Hkv, D), v_pool.view(n_slots * pps, PAGE, Hkv, D), cu_q, cu_q, T,
-            cols, 0.0, True, False, seqused_k=seqused, block_table=table)
+            cols, 0.0, True, False, seqused_k=seqused, block_table=tk)
     else:
-        cu_k = torch.cat([slots * cols, slots.new_full((1,), n_slots * cols)]).to(torch.int32)
         out = torch.ops.aten._flash_attention_forward(
-            q, k_pool.view(n_slots * cols, Hkv, D), v_pool.view(n_slots * cols, Hkv, D), cu_q, cu_k, T, cols,
+            q, k_pool.view(n_slots * cols, Hkv, D), v_pool.view(n_slots * cols, Hkv, D), cu_q, tk, T, cols,
             0.0, True, False, seqused_k=seqused)
     return out[0]
 
@@ -97,8 +129,10 @@ def sdpa_gather_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, slots: Te
     return y.view(B, Hkv, G, T, D).permute(0, 3, 1, 2, 4).reshape(BT, H, D)
 
 
-def flash_mode(head_dim: int, dtype: torch.dtype, device: torch.device) -> str | None:
-    """Which flash path ("paged", "offsets") runs in this torch build and agrees with SDPA on random data."""
+def flash_mode(head_dim: int, dtype: torch.dtype, device: torch.device, token_rows: str | None = None
+               ) -> str | None:
+    """Which flash path ("paged", "offsets") runs in this torch build and agrees with SDPA on random data.
+    ``token_rows=mode``: check that mode's one-query-per-token form instead (returns the mode or None)."""
     g = torch.Generator(device=device).manual_seed(0)
     B, T, H, Hkv, cols = 3, 4, 8, 2, 2 * PAGE
     q = torch.randn((B * T, H, head_dim), generator=g, device=device).to(dtype)
@@ -108,31 +142,47 @@ def flash_mode(head_dim: int, dtype: torch.dtype, device: torch.device) -> str |
     pos = start[:, None] + torch.arange(T, device=device)[None, :]
     mask = (torch.arange(cols, device=device)[None, None, None, :] <= pos[:, None, :, None]).repeat(1, 1, H // Hkv, 1)
     ref = sdpa_gather_attention(q.float(), k.float(), v.float(), slots, mask, T)
-    for mode in ("paged", "offsets"):
+    for mode in ("paged", "offsets") if token_rows is None else (token_rows,):
+        rows = token_rows is not None
         try:
-            out = flash_paged_attention(q, k, v, slots, (start + T).to(torch.int32), T, mode)
+            out = flash_paged_attention(q, k, v, slots, flash_seqused(start, T, rows), T, mode,
+                                        token_rows=rows)
             err = float((out.float() - ref).norm() / ref.norm())
             if err < 2e-2:
                 return mode
-            FLASH_ERRORS.append(f"{mode}: relative error {err:.3g}")
+            FLASH_ERRORS.append(f"{mode}{' token rows' if rows else ''}: relative error {err:.3g}")
         except Exception as exc:  # the op is missing or rejects these arguments in this build
             FLASH_ERRORS.append(f"{mode}: {type(exc).__name__}: {str(exc)[:300]}")
     return None
+
+
+def _triton_check(args: ModelArgs, device: torch.device, dtype: torch.dtype) -> str | None:
+    """Why the fused Triton glue cannot run here (None: it runs and agrees with torch at this model's widths)."""
+    if device.type != "cuda" or dtype not in (torch.bfloat16, torch.float16):
+        return "needs CUDA and a half dtype"
+    from workers.engine.cuda_fused import self_check
+
+    return self_check(args.dim, args.intermediate_size, args.n_head, args.n_kv_head, args.head_dim, dtype, device)
 
 
 def _module_linear(x: Tensor, module: torch.nn.Linear) -> Tensor:
     return module(x)
 
 
+FUSE_MODES = ("off", "hoist", "triton")
+
+
 def static_forward(model: Transformer, caches: list[tuple[Tensor, Tensor]], rope: tuple[Tensor, Tensor],
                    tokens: Tensor, slots: Tensor, start: Tensor, counts: Tensor, span: int, attn: str,
-                   linear: Callable[[Tensor, torch.nn.Linear], Tensor] = _module_linear) -> Tensor:
+                   linear: Callable[[Tensor, torch.nn.Linear], Tensor] = _module_linear, fuse: str = "off",
+                   token_rows: bool = False) -> Tensor:
     """Logits ``[B*T, vocab]`` for tokens ``[B, T]``; every shape depends on (B, T, span) only (graph-capturable).
 
     ``slots``/``start``/``counts`` are ``[B]``: the row's slot, its cached length, its number of valid tokens.
     Every token (padding too) writes its K/V at ``start + t`` of its own slot, clamped into the slot's spare
     columns: past the slot's length, so harmless (a rollback leaves such stale entries too). ``counts`` is not
-    needed by the math: padding queries are computed and dropped.
+    needed by the math: padding queries are computed and dropped. ``fuse`` (flash paths only): "hoist" builds the
+    flash metadata once per step, "triton" also runs the fused glue kernels of ``cuda_fused``.
     """
     args = model.args
     B, T = tokens.shape
@@ -140,14 +190,23 @@ def static_forward(model: Transformer, caches: list[tuple[Tensor, Tensor]], rope
     H, Hkv, D = args.n_head, args.n_kv_head, args.head_dim
     dtype = model.output.weight.dtype
     cols = caches[0][0].shape[1]
+    flash = attn in ("paged", "offsets")
+    if not flash:
+        fuse = "off"
+    token_rows = token_rows and flash and fuse != "off"
+    if fuse == "triton":
+        return _fused_forward(model, caches, rope, tokens, slots, start, attn, linear, token_rows)
     ar = torch.arange(T, device=dev)
     positions = start[:, None] + ar[None, :]  # [B, T]
     write_pos = positions.clamp(max=cols - 1)
     write_slot = slots[:, None].expand(B, T)
     cos = rope[0][write_pos].to(dtype)[:, :, None]  # [B, T, 1, D]
     sin = rope[1][write_pos].to(dtype)[:, :, None]
-    if attn != "sdpa":
-        seqused = (start + T).to(torch.int32)
+    meta = None
+    if flash:
+        seqused = flash_seqused(start, T, token_rows)
+        if fuse == "hoist":
+            meta = flash_meta(slots, T, cols, caches[0][0].shape[0], attn, token_rows)
     else:
         mask = torch.arange(span, device=dev)[None, None, None, :] <= positions[:, None, :, None]  # [B, 1, T, S]
         mask = mask.repeat(1, 1, H // Hkv, 1)  # row g*T + t of the grouped queries is token t
@@ -161,8 +220,8 @@ def static_forward(model: Transformer, caches: list[tuple[Tensor, Tensor]], rope
         k_cache[write_slot, write_pos] = qk[:, :, H:]
         v_cache[write_slot, write_pos] = qkv[..., q_size + kv_size:].unflatten(-1, (Hkv, D))
         q = qk[:, :, :H].reshape(B * T, H, D)
-        if attn in ("paged", "offsets"):
-            y = flash_paged_attention(q, k_cache, v_cache, slots, seqused, T, attn)
+        if flash:
+            y = flash_paged_attention(q, k_cache, v_cache, slots, seqused, T, attn, meta, token_rows)
         else:
             y = sdpa_gather_attention(q, k_cache, v_cache, slots, mask, T)
         x = x + linear(y.reshape(B, T, q_size), a.wo)
@@ -172,6 +231,33 @@ def static_forward(model: Transformer, caches: list[tuple[Tensor, Tensor]], rope
         x = x + linear(F.silu(gate) * up, f.w2)
     x = F.rms_norm(x, (x.shape[-1],), model.norm.weight, model.norm.eps)
     return linear(x, model.output).view(B * T, -1)
+
+
+def _fused_forward(model: Transformer, caches: list[tuple[Tensor, Tensor]], rope: tuple[Tensor, Tensor],
+                   tokens: Tensor, slots: Tensor, start: Tensor, attn: str,
+                   linear: Callable[[Tensor, torch.nn.Linear], Tensor], token_rows: bool = False) -> Tensor:
+    """``static_forward`` with the glue in three Triton kernels a layer (``cuda_fused``): rope + cache writes,
+    residual add + RMSNorm (twice), silu * up. Same math, same cache layout."""
+    from workers.engine.cuda_fused import add_rms_norm, rope_kv, silu_mul
+
+    args = model.args
+    B, T = tokens.shape
+    H, D = args.n_head, args.head_dim
+    n_slots, cols = caches[0][0].shape[:2]
+    start, slots = start.contiguous(), slots.contiguous()  # columns of the bucket's input buffer: strided
+    seqused = flash_seqused(start, T, token_rows)
+    meta = flash_meta(slots, T, cols, n_slots, attn, token_rows)
+    layers = list(model.layers)
+    norms = [lay.attention_norm for lay in layers[1:]] + [model.norm]
+    x = model.tok_embeddings(tokens).view(B * T, -1)
+    _, h = add_rms_norm(x, None, layers[0].attention_norm.weight, layers[0].attention_norm.eps)
+    for layer, nxt, (k_cache, v_cache) in zip(layers, norms, caches):
+        a, f = layer.attention, layer.feed_forward
+        q = rope_kv(linear(h, a.wqkv), rope[0], rope[1], start, slots, k_cache, v_cache, H, T)
+        y = flash_paged_attention(q, k_cache, v_cache, slots, seqused, T, attn, meta, token_rows)
+        x, h = add_rms_norm(x, linear(y.view(B * T, H * D), a.wo), layer.ffn_norm.weight, layer.ffn_norm.eps)
+        x, h = add_rms_norm(x, linear(silu_mul(linear(h, f.w13)), f.w2), nxt.weight, nxt.eps)
+    return linear(h, model.output)
 
 
 class _Bucket:
@@ -190,7 +276,8 @@ class _Bucket:
         x = self.inputs
         e = self.engine
         return static_forward(e.model, e.kv, e.rope, x[:, :T], x[:, T], x[:, T + 1], x[:, T + 2], self.span,
-                              e.attn if self.T <= e.token_buckets[-1] else "sdpa", e.linear)
+                              e.attn if self.T <= e.token_buckets[-1] else "sdpa", e.linear, e.fuse,
+                              e.token_rows and self.B * self.T <= TOKEN_ROWS_MAX)
 
     def capture(self, pool) -> None:
         """Warm up on a side stream (cuBLAS handles, allocator), then capture one forward."""
@@ -220,7 +307,8 @@ class CudaGraphEngine(Engine):
 
     def __init__(self, model: Transformer, info: EngineInfo, *, graphs: bool = True,
                  batch_buckets: Sequence[int] = BATCH_BUCKETS, token_buckets: Sequence[int] = TOKEN_BUCKETS,
-                 span_step: int = SPAN_STEP, attn: str | None = None, gemm: str = "cublas") -> None:
+                 span_step: int = SPAN_STEP, attn: str | None = None, gemm: str = "cublas",
+                 fuse: str = FUSE_DEFAULT, token_rows: bool = True) -> None:
         self.model = model
         self.info = info
         self.device = next(model.parameters()).device
@@ -245,6 +333,17 @@ class CudaGraphEngine(Engine):
         if attn is None:
             attn = (flash_mode(a.head_dim, dtype, self.device) if self.device.type == "cuda" else None) or "sdpa"
         self.attn = attn  # "paged" | "offsets" (flash, in place) | "sdpa" (gather + SDPA)
+        if fuse not in FUSE_MODES:
+            raise EngineError(f"fuse must be one of {FUSE_MODES}, got {fuse!r}")
+        if fuse == "triton" and self.attn in ("paged", "offsets"):
+            why = _triton_check(model.args, self.device, dtype)
+            if why:
+                FLASH_ERRORS.append(f"fused glue off: {why}")
+                fuse = "hoist"
+        self.fuse = fuse  # glue kernels on the flash path: "off" | "hoist" (metadata once a step) | "triton"
+        # flash with T > 1: one one-query row per token (FA2's split-KV decode kernel), where it checks out here
+        self.token_rows = bool(token_rows and self.attn in ("paged", "offsets")
+                               and flash_mode(a.head_dim, dtype, self.device, token_rows=self.attn))
         # "cublas" (default): every projection through cuBLAS, which already streams the 8B weights at 2.0-2.8 TB/s
         # for 1..64 rows on an H100. "auto": Triton skinny GEMMs where they measure faster (bf16/fp16, CUDA):
         # measured, only the lm_head gained (~5%, 0.02 ms a step); kept as an option (benchmarks/results/).
