@@ -23,13 +23,14 @@ TOKENS = [11, 12, 13, 14]  # a gamma=4 draft chunk
 
 
 # ------------------------------------------------------------------ processes
-def _broker_proc(frontend: str, backend: str) -> None:
+def _broker_proc(frontend: str, backend: str, capture: str = "") -> None:
     from broker.broker import run_broker
     from broker.state import BrokerConfig
     from specmq.logs import configure_logging
 
     configure_logging("error")
-    config = BrokerConfig(frontend=frontend, backend=backend, router="least_loaded", max_queue=100_000)
+    config = BrokerConfig(frontend=frontend, backend=backend, router="least_loaded", max_queue=100_000,
+                          capture=capture, stats_pub="")
     profile_to = os.environ.get("SPECMQ_PROFILE_BROKER")  # cProfile the broker process into this file
     if profile_to:
         import cProfile
@@ -325,6 +326,54 @@ def run_benchmark(sessions_list: list[int], workers: int = 2, clients: int = 2, 
     return rows
 
 
+def run_capture_benchmark(sessions_list: list[int], repeats: int = 3, workers: int = 2, clients: int = 2,
+                          warmup_s: float = 1.0, measure_s: float = 3.0) -> list[dict[str, Any]]:
+    """Broker chunk throughput without and with ``--capture``, alternating runs (off, on, on, off, ...) so slow
+    drift of a shared machine's load hits both; reports every run and the ratio's range."""
+    import tempfile
+
+    ctx = mp.get_context("spawn")
+    runs: dict[tuple[bool, int], list[float]] = {}
+    cpu: dict[tuple[bool, int], list[float]] = {}  # broker CPU us per chunk: steadier than rates on a busy box
+    capture_bytes: list[int] = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for r in range(repeats):
+            for capture in ((False, True) if r % 2 == 0 else (True, False)):
+                fe, be = f"tcp://127.0.0.1:{_free_port()}", f"tcp://127.0.0.1:{_free_port()}"
+                path = os.path.join(tmp, f"run{r}.capture") if capture else ""
+                server = ctx.Process(target=_broker_proc, args=(fe, be, path), daemon=True)
+                server.start()
+                ws = [ctx.Process(target=_sync_echo_proc, args=(be, f"echo{i}"), daemon=True) for i in range(workers)]
+                for w in ws:
+                    w.start()
+                try:
+                    _wait_workers(fe, workers)
+                    for n in sessions_list:
+                        res = _load(ctx, fe, "specmq", n, min(clients, n), warmup_s, measure_s, server.pid)
+                        runs.setdefault((capture, n), []).append(res["chunks_per_s"])
+                        cpu.setdefault((capture, n), []).append(res["server_cpu_us_per_chunk"])
+                finally:
+                    for p in ws + [server]:
+                        p.terminate()
+                    for p in ws + [server]:
+                        p.join(5)
+                if path and os.path.exists(path):
+                    capture_bytes.append(os.path.getsize(path))
+    rows = []
+    for n in sessions_list:
+        off, on = runs[(False, n)], runs[(True, n)]
+        ratios = [b / max(a, 1.0) for a, b in zip(off, on)]
+        rows.append({"sessions": n, "repeats": repeats, "chunks_per_s_off": [round(x) for x in off],
+                     "chunks_per_s_on": [round(x) for x in on], "ratio_on_off": [round(x, 3) for x in ratios],
+                     "ratio_of_medians": round(sorted(on)[len(on) // 2] / max(1.0, sorted(off)[len(off) // 2]), 3),
+                     "cpu_us_per_chunk_off": [round(x, 1) for x in cpu[(False, n)]],
+                     "cpu_us_per_chunk_on": [round(x, 1) for x in cpu[(True, n)]],
+                     "cpu_ratio_of_medians": round(sorted(cpu[(True, n)])[repeats // 2]
+                                                   / max(1e-9, sorted(cpu[(False, n)])[repeats // 2]), 3),
+                     "capture_mb_per_run": round(max(capture_bytes or [0]) / 1e6, 1), "cpus": os.cpu_count()})
+    return rows
+
+
 def _print_table(rows: list[dict[str, Any]]) -> None:
     print(f"specmq broker vs zmq.proxy (closed loop, gamma={len(TOKENS)}, {rows[0]['workers']} "
           f"{rows[0]['worker_impl']} echo workers, "
@@ -351,6 +400,19 @@ def _run(args: argparse.Namespace) -> int:
         raise CommandError("--sessions, --workers, --clients and --seconds must be positive")
     if args.worker not in ("sync", "link"):
         raise CommandError(f"--worker must be sync or link, not {args.worker!r}")
+    if args.capture:
+        rows = run_capture_benchmark(sessions, repeats=args.repeats, workers=args.workers, clients=args.clients,
+                                     warmup_s=args.warmup, measure_s=args.seconds)
+        for r in rows:
+            if args.json:
+                print_json(r)
+            else:
+                print(f"sessions {r['sessions']:>5}: chunks/s capture off {r['chunks_per_s_off']} on "
+                      f"{r['chunks_per_s_on']}  on/off per pair {r['ratio_on_off']}  ratio of medians "
+                      f"{r['ratio_of_medians']}\n   broker cpu us/chunk off {r['cpu_us_per_chunk_off']} on "
+                      f"{r['cpu_us_per_chunk_on']}  on/off of medians {r['cpu_ratio_of_medians']}"
+                      f"  ({r['capture_mb_per_run']} MB captured per run, {r['cpus']} CPUs)")
+        return 0
     rows = run_benchmark(sessions, workers=args.workers, clients=args.clients, warmup_s=args.warmup,
                          measure_s=args.seconds, worker_impl=args.worker)
     if args.json:
@@ -372,6 +434,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="specmq echo workers: 'sync' (same poll loop as the proxy's workers: isolates the broker) "
                         "or 'link' (broker.echo_worker on workers.link, asyncio)")
     p.add_argument("--warmup", type=float, default=1.0, help="warm-up seconds per scenario (default: 1)")
+    p.add_argument("--capture", action="store_true",
+                   help="measure the broker without and with --capture (alternating runs) instead of vs the proxy")
+    p.add_argument("--repeats", type=int, default=3, help="with --capture: runs of each (default: 3)")
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -15,6 +15,8 @@ BENCHMARKS: dict[str, str] = {
     "simulator": "benchmarks.simulator",
     "e2e": "benchmarks.e2e",
     "gpu_engine": "benchmarks.gpu_engine",
+    "replay": "benchmarks.replay",
+    "sim_vs_real": "benchmarks.sim_vs_real",
 }
 
 

@@ -69,8 +69,16 @@ class Broker:
         self.router = make_router(self.config.router)
         self.rng = random.Random(self.config.seed)
         self.taps: list[Tap] = []
-        self.ctx = ctx or zmq.Context.instance()
-        self.frontend = self._router_socket(self.config.frontend)
+        self.curve = None  # broker.curve.CurveServer when the frontend is encrypted (own context: one ZAP per context)
+        if self.config.curve_secret:
+            from broker.curve import CurveServer
+
+            self.ctx = ctx or zmq.Context()
+            self.curve = CurveServer(self.ctx, self.config.curve_secret, self.config.allow, self._auth_refused)
+        else:
+            self.ctx = ctx or zmq.Context.instance()
+        self.ops = None  # broker.metrics.Ops (capture, stats PUB, Prometheus), started by run()
+        self.frontend = self._router_socket(self.config.frontend, curve=self.curve is not None)
         self.backend = self._router_socket(self.config.backend)
         self.frontend_endpoint = self.frontend.getsockopt_string(zmq.LAST_ENDPOINT)
         self.backend_endpoint = self.backend.getsockopt_string(zmq.LAST_ENDPOINT)
@@ -82,8 +90,13 @@ class Broker:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._next_beat = 0.0
 
-    def _router_socket(self, endpoint: str) -> zmq.Socket:
+    def _auth_refused(self) -> None:
+        self.counters.auth_failures += 1  # from the ZAP thread: a lone int increment
+
+    def _router_socket(self, endpoint: str, curve: bool = False) -> zmq.Socket:
         sock = self.ctx.socket(zmq.ROUTER)
+        if curve:
+            self.curve.apply(sock)
         sock.setsockopt(zmq.ROUTER_MANDATORY, 1)  # unknown or full peer raises instead of silently dropping
         sock.setsockopt(zmq.SNDHWM, self.config.sndhwm)
         sock.setsockopt(zmq.RCVHWM, self.config.rcvhwm)
@@ -95,6 +108,9 @@ class Broker:
     async def run(self) -> None:
         self._loop = asyncio.get_running_loop()
         self._wake = asyncio.Event()
+        from broker.metrics import Ops
+
+        self.ops = Ops(self)
         for sock in (self.frontend, self.backend):
             self._loop.add_reader(sock.getsockopt(zmq.FD), self.pump)
         self._schedule_beat()
@@ -652,12 +668,19 @@ class Broker:
                     pass
         self.frontend.close(linger=200)
         self.backend.close(linger=200)
+        if self.ops is not None:
+            self.ops.close()
+        if self.curve is not None:
+            self.curve.stop()
+            self.ctx.destroy(linger=0)  # the broker's own context (CURVE gets one per broker)
         log.info("broker.stopped", counters=self.counters.as_dict())
 
     def stats_snapshot(self) -> dict[str, Any]:
         snap = self.state.stats_snapshot()
         snap["router"] = self.config.router
         snap["accepting"] = self.accepting
+        if self.ops is not None:
+            snap.update(self.ops.extra())
         return snap
 
 

@@ -23,7 +23,39 @@ def config_from_args(args: argparse.Namespace) -> BrokerConfig:
                         heartbeat_interval=float(args.heartbeat_interval), liveness=int(args.liveness),
                         max_queue=int(args.max_queue), max_frame=int(args.max_frame),
                         max_deliveries=int(args.max_deliveries), grace_s=float(args.grace_s),
-                        retry_ms=int(args.retry_ms), sndhwm=int(args.hwm), rcvhwm=int(args.hwm))
+                        retry_ms=int(args.retry_ms), sndhwm=int(args.hwm), rcvhwm=int(args.hwm),
+                        **ops_config(args))
+
+
+def ops_config(args: argparse.Namespace) -> dict:
+    """Monitoring, capture and CURVE settings, checked before anything binds."""
+    from pathlib import Path
+
+    port = args.metrics_port
+    if port is not None and not 0 <= int(port) <= 65535:
+        raise CommandError(f"--metrics-port must be in 0..65535, got {port}")
+    if int(args.capture_max_bytes) < 0:
+        raise CommandError("--capture-max-bytes must be >= 0")
+    if args.capture:
+        parent = Path(args.capture).resolve().parent
+        if not parent.is_dir():
+            raise CommandError(f"--capture {args.capture}: directory {parent} does not exist")
+    if bool(args.curve_secret) != bool(args.allow):
+        raise CommandError("CURVE needs both --curve-secret (the broker's .key_secret) and --allow DIR")
+    if args.curve_secret:
+        from broker.curve import CurveError, load_allowed, load_keypair
+
+        try:
+            load_keypair(args.curve_secret)
+            load_allowed(args.allow)
+        except CurveError as exc:
+            raise CommandError(str(exc)) from None
+    stats_pub = args.stats_pub
+    if stats_pub in ("off", "none"):
+        stats_pub = ""
+    return {"metrics_port": None if port is None else int(port), "metrics_host": args.metrics_host,
+            "stats_pub": stats_pub, "capture": args.capture or "", "capture_max_bytes": int(args.capture_max_bytes),
+            "curve_secret": args.curve_secret or "", "allow": args.allow or ""}
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -33,7 +65,9 @@ def _run(args: argparse.Namespace) -> int:
     try:
         return run_broker(config)
     except zmq.ZMQError as exc:
-        raise CommandError(f"cannot bind {config.frontend} / {config.backend}: {exc}") from None
+        raise CommandError(f"cannot bind {config.frontend} / {config.backend} (or metrics / stats PUB): {exc}") from None
+    except OSError as exc:
+        raise CommandError(f"cannot start the broker: {exc}") from None
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -52,3 +86,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--grace-s", type=float, default=d.grace_s, help="shutdown grace period in seconds")
     p.add_argument("--retry-ms", type=int, default=d.retry_ms, help="retry hint sent with Busy")
     p.add_argument("--hwm", type=int, default=d.sndhwm, help="SNDHWM/RCVHWM of both ROUTER sockets")
+    p.add_argument("--metrics-port", type=int, default=None, help="serve Prometheus metrics on this port (default: off)")
+    p.add_argument("--metrics-host", default=d.metrics_host, help=f"metrics bind address (default: {d.metrics_host})")
+    p.add_argument("--stats-pub", default=d.stats_pub,
+                   help="PUB address of 1 s stats snapshots; 'auto' = frontend port + 2, 'off' (default: auto)")
+    p.add_argument("--capture", default="", help="record every message in and out to this file (msgpack)")
+    p.add_argument("--capture-max-bytes", type=int, default=0, help="rotate the capture past this size (FILE.1, ...)")
+    p.add_argument("--curve-secret", default="", help="broker CURVE secret key file: encrypts the frontend")
+    p.add_argument("--allow", default="", help="directory of allowed client public keys (*.key), with --curve-secret")

@@ -44,8 +44,14 @@ def reply_key(msg: Any) -> tuple:
 
 class BrokerClient:
     def __init__(self, address: str = "tcp://127.0.0.1:5555", *, identity: bytes | None = None,
-                 timeout: float = 5.0, ctx: zmq.asyncio.Context | None = None) -> None:
+                 timeout: float = 5.0, ctx: zmq.asyncio.Context | None = None, curve_secret: str | None = None,
+                 curve_server: str | None = None, curve_public: str | None = None) -> None:
+        """``curve_secret`` (own NAME.key_secret) + ``curve_server`` (broker's public key file): CURVE-encrypted,
+        for a broker started with ``--curve-secret``; a refused handshake shows in ``handshake_error``."""
         self.address = address
+        self.curve = (curve_secret, curve_server, curve_public) if curve_secret or curve_server else None
+        self.handshake_error = ""
+        self._monitor_task: asyncio.Task | None = None
         self.identity = identity
         self.timeout = timeout
         self.ctx = ctx or zmq.asyncio.Context.instance()
@@ -66,10 +72,56 @@ class BrokerClient:
         if self.identity:
             self.sock.setsockopt(zmq.IDENTITY, self.identity)
         self.sock.setsockopt(zmq.LINGER, 0)
+        if self.curve is not None:
+            from broker.curve import CurveError, apply_client
+
+            secret, server, public = self.curve
+            if not (secret and server):
+                self.sock.close(linger=0)
+                self.sock = None
+                raise CurveError("CURVE needs both the client's secret key file and the broker's public key file")
+            try:
+                apply_client(self.sock, secret, server, public)
+            except CurveError:
+                self.sock.close(linger=0)
+                self.sock = None
+                raise
+            events = zmq.EVENT_HANDSHAKE_FAILED_AUTH | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL \
+                | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL | zmq.EVENT_HANDSHAKE_SUCCEEDED
+            self._monitor_task = asyncio.create_task(self._watch_handshake(self.sock.get_monitor_socket(events)))
         self.sock.connect(self.address)
         self._reader = asyncio.create_task(self._read_loop())
 
+    async def _watch_handshake(self, mon: zmq.asyncio.Socket) -> None:
+        from zmq.utils.monitor import parse_monitor_message
+
+        try:
+            while True:
+                ev = parse_monitor_message(await mon.recv_multipart())
+                if ev["event"] == zmq.EVENT_HANDSHAKE_SUCCEEDED:
+                    self.handshake_error = ""
+                elif ev["event"] == zmq.EVENT_HANDSHAKE_FAILED_AUTH:
+                    self.handshake_error = f"the broker refused this client's CURVE key (status {ev['value']})"
+                else:
+                    self.handshake_error = "CURVE handshake failed (wrong broker public key, or the broker has no CURVE?)"
+                if self.handshake_error:
+                    log.warning("client.handshake_failed", reason=self.handshake_error)
+        finally:
+            mon.close(linger=0)
+
     async def close(self) -> None:
+        if self._monitor_task is not None:
+            self._monitor_task.cancel()
+            try:
+                await self._monitor_task
+            except (asyncio.CancelledError, Exception):
+                pass
+            self._monitor_task = None
+            if self.sock is not None:
+                try:
+                    self.sock.disable_monitor()
+                except zmq.ZMQError:
+                    pass
         if self._reader is not None:
             self._reader.cancel()
             try:
@@ -107,6 +159,17 @@ class BrokerClient:
     async def send(self, msg: Message) -> None:
         await self.sock.send(encode(msg))
 
+    async def _send_bounded(self, msg: Message, timeout: float) -> None:
+        """``send`` that cannot hang: with no connected peer (e.g. a refused CURVE handshake) a DEALER send blocks;
+        then give up after ``timeout`` and let the caller's reply timeout and retries decide."""
+        if self.sock.getsockopt(zmq.EVENTS) & zmq.POLLOUT:
+            await self.send(msg)  # writable: returns at once (subclasses may add delay)
+            return
+        try:
+            await asyncio.wait_for(self.send(msg), timeout)
+        except asyncio.TimeoutError:
+            pass
+
     async def send_raw(self, frames: list[bytes] | bytes) -> None:
         """Send arbitrary frames (tests of bad input)."""
         if isinstance(frames, bytes):
@@ -132,20 +195,21 @@ class BrokerClient:
         timeout = timeout if timeout is not None else self.timeout
         try:
             tries = busies = 0
-            await self.send(msg)
+            await self._send_bounded(msg, timeout)
             while True:
                 try:
                     reply = await asyncio.wait_for(q.get(), timeout)
                 except asyncio.TimeoutError:
                     tries += 1
                     if tries > retries:
-                        raise TimeoutError(f"no reply to {msg.TYPE} {key} after {tries} tries") from None
-                    await self.send(msg)
+                        why = f": {self.handshake_error}" if self.handshake_error else ""
+                        raise TimeoutError(f"no reply to {msg.TYPE} {key} after {tries} tries{why}") from None
+                    await self._send_bounded(msg, timeout)
                     continue
                 if isinstance(reply, Busy) and busies < busy_retries:
                     busies += 1
                     await asyncio.sleep(max(reply.retry_ms, 1) / 1000)
-                    await self.send(msg)
+                    await self._send_bounded(msg, timeout)
                     continue
                 return reply
         finally:

@@ -29,6 +29,14 @@ class BrokerConfig:
     rcvhwm: int = 100_000
     max_credit: int = 1_000_000  # a worker's credit is clamped here (untrusted input)
     seed: int = 0  # routing policy randomness
+    # operations (broker/metrics.py, broker/capture.py, broker/curve.py); all off unless set
+    metrics_port: int | None = None  # Prometheus HTTP port (0 = any free port); None = off
+    metrics_host: str = "127.0.0.1"
+    stats_pub: str = "auto"  # PUB address for 1 s stats snapshots; "auto" = frontend port + 2, "" = off
+    capture: str = ""  # capture file (every message in and out); "" = off
+    capture_max_bytes: int = 0  # rotate the capture file past this size (0 = never)
+    curve_secret: str = ""  # the broker's CURVE secret key file: encrypts the frontend
+    allow: str = ""  # directory of allowed client public keys (with curve_secret)
 
 
 @dataclass
@@ -99,6 +107,7 @@ class Counters:
         self.unreachable = 0  # sends that hit EHOSTUNREACH
         self.send_blocked = 0  # sends that hit EAGAIN (peer's HWM) and were held in the outbox
         self.dropped = 0  # frames with nobody to answer (counted, logged)
+        self.auth_failures = 0  # CURVE clients refused by the allow-list (set from the ZAP thread)
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -115,6 +124,7 @@ class Counters:
             "unreachable": self.unreachable,
             "send_blocked": self.send_blocked,
             "dropped": self.dropped,
+            "auth_failures": self.auth_failures,
         }
 
 

@@ -72,7 +72,9 @@ def _run(args: argparse.Namespace) -> int:
         signal.signal(sig, lambda *_: stop.set())
     base = [sys.executable, "-m", "specmq.cli"]
     log = ["--log-level", args.log_level]
-    plan = [("broker", ["broker", "--frontend", args.frontend, "--backend", args.backend, *log])]
+    ops = ((["--metrics-port", str(args.metrics_port)] if args.metrics_port is not None else [])
+           + (["--capture", args.capture] if args.capture else []))
+    plan = [("broker", ["broker", "--frontend", args.frontend, "--backend", args.backend, *ops, *log])]
     for i in range(args.targets):
         cmd = ["target", "--broker", args.backend, "--device", args.device, "--name", f"target{i}",
                "--slots", str(args.slots), *log]
@@ -126,3 +128,5 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--slots", type=int, default=16, help="sessions per target worker (default: 16)")
     p.add_argument("--jobs", type=int, default=8, help="concurrent jobs per fused worker (default: 8)")
     p.add_argument("--ready-timeout", type=float, default=120.0, help="seconds to wait for registration")
+    p.add_argument("--metrics-port", type=int, default=None, help="broker: serve Prometheus metrics on this port")
+    p.add_argument("--capture", default="", help="broker: record every message to this file (specmq capture)")

@@ -87,11 +87,17 @@ def _run(args: argparse.Namespace) -> int:
         SamplingParams(args.temperature, args.top_p, args.top_k, args.seed)
     except SamplingError as exc:
         raise CommandError(str(exc)) from None
+    from broker.curve import CurveError, client_kwargs
+
+    try:
+        curve = client_kwargs(args)
+    except CurveError as exc:
+        raise CommandError(str(exc)) from None
     cfg = DraftConfig(broker=args.broker, model=args.model, max_new_tokens=args.max_new_tokens, gamma=args.gamma,
                       adaptive=args.adaptive_gamma, max_gamma=args.max_gamma, temperature=args.temperature,
                       top_p=args.top_p, top_k=args.top_k, seed=args.seed, concurrency=args.concurrency,
                       link_delay_ms=args.link_delay_ms, timeout=args.timeout, connect_timeout=args.connect_timeout,
-                      policy=args.policy, threads=args.threads)
+                      policy=args.policy, threads=args.threads, curve=curve)
     try:
         results, rows = run_prompts(cfg, prompts)
     except DraftError as exc:
@@ -130,6 +136,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                     example="specmq draft --prompt-file examples/prompts.txt --gamma 4 --concurrency 16 --json",
                     func=_run)
     p.add_argument("--broker", default=DEFAULT_BROKER, help=f"broker frontend (default: {DEFAULT_BROKER})")
+    from broker.curve import add_client_flags
+
+    add_client_flags(p)
     p.add_argument("--model", default=str(DEFAULT_MODEL), help="draft model directory (default: models/tiny-draft)")
     add_prompt_args(p)
     add_sampling_args(p)

@@ -84,6 +84,7 @@ class DraftConfig:
     policy: str = "exact"
     max_reopens: int = 20
     threads: int = 0  # torch threads (0: torch's default)
+    curve: dict = field(default_factory=dict)  # CURVE client keys (broker.curve.client_kwargs); empty: plain TCP
 
 
 @dataclass
@@ -163,10 +164,12 @@ class DelayedBrokerClient(BrokerClient):
         asyncio.get_running_loop().call_later(self.delay_s, super()._deliver, msg)
 
 
-def make_client(address: str, link_delay_ms: float = 0.0, timeout: float = 10.0) -> BrokerClient:
+def make_client(address: str, link_delay_ms: float = 0.0, timeout: float = 10.0, curve: dict | None = None
+                ) -> BrokerClient:
+    """A frontend client; ``curve`` holds ``BrokerClient``'s CURVE keyword arguments (``broker.curve.client_kwargs``)."""
     if link_delay_ms > 0:
-        return DelayedBrokerClient(address, link_delay_ms / 1000.0, timeout=timeout)
-    return BrokerClient(address, timeout=timeout)
+        return DelayedBrokerClient(address, link_delay_ms / 1000.0, timeout=timeout, **(curve or {}))
+    return BrokerClient(address, timeout=timeout, **(curve or {}))
 
 
 async def probe_broker(client: BrokerClient, address: str, timeout: float) -> dict:
@@ -270,7 +273,7 @@ class DraftWorker:
     async def run(self, prompts: Sequence[str]) -> list[PromptResult]:
         cfg = self.config
         results = [PromptResult(i, p, self.codec.encode(p)) for i, p in enumerate(prompts)]
-        client = make_client(cfg.broker, cfg.link_delay_ms, cfg.timeout)
+        client = make_client(cfg.broker, cfg.link_delay_ms, cfg.timeout, cfg.curve)
         await client.start()
         batch_task = None
         try:

@@ -97,7 +97,8 @@ class OrderedStream:
 
 async def run_jobs(prompts: Sequence[str], *, broker: str, model: str | Path, max_new_tokens: int, gamma: int,
                    temperature: float, top_p: float, seed: int, concurrency: int, timeout: float,
-                   connect_timeout: float, stream: OrderedStream | None = None) -> list[JobResult]:
+                   connect_timeout: float, stream: OrderedStream | None = None, curve: dict | None = None
+                   ) -> list[JobResult]:
     """Send one Generate per prompt (at most ``concurrency`` in flight) and collect the results in order."""
     from protocol.messages import Done, Error, Generate, Tokens
     from workers.tokenizer_text import IncrementalDecoder, TokenizerError, decode, encode, load_tokenizer
@@ -106,7 +107,7 @@ async def run_jobs(prompts: Sequence[str], *, broker: str, model: str | Path, ma
         tok = load_tokenizer(model)
     except TokenizerError as exc:
         raise DraftError(str(exc)) from None
-    client = make_client(broker, 0.0, timeout)
+    client = make_client(broker, 0.0, timeout, curve)
     await client.start()
     results = [JobResult(i, p) for i, p in enumerate(prompts)]
     gate = asyncio.Semaphore(max(1, concurrency))
@@ -158,12 +159,18 @@ def _run(args: argparse.Namespace) -> int:
     check_common(args)
     prompts = read_prompt_args(args)
     stream = None if args.json else OrderedStream(prompts)
+    from broker.curve import CurveError, client_kwargs
+
+    try:
+        curve = client_kwargs(args)
+    except CurveError as exc:
+        raise CommandError(str(exc)) from None
     try:
         results = asyncio.run(run_jobs(prompts, broker=args.broker, model=args.model,
                                        max_new_tokens=args.max_new_tokens, gamma=args.gamma,
                                        temperature=args.temperature, top_p=args.top_p, seed=args.seed,
                                        concurrency=args.concurrency, timeout=args.timeout,
-                                       connect_timeout=args.connect_timeout, stream=stream))
+                                       connect_timeout=args.connect_timeout, stream=stream, curve=curve))
     except DraftError as exc:
         raise CommandError(str(exc)) from None
     if args.json:
@@ -188,6 +195,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_prompt_args(p)
     add_sampling_args(p)
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus truncation (default: 1)")
+    from broker.curve import add_client_flags
+
+    add_client_flags(p)
     for action in p._actions:
         if action.dest == "timeout":
             action.default = 30.0
