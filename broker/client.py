@@ -162,9 +162,8 @@ class BrokerClient:
     async def _send_bounded(self, msg: Message, timeout: float) -> None:
         """``send`` that cannot hang: with no connected peer (e.g. a refused CURVE handshake) a DEALER send blocks;
         then give up after ``timeout`` and let the caller's reply timeout and retries decide."""
-        if self.sock.getsockopt(zmq.EVENTS) & zmq.POLLOUT:
-            await self.send(msg)  # writable: returns at once (subclasses may add delay)
-            return
+        # Always bounded: the socket can be writable when checked and lose its only peer a moment later (a CURVE
+        # handshake refused), and then a send waits forever.
         try:
             await asyncio.wait_for(self.send(msg), timeout)
         except asyncio.TimeoutError:
