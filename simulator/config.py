@@ -39,11 +39,13 @@ DEFAULTS: dict[str, Any] = {
         "datacenter": {"latency_ms": 0.2, "jitter_ms": 0.05, "bandwidth_mbps": 10000.0, "availability": 1.0},
     },
     "targets": [{"name": "t", "count": 2, "slots": 32, "max_batch_tokens": 512, "max_batch_rows": 64,
-                 "prefill_chunk": 256, "tick_ms": 2.0, "costs": None}],
+                 "prefill_chunk": 256, "tick_ms": 2.0, "costs": None,
+                 "cost_scale": 1.0}],  # x every forward's table cost: a CPU/GPU shared with other work
     "fused": {"count": 0, "slots": 16, "max_batch_tokens": 512, "max_batch_rows": 32, "prefill_chunk": 256,
               "tick_ms": 0.0, "costs": None, "client_link": "datacenter", "gamma": None},
     "acceptance": {"alpha": 0.7, "rounds": None, "pairs": {}},
     "workload": {"arrival": "poisson", "rate": 20.0, "cv": 2.0, "speed": 1.0, "max_requests": 0, "think_s": 0.0,
+                 "requests_per_user": 0,  # closed loop: requests each user sends, then it stops (0 = no limit)
                  "prompt_tokens": {"dist": "uniform", "low": 32, "high": 256},
                  "output_tokens": {"dist": "uniform", "low": 32, "high": 128},
                  "trace": None, "capture": None},

@@ -85,7 +85,8 @@ class Simulation:
                 for i in range(int(group["count"])):
                     self.targets.append(Target(env, f"{gname}{i}", _limits(group), int(group["slots"]), cost,
                                                self._rng(), self.metrics, group=gname,
-                                               queue_max=int(bcfg["verify_queue_max"])))
+                                               queue_max=int(bcfg["verify_queue_max"]),
+                                               cost_scale=float(group.get("cost_scale", 1.0))))
             if not self.targets:
                 raise ConfigError("a distributed deployment needs at least one target")
         self.broker = Broker(self.targets, cfg["router"], self._rng(), float(bcfg["overhead_ms"]))
@@ -96,8 +97,12 @@ class Simulation:
             lname = spec.get("link", "datacenter")
             if lname not in self.links:
                 raise ConfigError(f"draft class {name!r}: unknown link {lname!r}")
-            classes[name] = DraftClass(name, self.links[lname], float(spec.get("slowdown", 1.0)),
-                                       spec.get("step_ms"))
+            try:
+                classes[name] = DraftClass(name, self.links[lname], float(spec.get("slowdown", 1.0)),
+                                           spec.get("step_ms"), bool(spec.get("batched", False)),
+                                           float(spec.get("gather_ms", 0.0)))
+            except (TypeError, ValueError) as exc:
+                raise ConfigError(f"draft class {name!r}: {exc}") from None
         dcfg = cfg["drafts"]
         unknown = [k for k in dcfg["mix"] if k not in classes]
         if unknown:
@@ -141,6 +146,7 @@ class Simulation:
             if arch != "distributed":
                 raise ConfigError("workload.arrival 'closed' is for the distributed architecture only")
             self._think_s = float(wl.get("think_s") or 0.0)
+            self._per_user = int(wl.get("requests_per_user") or 0)
             self._wl = wl
             for d in self.pool.devices:
                 for _ in range(int(dcfg["sessions"])):
@@ -185,9 +191,12 @@ class Simulation:
                 self.pool.submit(r)
 
     def _closed_user(self, device: DraftDevice, rng: random.Random):
-        """A user on one draft slot: think, ask, wait for the whole answer, repeat until the arrivals end."""
+        """A user on one draft slot: think, ask, wait for the whole answer, repeat until the arrivals end (or it
+        has asked ``workload.requests_per_user`` times, when that is set)."""
         env = self.env
-        while True:
+        asked = 0
+        while not self._per_user or asked < self._per_user:
+            asked += 1
             if self._think_s > 0:
                 yield env.timeout(rng.expovariate(1.0 / self._think_s))
             if env.now >= self.duration:

@@ -12,7 +12,8 @@ are made relative to the first row).
 Capture files: see ``load_capture``.
 
 Closed loop (``arrival: closed``): no arrival process; every draft session slot is a user who sends a new
-request as soon as the previous one finished, after an exponential think time of mean ``think_s``. Varying the
+request as soon as the previous one finished, after an exponential think time of mean ``think_s``
+(at most ``requests_per_user`` requests each when that is > 0). Varying the
 number of drafts then varies the load (``--vary drafts=1..1000``).
 """
 from __future__ import annotations

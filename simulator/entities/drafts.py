@@ -1,9 +1,15 @@
 """Draft devices (phones, laptops, servers) and the speculative session each one drives.
 
 A device belongs to a speed class: its draft decode step costs the profile's draft table at its current batch
-(sessions it is drafting for) times the class ``slowdown``, or a fixed ``step_ms``. It reaches the broker over its
-class's link. A session is one SimPy process; a round (draft γ tokens, send the chunk) is ONE timeout and the
-answer is ONE event, so the cost of a round does not grow with γ.
+(sessions it is drafting for) times the class ``slowdown``, or a fixed ``step_ms`` (a number, or a mapping
+``{batch: ms}`` interpolated linearly over the batch size). It reaches the broker over its class's link. A session
+is one SimPy process; a round (draft γ tokens, send the chunk) is ONE timeout and the answer is ONE event, so the
+cost of a round does not grow with γ.
+
+``batched: true`` models the real drafter (``workers.draft_worker.DraftBatcher``): the device runs ONE
+``draft_batch`` at a time over every session ready to draft, after waiting up to ``gather_ms`` for all its active
+sessions to be ready; step j of the batch costs the step time at the rows still drafting. A session whose answer
+arrives while a batch runs waits for the next one (sessions are not drafted in parallel).
 
 Requests wait in one pool queue until a device has a free session slot (``drafts.sessions`` per device).
 """
@@ -27,21 +33,88 @@ class DraftClass:
     name: str
     link: Link
     slowdown: float = 1.0
-    step_ms: float | None = None  # fixed step time, overrides the table
+    step_ms: float | dict | None = None  # fixed step time (or {batch: ms}), overrides the table
+    batched: bool = False  # one draft_batch at a time over every ready session (the real drafter)
+    gather_ms: float = 0.0  # batched: longest wait for the device's other sessions to be ready
+
+    def __post_init__(self) -> None:
+        self._points: list[tuple[float, float]] | None = None
+        if isinstance(self.step_ms, dict):
+            pts = sorted((float(b), float(v)) for b, v in self.step_ms.items())
+            if not pts or pts[0][0] < 1 or any(v < 0 for _, v in pts):
+                raise ValueError(f"draft class {self.name}: step_ms mapping needs batch >= 1 keys and ms >= 0")
+            self._points = pts
+
+    def fixed_step_ms(self, batch: int) -> float | None:
+        """The class's own step time at ``batch`` rows; None when the cost table decides."""
+        if self._points is None:
+            return None if self.step_ms is None else float(self.step_ms)
+        pts = self._points
+        if batch <= pts[0][0] or len(pts) == 1:
+            return pts[0][1]  # clamped below the first point; one point = constant
+        for (b0, v0), (b1, v1) in zip(pts, pts[1:]):
+            if batch <= b1:
+                return v0 + (v1 - v0) * (batch - b0) / (b1 - b0)
+        (b0, v0), (b1, v1) = pts[-2], pts[-1]
+        return max(0.0, v1 + (v1 - v0) * (batch - b1) / (b1 - b0))  # linear above the last point
 
 
 class DraftDevice:
-    __slots__ = ("name", "cls", "cost", "rng", "active", "free_slots")
+    __slots__ = ("name", "cls", "cost", "rng", "active", "free_slots", "batcher")
 
     def __init__(self, name: str, cls: DraftClass, cost, rng: random.Random, sessions: int) -> None:
         self.name, self.cls, self.cost, self.rng = name, cls, cost, rng
         self.active = 0
         self.free_slots = sessions
+        self.batcher: DraftBatcher | None = None
 
-    def step_s(self, context: int) -> float:
-        if self.cls.step_ms is not None:
-            return self.cls.step_ms / 1000.0
-        return self.cost.draft_step_ms(max(1, self.active), context) * self.cls.slowdown / 1000.0
+    def step_s(self, context: int, batch: int | None = None) -> float:
+        b = max(1, self.active if batch is None else batch)
+        ms = self.cls.fixed_step_ms(b)
+        if ms is not None:
+            return ms / 1000.0
+        return self.cost.draft_step_ms(b, context) * self.cls.slowdown / 1000.0
+
+
+class DraftBatcher:
+    """A batched draft device: one draft_batch at a time over every queued session (``DraftClass.batched``)."""
+
+    def __init__(self, env: simpy.Environment, device: DraftDevice) -> None:
+        self.env, self.device = env, device
+        self.queue: list[tuple[int, int, simpy.Event]] = []  # (gamma, context, done)
+        self.wake: simpy.Event | None = None
+        self.batches = self.rows = 0
+        env.process(self.run())
+
+    def draft(self, gamma: int, context: int) -> simpy.Event:
+        done = self.env.event()
+        self.queue.append((gamma, context, done))
+        if self.wake is not None and not self.wake.triggered:
+            self.wake.succeed()
+        return done
+
+    def run(self):
+        env, dev = self.env, self.device
+        gather_s = dev.cls.gather_ms / 1000.0
+        while True:
+            if not self.queue:
+                self.wake = env.event()
+                yield self.wake
+            if len(self.queue) < dev.active and gather_s > 0:  # wait (at most gather_s) for the others
+                expired = env.timeout(gather_s)
+                while len(self.queue) < dev.active and not expired.processed:
+                    self.wake = env.event()
+                    yield self.wake | expired
+            batch, self.queue = self.queue, []
+            ctx = max(c for _, c, _ in batch)
+            t = 0.0
+            for j in range(max(g for g, _, _ in batch)):  # step j over the rows still drafting
+                t += dev.step_s(ctx, sum(1 for g, _, _ in batch if g > j))
+            self.batches += 1
+            self.rows += len(batch)
+            yield env.timeout(t)
+            for _, _, done in batch:
+                done.succeed()
 
 
 class DraftPool:
@@ -87,9 +160,16 @@ def run_session(env: simpy.Environment, sim, req, device: DraftDevice):
     gamma = sim.gamma
     retry_s = sim.retry_s
     out = req.output_tokens
+    batched = device.cls.batched
+    if batched and device.batcher is None:
+        device.batcher = DraftBatcher(env, device)
     while req.committed < out:
         g = min(gamma, out - req.committed)
-        t = g * device.step_s(req.prompt_tokens + req.committed) + link.delay(CHUNK_BYTES + 4 * g, rng) + overhead
+        if batched:
+            yield device.batcher.draft(g, req.prompt_tokens + req.committed)
+            t = link.delay(CHUNK_BYTES + 4 * g, rng) + overhead
+        else:
+            t = g * device.step_s(req.prompt_tokens + req.committed) + link.delay(CHUNK_BYTES + 4 * g, rng) + overhead
         yield env.timeout(t)
         done = env.event()
         while not target.verify(sess, g, done):  # BUSY: wait the retry hint, resend

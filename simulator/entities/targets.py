@@ -61,8 +61,9 @@ class Chunk:
 class Target:
     def __init__(self, env: simpy.Environment, name: str, limits: BatchLimits, slots: int, cost: CostModel,
                  rng: random.Random, metrics: Metrics, group: str = "", queue_max: int = 1 << 30,
-                 on_tick: Callable[[float, list, float], None] | None = None) -> None:
+                 on_tick: Callable[[float, list, float], None] | None = None, cost_scale: float = 1.0) -> None:
         self.env, self.name, self.group = env, name, group or name
+        self.cost_scale = cost_scale  # > 1: the device is shared (a 2-core CPU running the drafter too)
         self.limits, self.slots, self.cost, self.rng = limits, slots, cost, rng
         self.metrics = metrics
         self.stats = metrics.worker(name, limits.max_batch_rows, limits.max_batch_tokens)
@@ -166,7 +167,7 @@ class Target:
             ctx += s.context
         rows = plan.rows
         start = env.now
-        service = self.cost.verify_ms(rows, tokens, ctx / rows) / 1000.0
+        service = self.cost.verify_ms(rows, tokens, ctx / rows) * self.cost_scale / 1000.0
         st = self.stats
         if self.metrics.start <= start <= self.metrics.end:
             st.ticks += 1
