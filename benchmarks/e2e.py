@@ -47,7 +47,15 @@ SNIPPETS = [
 
 
 def heldout_prompts(n: int, chars: int = 240) -> list[str]:
-    """Beginnings of held-out stdlib files (cut at a line end), else fixed snippets; ``n`` prompts, cycled."""
+    """Code-completion prompts from held-out stdlib files, else fixed snippets; ``n`` prompts, cycled.
+
+    Each prompt is about ``chars`` characters of code from the middle of a held-out file (starting at a line start,
+    skipping the license header and module docstring that open most files), cut right after a word so the model
+    continues mid-line, as an editor's completion does: a prompt ending in whitespace would split a BPE token the
+    models never saw split.
+    """
+    import re
+
     out: list[str] = []
     listing = ROOT / "models" / "heldout_files.json"
     stdlib = Path(sysconfig.get_paths()["stdlib"])
@@ -55,16 +63,22 @@ def heldout_prompts(n: int, chars: int = 240) -> list[str]:
         names = json.loads(listing.read_text())
     except (OSError, ValueError):
         names = []
+    word_end = re.compile(r"\w(?=[^\w])")
     for name in names:
         path = stdlib / name
         try:
             text = path.read_text(encoding="utf-8")
         except (OSError, UnicodeDecodeError):
             continue
-        head = text[:chars]
-        cut = head.rfind("\n")
-        if cut > 40:
-            out.append(head[:cut + 1])
+        if len(text) < 4 * chars:
+            continue
+        m = word_end.search(text, len(text) * 2 // 5)
+        if m is None:
+            continue
+        end = m.end()
+        start = text.find("\n", max(0, end - chars)) + 1
+        if 0 < start < end - 40:
+            out.append(text[start:end])
         if len(out) >= n:
             break
     out = out or list(SNIPPETS)
@@ -157,12 +171,15 @@ def _row(arch: str, gamma: int | None, sessions: int, delay: float, results: lis
     drafted = sum(r.get("drafted", 0) for r in results)
     accepted = sum(r.get("accepted", 0) for r in results)
     rounds = sum(r.get("rounds", 0) for r in results)
+    rejections = sum(r.get("rejections", 0) for r in results)
     errors = [r["error"] for r in results if r.get("error")]
     return {"arch": arch, "gamma": gamma, "sessions": sessions, "link_delay_ms": delay,
             "tok_s_session": round(sum(r["tokens_per_s"] for r in results) / len(results), 2),
             "tok_s_aggregate": round(tokens / wall, 2) if wall > 0 else 0.0,
             "acceptance": round(accepted / drafted, 3) if drafted else None,
             "mean_accepted": round(accepted / rounds, 3) if rounds else None,
+            # per-token acceptance: accepted / (accepted + rejections); a round rejects at most once
+            "alpha": round(accepted / (accepted + rejections), 3) if accepted + rejections else None,
             "target_batch": None if batch is None else round(batch, 2), "tokens": tokens, "wall_s": round(wall, 3),
             "errors": len(errors)}
 
@@ -248,7 +265,7 @@ def bench_fused(svc: Services, prompts: list[str], max_new: int, gamma: int, ses
 
 
 COLUMNS = ("arch", "gamma", "sessions", "link_delay_ms", "tok_s_session", "tok_s_aggregate", "acceptance",
-           "mean_accepted", "target_batch", "errors")
+           "alpha", "mean_accepted", "target_batch", "errors")
 
 
 def print_table(rows: list[dict], header: bool = True) -> None:

@@ -16,7 +16,13 @@ profile row (``draft --profile``). Then it simulates the same setup:
 - acceptance: the real run's per-round accepted-count histogram (empirical);
 - link: loopback + broker, one way = half the median of ``network_ms - queue_ms`` of the one-session run (round trip
   minus verify minus the target-side wait, which the simulator models itself);
-- target ticks: ``workers.batching`` with the real target's limits (tick 2 ms, 512 tokens, 64 rows).
+- target ticks: ``workers.batching`` with the real target's limits (tick 2 ms, 512 tokens, 64 rows);
+- send spread: the drafter's event loop sends a batch's chunks one by one; the run measures the mean gap between
+  two Verify sends of one draft batch (``SendClock``) and the simulated drafter sends them that far apart
+  (``draft_classes.X.send_ms``; ``--no-send-spread``: all at once). When a batch's chunks spread over more than
+  tick_ms the target starts with the first ones and the sessions drift apart, in the real run and the simulator.
+  The target's heartbeat counts chunks read while a tick ran (``mid_tick_chunks``) and those arriving < 5 ms after
+  it started (``near_miss_chunks``: a split batch).
 
 Two simulated columns: ``sim_table`` prices every tick with the profiled table as is; ``sim`` multiplies it by a
 shared-CPU factor (``targets[].cost_scale``) chosen so the simulated mean verify time per round equals the real
@@ -162,14 +168,17 @@ class Cluster:
             time.sleep(0.2)
         raise CommandError(f"the target did not register within {timeout:g}s (logs in {self.logdir})")
 
-    def tick_counters(self) -> tuple[float, float]:
-        """(ticks, rows) the target has run so far, from a heartbeat newer than the last call."""
+    def target_stats(self) -> dict[str, float]:
+        """The target's counters (ticks, rows, mid_tick_chunks, near_miss_chunks) from a heartbeat newer than the
+        last call."""
         from specmq.up_cli import broker_stats
 
         time.sleep(0.6)  # heartbeats every 0.5 s
         st = ((broker_stats(self.frontend, 1.0) or {}).get("workers") or {}).get("target", {}).get("stats", {})
-        ticks = float(st.get("ticks", 0) or 0)
-        return ticks, ticks * float(st.get("mean_batch", 0.0) or 0.0)
+        out = {k: float(st.get(k, 0) or 0) for k in ("ticks", "rows", "mid_tick_chunks", "near_miss_chunks")}
+        if "rows" not in st:  # an older target: rows from the mean
+            out["rows"] = out["ticks"] * float(st.get("mean_batch", 0.0) or 0.0)
+        return out
 
     def close(self) -> None:
         for p in reversed(self.procs):
@@ -183,6 +192,62 @@ class Cluster:
                 p.wait(5)
 
 
+class SendClock:
+    """Instruments the in-process drafter: when each draft_batch ended and when each Verify left.
+
+    ``send_ms()`` is the mean gap between two chunks of one draft batch leaving the drafter (its event loop sends
+    them one by one): what spreads a batch's arrivals at the target (simulated ``draft_classes.X.send_ms``)."""
+
+    def __init__(self) -> None:
+        self.events: list[tuple[float, str]] = []  # (perf_counter, "draft" | "verify")
+
+    def __enter__(self) -> "SendClock":
+        import workers.draft_worker as dw
+        import workers.speculation as sp
+        from protocol.messages import Verify
+
+        clock, self._saved = self, (sp.draft_batch, dw.make_client)
+        real_batch, real_client = self._saved
+
+        def draft_batch(*a: Any, **kw: Any) -> Any:
+            out = real_batch(*a, **kw)
+            clock.events.append((time.perf_counter(), "draft"))
+            return out
+
+        def make_client(*a: Any, **kw: Any) -> Any:
+            client = real_client(*a, **kw)
+            send = client.send
+
+            async def timed_send(msg: Any) -> None:
+                if isinstance(msg, Verify):
+                    clock.events.append((time.perf_counter(), "verify"))
+                await send(msg)
+
+            client.send = timed_send
+            return client
+
+        sp.draft_batch, dw.make_client = draft_batch, make_client
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        import workers.draft_worker as dw
+        import workers.speculation as sp
+
+        sp.draft_batch, dw.make_client = self._saved
+
+    def send_ms(self) -> float | None:
+        gaps: list[float] = []
+        burst: list[float] = []
+        for t, kind in self.events + [(math.inf, "draft")]:
+            if kind == "draft":
+                if len(burst) > 1:
+                    gaps.append((burst[-1] - burst[0]) * 1000.0 / (len(burst) - 1))
+                burst = []
+            else:
+                burst.append(t)
+        return statistics.fmean(gaps) if gaps else None
+
+
 def run_real(cluster: Cluster, engine: Any, prompts: list[str], sessions: int, max_new: int,
              gamma: int) -> dict[str, Any]:
     """One closed-loop run: ``sessions`` slots work through ``prompts``; throughput, latencies and round rows.
@@ -193,11 +258,14 @@ def run_real(cluster: Cluster, engine: Any, prompts: list[str], sessions: int, m
     cfg = DraftConfig(broker=cluster.frontend, model=DRAFT, max_new_tokens=max_new, gamma=gamma,
                       concurrency=sessions, threads=1, timeout=60.0, gather_ms=GATHER_MS)
     worker = DraftWorker(cfg, engine=engine)
-    ticks0, rows0 = cluster.tick_counters()
-    t0 = time.perf_counter()
-    results = asyncio.run(worker.run(prompts))
-    wall = time.perf_counter() - t0
-    ticks1, rows1 = cluster.tick_counters()
+    st0 = cluster.target_stats()
+    with SendClock() as clock:
+        t0 = time.perf_counter()
+        results = asyncio.run(worker.run(prompts))
+        wall = time.perf_counter() - t0
+    st1 = cluster.target_stats()
+    ticks = st1.get("ticks", 0) - st0.get("ticks", 0)
+    delta = {k: st1.get(k, 0) - st0.get(k, 0) for k in ("rows", "mid_tick_chunks", "near_miss_chunks")}
     errors = [r.error for r in results if r.error]
     tokens = sum(r.new_tokens for r in results)
     rows = [{c: getattr(r, c) for c in ("session", "round", "gamma", "accepted", "draft_ms", "network_ms",
@@ -206,7 +274,9 @@ def run_real(cluster: Cluster, engine: Any, prompts: list[str], sessions: int, m
             "wall_s": wall, "tokens": tokens, "requests": len(results), "errors": len(errors),
             "first_error": errors[0] if errors else None, "rows": rows,
             "new_tokens": [r.new_tokens for r in results], "prompt_tokens": [len(r.prompt_ids) for r in results],
-            "tick_rows": (rows1 - rows0) / (ticks1 - ticks0) if ticks1 > ticks0 else None}
+            "tick_rows": delta["rows"] / ticks if ticks > 0 else None, "ticks": ticks,
+            "mid_tick_chunks": delta["mid_tick_chunks"], "near_miss_chunks": delta["near_miss_chunks"],
+            "chunks": len(rows), "send_ms": clock.send_ms()}
 
 
 # --------------------------------------------------------------------------- the simulated cluster
@@ -224,8 +294,8 @@ def draft_step_by_batch(rows: list[dict[str, Any]]) -> dict[int, float]:
 
 
 def sim_config(*, sessions: int, requests_per_session: int, prompt_tokens: list[int], max_new: int, gamma: int,
-               table: str, link_ms: float, draft_steps: dict[int, float], slots: int, seed: int = 0
-               ) -> dict[str, Any]:
+               table: str, link_ms: float, draft_steps: dict[int, float], slots: int, seed: int = 0,
+               send_ms: float = 0.0) -> dict[str, Any]:
     from simulator.config import load_config
 
     cfg = load_config(None)
@@ -234,7 +304,7 @@ def sim_config(*, sessions: int, requests_per_session: int, prompt_tokens: list[
     cfg["links"] = {"loopback": {"latency_ms": link_ms, "jitter_ms": 0.0, "bandwidth_mbps": 1e5,
                                  "availability": 1.0, "dist": "constant"}}
     cfg["draft_classes"] = {"cpu": {"step_ms": {int(b): float(v) for b, v in draft_steps.items()}, "link": "loopback",
-                                    "batched": True, "gather_ms": GATHER_MS}}
+                                    "batched": True, "gather_ms": GATHER_MS, "send_ms": send_ms}}
     cfg["drafts"] = {"count": 1, "sessions": sessions, "mix": {"cpu": 1.0}}
     cfg["targets"] = [dict(cfg["targets"][0], name="t", count=1, slots=slots, tick_ms=TICK_MS,
                            max_batch_tokens=MAX_BATCH_TOKENS, max_batch_rows=MAX_BATCH_ROWS,
@@ -348,9 +418,11 @@ def _run(args: argparse.Namespace) -> int:
         runs = reals[n]
         rows = [row for r in runs for row in r["rows"]]
         steps = draft_step_by_batch(rows)
+        sends = [r["send_ms"] for r in runs if r.get("send_ms") is not None]
+        send_ms = statistics.fmean(sends) if sends and not args.no_send_spread else 0.0
         cfg = sim_config(sessions=n, requests_per_session=args.requests, prompt_tokens=runs[0]["prompt_tokens"],
                          max_new=args.max_new_tokens, gamma=args.gamma, table=table, link_ms=link_ms,
-                         draft_steps=steps, slots=max(loads))
+                         draft_steps=steps, slots=max(loads), send_ms=send_ms)
         plain = simulate_load(cfg, rows)
         # shared CPU: the target's forwards ran slower than the profile by what the real rounds' verify_ms say
         # (a fixed point: slower ticks change the batch shapes, so the scale is refined once on the scaled run)
@@ -384,7 +456,10 @@ def _run(args: argparse.Namespace) -> int:
             "draft_step_ms_by_batch": {b: round(v, 3) for b, v in steps.items()},
             "real_draft_batch": round(statistics.fmean(r["batch"] for r in rows), 2),
             "real_queue_ms": round(statistics.fmean(r["queue_ms"] for r in rows), 2),
-            "link_one_way_ms": round(link_ms, 3), "table": table})
+            "link_one_way_ms": round(link_ms, 3), "send_ms": round(send_ms, 3),
+            "mid_tick_chunks": sum(r.get("mid_tick_chunks", 0) for r in runs),
+            "near_miss_chunks": sum(r.get("near_miss_chunks", 0) for r in runs),
+            "chunks": sum(r.get("chunks", len(r["rows"])) for r in runs), "table": table})
         out.append(rec)
     if args.json:
         for rec in out:
@@ -411,7 +486,8 @@ def print_report(out: list[dict[str, Any]]) -> None:
         print(f"  n={r['sessions']}: acceptance {r['acceptance']}, tokens/round {r['tokens_per_round']}; verify ms "
               f"real {r['real_verify_ms']} / table {r['sim_table_verify_ms']} (scale {r['verify_cost_scale']}); tick "
               f"rows real {r['real_tick_rows']} sim {r['sim_tick_rows']}; draft batch {r['real_draft_batch']}, step ms "
-              f"{r['draft_step_ms_by_batch']}; link {r['link_one_way_ms']} ms one way")
+              f"{r['draft_step_ms_by_batch']}; link {r['link_one_way_ms']} ms one way; send gap {r['send_ms']} ms; "
+              f"chunks read mid-tick {r['mid_tick_chunks']}/{r['chunks']} (near misses <5 ms: {r['near_miss_chunks']})")
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -430,6 +506,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--contexts", default="64,128,256", help="profiled context points (default: 64,128,256)")
     p.add_argument("--reps", type=int, default=5, help="profiled steps per point (default: 5)")
     p.add_argument("--pin", action="store_true", help="pin the broker to CPU 0 and the target to CPU 1")
+    p.add_argument("--no-send-spread", action="store_true",
+                   help="simulate a draft batch's chunks leaving at once (send_ms 0, the old lock-step model)")
     p.add_argument("--load-real", default="", help="re-simulate the real runs saved by an earlier run (real.json)")
 
 

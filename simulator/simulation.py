@@ -100,7 +100,7 @@ class Simulation:
             try:
                 classes[name] = DraftClass(name, self.links[lname], float(spec.get("slowdown", 1.0)),
                                            spec.get("step_ms"), bool(spec.get("batched", False)),
-                                           float(spec.get("gather_ms", 0.0)))
+                                           float(spec.get("gather_ms", 0.0)), float(spec.get("send_ms", 0.0)))
             except (TypeError, ValueError) as exc:
                 raise ConfigError(f"draft class {name!r}: {exc}") from None
         dcfg = cfg["drafts"]

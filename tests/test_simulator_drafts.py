@@ -93,11 +93,12 @@ def test_closed_loop_sessions_move_in_step_through_one_batched_device():
     assert len(sim.requests) == 8 and all(not math.isnan(r.finished) for r in sim.requests)  # 4 users x 2
     batcher = sim.pool.devices[0].batcher
     assert batcher.rows == 8 * 10 and batcher.batches == 2 * 10  # all four sessions in every draft call
-    # a round: draft 4 rows (4 ms) + tick wait (1 ms) + verify (10 ms); the open: tick wait + prefill
+    # a round: draft 4 rows (4 ms) + verify (10 ms): no tick wait, since every active session's chunk is there
+    # (workers.batching.tick_due with active_rows); the open: prefill alone
     first = sim.requests[0]
-    assert first.finished - first.arrival == pytest.approx(0.011 + 10 * 0.015, abs=1e-4)  # + bytes on the wire
+    assert first.finished - first.arrival == pytest.approx(0.010 + 10 * 0.014, abs=1e-4)  # + bytes on the wire
     ends = sorted(r.finished for r in sim.requests)
-    assert ends[-1] == pytest.approx(2 * (0.011 + 10 * 0.015), abs=2e-4)
+    assert ends[-1] == pytest.approx(2 * (0.010 + 10 * 0.014), abs=2e-4)
 
 
 def test_unbatched_device_keeps_the_old_per_session_round():
@@ -106,7 +107,8 @@ def test_unbatched_device_keeps_the_old_per_session_round():
     sim.run()
     (r,) = sim.requests
     assert sim.pool.devices[0].batcher is None
-    assert r.finished - r.arrival == pytest.approx(0.011 + 10 * (0.001 + 0.001 + 0.010), abs=1e-4)
+    # a lone session: draft (1 ms) + verify (10 ms) a round, no batching wait at the target
+    assert r.finished - r.arrival == pytest.approx(0.010 + 10 * (0.001 + 0.010), abs=1e-4)
 
 
 def test_target_cost_scale_multiplies_every_forward():
@@ -123,4 +125,37 @@ def test_bad_step_ms_mapping_is_a_config_error():
     cfg = _closed_cfg(1, 1, batched=True)
     cfg["draft_classes"]["cpu"]["step_ms"] = {0: 1.0}
     with pytest.raises(ConfigError, match="cpu"):
+        Simulation(cfg, costs=ConstantCost(1.0))
+
+
+def _tick_rows(send_ms: float) -> tuple[list[int], object]:
+    cfg = _closed_cfg(4, 1, batched=True, output=21)
+    cfg["draft_classes"]["cpu"]["send_ms"] = send_ms
+    sim = Simulation(cfg, costs=ConstantCost(10.0))
+    sim.default_acceptance = IidAcceptance(0.0)
+    rows: list[int] = []
+    sim.targets[0].on_tick = lambda start, waits, s: rows.append(len(waits)) if waits else None
+    sim.run()
+    assert all(not math.isnan(r.finished) for r in sim.requests)
+    return rows, sim.pool.devices[0].batcher
+
+
+def test_send_spread_wider_than_tick_ms_splits_the_batch_as_the_real_sessions_drift_apart():
+    # all at once: every verify tick holds all four sessions, every draft call all four
+    rows, batcher = _tick_rows(0.0)
+    assert set(rows) == {4} and batcher.rows == 4 * batcher.batches
+    # 0.5 ms apart: the 4th chunk reaches the target 1.5 ms after the 1st, past tick_ms (1 ms): the target
+    # starts with the first ones, the rest wait out that tick, and the two groups stay apart in later rounds
+    rows, batcher = _tick_rows(0.5)
+    assert max(rows) < 4 and sum(rows) == 4 * 20
+    assert batcher.rows < 4 * batcher.batches  # the drafter drafts the groups separately too
+    # a spread inside tick_ms changes nothing but the send time
+    rows, _ = _tick_rows(0.3)
+    assert set(rows) == {4}
+
+
+def test_negative_send_ms_is_a_config_error():
+    cfg = _closed_cfg(1, 1, batched=True)
+    cfg["draft_classes"]["cpu"]["send_ms"] = -1.0
+    with pytest.raises(ConfigError, match="send_ms"):
         Simulation(cfg, costs=ConstantCost(1.0))

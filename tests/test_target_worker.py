@@ -279,3 +279,63 @@ def test_sampled_chunks_with_q_are_reproducible_and_reset_frees_every_slot(tiny_
         server.handle(Disconnect(reason="reconnected"))
         assert not server.sessions and engine.allocate() == 0 and engine.allocate() == 1
     assert [(r.accepted, r.tokens, r.pos) for r in results[:1]] == [(r.accepted, r.tokens, r.pos) for r in results[1:]]
+
+
+class _QueueLink:
+    """Stands in for ``WorkerLink.recv_batch``: hands over what the test puts, one message per call."""
+
+    def __init__(self) -> None:
+        self.queue: asyncio.Queue = asyncio.Queue()
+        self.taken = 0
+
+    async def recv_batch(self, max_n: int = 256, timeout: float | None = None) -> list:
+        msg = await self.queue.get()
+        self.taken += 1
+        return [msg]
+
+
+def test_chunks_arriving_during_a_tick_are_read_then_and_handled_after_it(tiny_pair, prompts):
+    """The loop reads the link while the forward runs; those messages keep their arrival time and are handled only
+    after ``finish``: a resend of the chunk in flight meets its cached answer, and a chunk that waited out the tick
+    is due at once (no second tick_ms wait)."""
+    import threading
+    import time
+
+    from workers.target_worker import compute_draining
+
+    engine = load_engine(tiny_pair.target, slots=2, max_context=256)
+    server = TargetServer(engine, TargetConfig(tick_ms=2.0))
+    for key, p in (("a", prompts[0]), ("b", prompts[1])):
+        server.handle(SessionOpen(session=key, prompt_ids=p, max_new_tokens=8))
+    _run_ticks(server)
+    verify_a = Verify(session="a", seq=0, pos=len(prompts[0]), tokens=[5, 6])
+    verify_b = Verify(session="b", seq=0, pos=len(prompts[1]), tokens=[7])
+    assert server.handle(verify_a) == []
+    tick = server.take_tick()
+    release, real_compute = threading.Event(), server.compute
+    server.compute = lambda t: release.wait(30) and real_compute(t)
+
+    async def scenario():
+        link = _QueueLink()
+        task = asyncio.create_task(compute_draining(link, server, tick))
+        for m in (verify_b, verify_a):  # b's first chunk, then a resend of a's chunk in flight
+            link.queue.put_nowait(m)
+        assert await wait_for(lambda: link.taken == 2, timeout=10)
+        read_by = time.monotonic()
+        await asyncio.sleep(2 * server.limits.tick_ms / 1000.0)  # b has now waited longer than tick_ms
+        release.set()
+        outcomes, arrivals = await asyncio.wait_for(task, 30)
+        return outcomes, arrivals, read_by
+
+    outcomes, arrivals, read_by = run_async(scenario(), 60)
+    assert [m for m, _ in arrivals] == [verify_b, verify_a]
+    assert all(tick.started <= at <= read_by for _, at in arrivals)  # stamped when read, during the forward
+    server.count_mid_tick(tick, arrivals)
+    assert server.stats()["mid_tick_chunks"] == 2
+    (result_a,) = server.finish(tick, outcomes, 1.0)
+    assert isinstance(result_a, Result) and result_a.seq == 0
+    replies = [r for m, at in arrivals for r in server.handle(m, at)]
+    assert replies == [result_a]  # the resend got the cached answer, never a second verify
+    assert server.due(time.monotonic())  # b waited out the tick: the next tick starts now
+    (result_b,) = _run_ticks(server)
+    assert isinstance(result_b, Result) and result_b.session == "b" and result_b.queue_ms > 0

@@ -33,11 +33,18 @@ class TickPlan:
 
 
 def tick_due(now: float, oldest_enqueued: float | None, pending_tokens: int, pending_rows: int,
-             limits: BatchLimits) -> bool:
-    """Should the target run a tick now? ``now`` and ``oldest_enqueued`` in seconds."""
+             limits: BatchLimits, active_rows: int | None = None) -> bool:
+    """Should the target run a tick now? ``now`` and ``oldest_enqueued`` in seconds.
+
+    ``active_rows``: how many sessions could send work at all (open, unfinished sessions on this target). When
+    every one of them already has work waiting, nobody else can join the batch, so waiting ``tick_ms`` for company
+    would only add latency: the tick fires at once (a lone session pays no batching delay).
+    """
     if oldest_enqueued is None:
         return False
     if pending_tokens >= limits.max_batch_tokens or pending_rows >= limits.max_batch_rows:
+        return True
+    if active_rows is not None and 0 < active_rows <= pending_rows:
         return True
     return (now - oldest_enqueued) * 1000.0 >= limits.tick_ms
 

@@ -110,6 +110,7 @@ class PromptResult:
     drafted: int = 0
     accepted: int = 0
     rounds: int = 0
+    rejections: int = 0  # rounds that stopped at a rejected draft token (per-token acceptance = a/(a+r))
     reopens: int = 0
     wall_s: float = 0.0
     finished: bool = False
@@ -133,7 +134,7 @@ class PromptResult:
         return {
             "index": self.index, "prompt": self.prompt, "text": self.text, "token_ids": self.token_ids,
             "new_tokens": self.new_tokens, "drafted": self.drafted, "accepted": self.accepted,
-            "acceptance_rate": round(self.acceptance_rate, 4), "rounds": self.rounds,
+            "acceptance_rate": round(self.acceptance_rate, 4), "rounds": self.rounds, "rejections": self.rejections,
             "mean_accepted": round(self.accepted / self.rounds, 3) if self.rounds else 0.0,
             "mean_gamma": round(sum(self.gammas) / len(self.gammas), 3) if self.gammas else 0.0,
             "reopens": self.reopens, "wall_s": round(self.wall_s, 4),
@@ -377,6 +378,7 @@ class DraftWorker:
                 res.rounds += 1
                 res.drafted += g
                 res.accepted += k
+                res.rejections += int(k < g and not reply.finished)
                 res.gammas.append(g)
                 self.rows.append(RoundRow(res.index, res.rounds, g, k, round(draft_ms, 3),
                                           round(max(0.0, rtt_ms - reply.verify_ms), 3), round(reply.verify_ms, 3),

@@ -53,6 +53,7 @@ class Job:
     rounds: int = 0
     drafted: int = 0
     accepted: int = 0
+    rejections: int = 0
     finish_reason: str = FINISH_LENGTH
     error: str | None = None
 
@@ -162,6 +163,7 @@ class FusedServer:
             j.rounds += 1
             j.drafted += g
             j.accepted += o.accepted
+            j.rejections += int(o.accepted < g and not j.target.finished)
             if j.target.finished:
                 j.finish_reason = FINISH_EOS if fresh and fresh[-1] in self.eos else FINISH_LENGTH
             out.append((j, fresh))
@@ -199,7 +201,7 @@ class FusedServer:
                 self.counters["jobs"] += 1
                 self.counters["tokens"] += len(j.tokens)
                 out.append(Done(job=jid, token_ids=j.tokens, text=j.decoder.text, finish_reason=j.finish_reason,
-                                stats={"drafted": j.drafted, "accepted": j.accepted, "rounds": j.rounds,
+                                stats={"drafted": j.drafted, "accepted": j.accepted, "rounds": j.rounds, "rejections": j.rejections,
                                        "acceptance_rate": round(j.accepted / j.drafted, 4) if j.drafted else 0.0,
                                        "prompt_tokens": len(j.prompt), "new_tokens": len(j.tokens),
                                        "gamma": j.gamma, "wall_s": round(wall, 4),

@@ -41,6 +41,7 @@ class JobResult:
             "index": self.index, "prompt": self.prompt, "text": self.text, "token_ids": self.token_ids,
             "new_tokens": n, "drafted": drafted, "accepted": accepted,
             "acceptance_rate": round(accepted / drafted, 4) if drafted else 0.0, "rounds": rounds,
+            "rejections": int(s.get("rejections", 0)),
             "mean_accepted": round(accepted / rounds, 3) if rounds else 0.0,
             "wall_s": round(self.wall_s, 4), "tokens_per_s": round(n / self.wall_s, 2) if self.wall_s > 0 else 0.0,
             "finish_reason": self.finish_reason, "worker_stats": s, "error": self.error,

@@ -10,12 +10,16 @@
   ``finish`` accepts per session, answers (``Result``, ``SessionOpened`` once a prompt is fully cached) and counts
   the credits to give back.
 
-``serve_target`` puts it on a ``WorkerLink``; ``compute`` runs in a thread so heartbeats flow during long ticks.
+``serve_target`` puts it on a ``WorkerLink``; ``compute`` runs in a thread and the loop keeps reading the link
+meanwhile (``compute_draining``): messages that arrive during a tick are stamped when they arrive and handled right
+after ``finish`` (never during the tick: a resend of a chunk in flight must meet its cached answer), so chunks that
+waited out a whole tick start the next one at once instead of waiting another ``tick_ms`` for company.
 Token positions follow protocol/FLOW.md: a slot caches every committed token but the pending one.
 """
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -35,6 +39,7 @@ log = get_logger("target")
 
 IDLE_WAIT_S = 0.1  # longest the loop sleeps with nothing queued (how fast it notices a stop request)
 EWMA = 0.2  # weight of the newest tick in the tick_ms average
+NEAR_MISS_MS = 5.0  # a chunk arriving this soon after a tick started just missed it (stats: near_miss_chunks)
 
 
 @dataclass
@@ -110,7 +115,7 @@ class TargetServer:
         self.waiting_opens: deque[tuple[SessionOpen, float]] = deque()  # no free slot yet
         self.credits = 0  # requests finished since the last grant
         self.counters = {"ticks": 0, "drafted": 0, "accepted": 0, "rows": 0, "tokens": 0, "errors": 0,
-                         "max_rows": 0}
+                         "max_rows": 0, "mid_tick_chunks": 0, "near_miss_chunks": 0}
         self.tick_ms = 0.0
         self.last_rows = 0
         self.last_tokens = 0
@@ -285,7 +290,11 @@ class TargetServer:
     def due(self, now: float) -> bool:
         verifies, prefills = self._pending()
         return tick_due(now, self.oldest(), sum(n for _, n in verifies) + sum(n for _, n in prefills),
-                        len(verifies) + len(prefills), self.limits)
+                        len(verifies) + len(prefills), self.limits, active_rows=self.active_rows())
+
+    def active_rows(self) -> int:
+        """Sessions that may still send work (prefilling, or open and unfinished)."""
+        return sum(1 for s in self.sessions.values() if s.target is None or not s.target.finished)
 
     def wait_s(self, now: float) -> float:
         """How long the loop may wait for messages before a tick is due."""
@@ -371,6 +380,15 @@ class TargetServer:
             out.append(Error(code=E.WORKER_ERROR, message=f"prefill failed: {exc}", session=key))
         return out + self.admit_waiting(time.monotonic())
 
+    def count_mid_tick(self, tick: Tick, arrivals: list[tuple[Message, float]]) -> None:
+        """Count the chunks that arrived while ``tick`` ran; a near miss came within ``NEAR_MISS_MS`` of its start
+        (a drafter batch whose chunks reached the target spread over more than tick_ms: the batch was split)."""
+        for m, at in arrivals:
+            if isinstance(m, Verify):
+                self.counters["mid_tick_chunks"] += 1
+                if (at - tick.started) * 1000.0 < NEAR_MISS_MS:
+                    self.counters["near_miss_chunks"] += 1
+
     # ------------------------------------------------------------------ observability
     def stats(self) -> dict:
         c = self.counters
@@ -378,7 +396,8 @@ class TargetServer:
                 "slots_used": len(self.sessions), "slots_total": self.info.num_slots, "ticks": c["ticks"],
                 "drafted": c["drafted"], "accepted": c["accepted"],
                 "mean_batch": round(c["rows"] / c["ticks"], 3) if c["ticks"] else 0.0,
-                "max_batch_rows": c["max_rows"], "waiting_opens": len(self.waiting_opens), "errors": c["errors"]}
+                "max_batch_rows": c["max_rows"], "waiting_opens": len(self.waiting_opens), "errors": c["errors"],
+                "rows": c["rows"], "mid_tick_chunks": c["mid_tick_chunks"], "near_miss_chunks": c["near_miss_chunks"]}
 
 
 # ---------------------------------------------------------------------- the loop on a WorkerLink
@@ -393,6 +412,25 @@ async def _send_all(link: WorkerLink, replies: list[Message]) -> None:
     for r in replies:
         if not link.send_nowait(r):
             await link.send(r)
+
+
+async def compute_draining(link: WorkerLink, server: TargetServer, tick: Tick
+                           ) -> tuple[list[VerifyOutcome] | Exception, list[tuple[Message, float]]]:
+    """Run the tick's forward in a thread and read the link meanwhile: (outcomes, [(message, arrival time)])."""
+    work = asyncio.ensure_future(asyncio.to_thread(server.compute, tick))
+    arrivals: list[tuple[Message, float]] = []
+    while True:
+        recv = asyncio.ensure_future(link.recv_batch())
+        done, _ = await asyncio.wait({work, recv}, return_when=asyncio.FIRST_COMPLETED)
+        if recv in done:
+            now = time.monotonic()
+            arrivals += [(m, now) for m in recv.result()]
+        else:
+            recv.cancel()  # only ever cancelled while waiting for the socket: nothing read is lost
+            with contextlib.suppress(asyncio.CancelledError):
+                await recv
+        if work in done:
+            return work.result(), arrivals
 
 
 async def serve_target(broker: str, engine: Engine, config: TargetConfig | None = None, *,
@@ -410,18 +448,23 @@ async def serve_target(broker: str, engine: Engine, config: TargetConfig | None 
     log.info("target.serving", broker=broker, model=info.model_id, slots=info.num_slots, device=info.device,
              dtype=info.dtype, max_context=info.max_context, tick_ms=config.tick_ms)
     async with link:
+        early: list[tuple[Message, float]] = []  # read during the last tick, stamped when they arrived
         while not stop.is_set():
-            msgs = await link.recv_batch(timeout=server.wait_s(time.monotonic()))
+            # after a tick, take what came meanwhile and whatever is waiting now, without blocking: if the early
+            # chunks have waited tick_ms already, the next tick starts at once
+            msgs = await link.recv_batch(timeout=0.0 if early else server.wait_s(time.monotonic()))
             now = time.monotonic()
+            arrivals, early = early + [(m, now) for m in msgs], []
             replies: list[Message] = []
-            for m in msgs:
-                replies += server.handle(m, now)
+            for m, at in arrivals:
+                replies += server.handle(m, at)
             await _send_all(link, replies)
             if server.due(time.monotonic()):
                 tick = server.take_tick()
                 if tick is not None:
                     t0 = time.perf_counter()
-                    outcomes = await asyncio.to_thread(server.compute, tick)
+                    outcomes, early = await compute_draining(link, server, tick)
+                    server.count_mid_tick(tick, early)
                     await _send_all(link, server.finish(tick, outcomes, (time.perf_counter() - t0) * 1000.0))
             link.grant(server.take_credits())
     log.info("target.stopped", **server.stats())

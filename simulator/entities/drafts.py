@@ -9,7 +9,10 @@ cost of a round does not grow with γ.
 ``batched: true`` models the real drafter (``workers.draft_worker.DraftBatcher``): the device runs ONE
 ``draft_batch`` at a time over every session ready to draft, after waiting up to ``gather_ms`` for all its active
 sessions to be ready; step j of the batch costs the step time at the rows still drafting. A session whose answer
-arrives while a batch runs waits for the next one (sessions are not drafted in parallel).
+arrives while a batch runs waits for the next one (sessions are not drafted in parallel). ``send_ms``: the batch's
+chunks leave one after another, ``send_ms`` apart (the real drafter's event loop sends them one by one and the
+broker forwards them one by one); when a batch's chunks spread over more than the target's ``tick_ms`` the target
+starts a tick with the first ones and the batch splits, as the real sessions drift apart.
 
 Requests wait in one pool queue until a device has a free session slot (``drafts.sessions`` per device).
 """
@@ -36,8 +39,11 @@ class DraftClass:
     step_ms: float | dict | None = None  # fixed step time (or {batch: ms}), overrides the table
     batched: bool = False  # one draft_batch at a time over every ready session (the real drafter)
     gather_ms: float = 0.0  # batched: longest wait for the device's other sessions to be ready
+    send_ms: float = 0.0  # batched: gap between two chunks of one batch leaving the device
 
     def __post_init__(self) -> None:
+        if self.gather_ms < 0 or self.send_ms < 0:
+            raise ValueError(f"draft class {self.name}: gather_ms and send_ms must be >= 0")
         self._points: list[tuple[float, float]] | None = None
         if isinstance(self.step_ms, dict):
             pts = sorted((float(b), float(v)) for b, v in self.step_ms.items())
@@ -113,8 +119,8 @@ class DraftBatcher:
             self.batches += 1
             self.rows += len(batch)
             yield env.timeout(t)
-            for _, _, done in batch:
-                done.succeed()
+            for i, (_, _, done) in enumerate(batch):
+                done.succeed(i)  # its place in the send order
 
 
 class DraftPool:
@@ -161,13 +167,14 @@ def run_session(env: simpy.Environment, sim, req, device: DraftDevice):
     retry_s = sim.retry_s
     out = req.output_tokens
     batched = device.cls.batched
+    send_s = device.cls.send_ms / 1000.0
     if batched and device.batcher is None:
         device.batcher = DraftBatcher(env, device)
     while req.committed < out:
         g = min(gamma, out - req.committed)
         if batched:
-            yield device.batcher.draft(g, req.prompt_tokens + req.committed)
-            t = link.delay(CHUNK_BYTES + 4 * g, rng) + overhead
+            place = yield device.batcher.draft(g, req.prompt_tokens + req.committed)
+            t = link.delay(CHUNK_BYTES + 4 * g, rng) + overhead + place * send_s
         else:
             t = g * device.step_s(req.prompt_tokens + req.committed) + link.delay(CHUNK_BYTES + 4 * g, rng) + overhead
         yield env.timeout(t)

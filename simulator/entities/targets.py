@@ -139,7 +139,8 @@ class Target:
                 yield self.wake
             oldest = self._oldest()
             pending = self.verify_tokens + sum(min(s.prefill_left, chunk) for s in self.prefill_q)
-            if not tick_due(env.now + EPS, oldest, pending, len(self.verify_q) + len(self.prefill_q), limits):
+            if not tick_due(env.now + EPS, oldest, pending, len(self.verify_q) + len(self.prefill_q), limits,
+                            active_rows=self.active):
                 self.state = WAITING
                 try:
                     yield env.timeout(oldest + limits.tick_ms / 1000.0 - env.now)
