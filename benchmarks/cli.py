@@ -21,7 +21,9 @@ BENCHMARKS: dict[str, str] = {
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("bench", help="run a benchmark", description="Run a benchmark: " + ", ".join(BENCHMARKS))
+    p = sub.add_parser("bench", help="run a benchmark", description="Run a benchmark: " + ", ".join(BENCHMARKS),
+                       epilog="example:\n  specmq bench broker --json\n  specmq bench e2e --quick",
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
     bench_sub = p.add_subparsers(dest="benchmark", required=True, metavar="BENCHMARK")
     chosen = _chosen(sys.argv)
     for name, module_name in BENCHMARKS.items():

@@ -35,7 +35,9 @@ def _inspect(args: argparse.Namespace) -> int:
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("capture", help="inspect capture files", description="Inspect capture files.")
+    p = sub.add_parser("capture", help="inspect capture files", description="Inspect capture files.",
+                       epilog="example:\n  specmq capture inspect run.capture --json",
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
     csub = p.add_subparsers(dest="action", required=True, metavar="ACTION")
     ip = add_command(csub, "inspect", help="summarise a capture file (duration, sessions, messages by type)",
                      example="specmq capture inspect broker.capture --json", func=_inspect, json_flag=True)

@@ -47,7 +47,9 @@ def _generate(args: argparse.Namespace) -> int:
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("keys", help="make CURVE key pairs", description="Make CURVE key pairs.")
+    p = sub.add_parser("keys", help="make CURVE key pairs", description="Make CURVE key pairs.",
+                       epilog="example:\n  specmq keys generate keys/ --name laptop",
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
     ksub = p.add_subparsers(dest="action", required=True, metavar="ACTION")
     g = add_command(ksub, "generate", help="write NAME.key and NAME.key_secret into DIR",
                     example="specmq keys generate keys/ --name broker && specmq keys generate keys/clients "

@@ -49,7 +49,10 @@ def load_config(path: Path | None) -> dict[str, Any]:
     except FileNotFoundError:
         raise CommandError(f"config file {path} not found") from None
     except yaml.YAMLError as exc:
-        raise CommandError(f"config file {path} is not valid YAML: {exc}") from None
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise CommandError(f"config file {path} is not valid YAML{where}: {problem}") from None
     if data is None:
         return {}
     if not isinstance(data, dict):

@@ -1,0 +1,45 @@
+"""The `specmq` console script: every subcommand documents itself with an example; bad input fails in one line."""
+import subprocess
+import sys
+
+import pytest
+
+from specmq.cli import COMMANDS, main
+
+
+@pytest.mark.parametrize("name", list(COMMANDS))
+def test_every_subcommand_has_help_with_an_example(name, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main([name, "--help"])
+    assert exc.value.code == 0
+    out = capsys.readouterr().out
+    assert f"specmq {name}" in out and "example:" in out
+
+
+def test_top_level_help_lists_every_command(capsys):
+    assert main(["--help"]) == 0
+    out = capsys.readouterr().out
+    assert all(name in out for name in COMMANDS)
+
+
+def test_unknown_command_is_a_one_line_error(capsys):
+    assert main(["no-such-command"]) == 2
+    err = capsys.readouterr().err
+    assert "unknown command" in err and err.count("\n") == 1
+
+
+def test_bad_config_file_is_a_one_line_error(tmp_path):
+    bad = tmp_path / "broker.yaml"
+    bad.write_text("frontend: [unclosed\n")
+    proc = subprocess.run([sys.executable, "-m", "specmq.cli", "broker", "--config", str(bad)],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 1
+    assert "not valid YAML" in proc.stderr and proc.stderr.strip().count("\n") == 0
+
+
+def test_unknown_config_key_is_named(tmp_path):
+    cfg = tmp_path / "broker.yaml"
+    cfg.write_text("no_such_option: 3\n")
+    proc = subprocess.run([sys.executable, "-m", "specmq.cli", "broker", "--config", str(cfg)],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 1 and "no_such_option" in proc.stderr
