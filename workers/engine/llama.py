@@ -260,7 +260,7 @@ class Transformer(nn.Module):
 
     def setup_caches(self, slots: int, max_context: int) -> None:
         """Preallocate every layer's cache and the rope table (float32, cast per batch)."""
-        p = self.output.weight
+        p = self.tok_embeddings.weight
         for layer in self.layers:
             layer.attention.kv_cache = KVCache(slots, self.args.n_kv_head, max_context, self.args.head_dim,
                                                p.dtype, p.device)

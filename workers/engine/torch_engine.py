@@ -53,7 +53,7 @@ class TorchEngine(Engine):
         flat = [i for w in want for i in w]
         select = None if len(flat) == len(tokens) * T else torch.tensor(flat, dtype=torch.long, device=self.device)
         with torch.inference_mode():
-            ctx = BatchContext.build(slots, lengths, counts, self.model.rope, self.model.output.weight.dtype,
+            ctx = BatchContext.build(slots, lengths, counts, self.model.rope, self.model.tok_embeddings.weight.dtype,
                                      self.device)
             logits = self.model(padded, ctx, select).float()
         for s, n in zip(slots, counts):
@@ -62,8 +62,12 @@ class TorchEngine(Engine):
 
 
 def load_torch_engine(model_dir: str | Path, device: str = "cpu", dtype: str = "float32", slots: int = 8,
-                      max_context: int | None = None) -> TorchEngine:
-    """Load a Llama-family HF directory (config.json + safetensors) into a ``TorchEngine``."""
+                      max_context: int | None = None, packed: bool | None = None) -> TorchEngine:
+    """Load a Llama-family HF directory (config.json + safetensors) into a ``TorchEngine``.
+
+    ``packed``: pre-pack the linears for oneDNN (``cpu_packed``); default on for float32 on CPU, where it makes a
+    verify of several tokens cost about what one decode step costs.
+    """
     path, cfg = read_config(model_dir)
     model_type = cfg.get("model_type")
     if model_type not in SUPPORTED_MODEL_TYPES:
@@ -87,6 +91,12 @@ def load_torch_engine(model_dir: str | Path, device: str = "cpu", dtype: str = "
         raise EngineError(str(exc)) from exc
     model = model.to(device=dev, dtype=dt).eval()
     model.setup_caches(slots, ctx)
+    if packed is None:
+        packed = dev.type == "cpu" and dt == torch.float32
+    if packed:
+        from workers.engine.cpu_packed import pack_linears
+
+        pack_linears(model)
     eos = eos_token_ids(path, cfg)
     info = EngineInfo(model_id=path.resolve().name, vocab_size=args.vocab_size, max_context=ctx, num_slots=slots,
                       eos_token_id=eos[0] if eos else None, dtype=dtype_name(dt), device=str(dev),
