@@ -33,10 +33,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from workers.engine.base import Engine, EngineError, EngineInfo
-from workers.engine.llama import ModelArgs, Transformer, apply_rope, load_weights, rope_table
-from workers.engine.model_dir import dtype_name, eos_token_ids, parse_device, parse_dtype, read_config
+from workers.engine.llama import ModelArgs, Transformer, apply_rope, rope_table
 from workers.engine.slots import SlotTable
-from workers.engine.tokenizer_id import tokenizer_fingerprint
 
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64)
 TOKEN_BUCKETS = (1, 2, 3, 4, 5, 6, 8, 9, 12, 16)  # gamma+1 for gamma in 0..8 pads little
@@ -45,7 +43,6 @@ FUSE_DEFAULT = "triton"  # 19-30% faster on an H200 (benchmarks/results/gpu_engi
 # B x T = 20 (ctx 2048 B=1 T=5: 7.19 -> 5.50 ms), a loss from 36 (B=4 T=9 ctx 2048: 7.47 -> 10.23 ms)
 TOKEN_ROWS_MAX = 20
 SPAN_STEP = 128  # attention span buckets: multiples of this (a finer step reads fewer stale cache columns)
-DEFAULT_MAX_CONTEXT = 2048
 
 
 def span_buckets(max_context: int, step: int = SPAN_STEP) -> list[int]:
@@ -434,29 +431,8 @@ def make_engine(model: Transformer, info: EngineInfo, *, graphs: bool = True, **
 def load_cuda_engine(model_dir: str | Path, device: str = "cuda", dtype: str = "bfloat16", slots: int = 8,
                      max_context: int | None = None, graphs: bool | None = None, **kw) -> CudaGraphEngine:
     """Load a Llama HF directory into a ``CudaGraphEngine`` (``graphs`` defaults to True on CUDA)."""
-    path, cfg = read_config(model_dir)
-    if cfg.get("model_type") != "llama":
-        raise EngineError(f"{path}: architecture {cfg.get('model_type')!r} not supported by the cuda backend "
-                          "(llama only)")
-    dev, dt = parse_device(device), parse_dtype(dtype)
-    if not isinstance(slots, int) or slots < 1:
-        raise EngineError(f"slots must be a positive integer, got {slots!r}")
-    try:
-        args = ModelArgs.from_hf_config(cfg)
-    except (KeyError, TypeError, ValueError) as exc:
-        raise EngineError(f"{path}/config.json: unsupported or incomplete Llama config: {exc!r}") from exc
-    ctx = max_context if max_context is not None else min(args.max_position_embeddings, DEFAULT_MAX_CONTEXT)
-    if not isinstance(ctx, int) or ctx < 1:
-        raise EngineError(f"max_context must be a positive integer, got {max_context!r}")
-    with torch.device("meta"):
-        model = Transformer(args)
-    try:
-        load_weights(model, path)
-    except (FileNotFoundError, ValueError) as exc:
-        raise EngineError(str(exc)) from exc
-    model = model.to(device=dev, dtype=dt).eval()
-    eos = eos_token_ids(path, cfg)
-    info = EngineInfo(model_id=path.resolve().name, vocab_size=args.vocab_size, max_context=ctx, num_slots=slots,
-                      eos_token_id=eos[0] if eos else None, dtype=dtype_name(dt), device=str(dev),
-                      tokenizer_fingerprint=tokenizer_fingerprint(path), eos_token_ids=eos)
-    return make_engine(model, info, graphs=dev.type == "cuda" if graphs is None else graphs, **kw)
+    from workers.engine.torch_engine import load_llama
+
+    model, info = load_llama(model_dir, device, dtype, slots, max_context, backend="cuda")
+    on_cuda = info.device.startswith("cuda")
+    return make_engine(model, info, graphs=on_cuda if graphs is None else graphs, **kw)

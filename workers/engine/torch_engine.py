@@ -61,17 +61,14 @@ class TorchEngine(Engine):
         return list(logits.split([len(w) for w in want]))
 
 
-def load_torch_engine(model_dir: str | Path, device: str = "cpu", dtype: str = "float32", slots: int = 8,
-                      max_context: int | None = None, packed: bool | None = None) -> TorchEngine:
-    """Load a Llama-family HF directory (config.json + safetensors) into a ``TorchEngine``.
-
-    ``packed``: pre-pack the linears for oneDNN (``cpu_packed``); default on for float32 on CPU, where it makes a
-    verify of several tokens cost about what one decode step costs.
-    """
+def load_llama(model_dir: str | Path, device: str, dtype: str, slots: int, max_context: int | None,
+               backend: str = "llama") -> tuple[Transformer, EngineInfo]:
+    """Read, check and load a Llama HF directory onto ``device`` (no caches yet); shared by the torch and CUDA
+    backends so that both refuse the same bad input with the same one-line errors."""
     path, cfg = read_config(model_dir)
     model_type = cfg.get("model_type")
     if model_type not in SUPPORTED_MODEL_TYPES:
-        raise EngineError(f"{path}: architecture {model_type!r} not supported by the llama backend "
+        raise EngineError(f"{path}: architecture {model_type!r} not supported by the {backend} backend "
                           f"(supported: {', '.join(SUPPORTED_MODEL_TYPES)}; use backend='reference' for others)")
     dev, dt = parse_device(device), parse_dtype(dtype)
     if not isinstance(slots, int) or slots < 1:
@@ -90,15 +87,26 @@ def load_torch_engine(model_dir: str | Path, device: str = "cpu", dtype: str = "
     except (FileNotFoundError, ValueError) as exc:
         raise EngineError(str(exc)) from exc
     model = model.to(device=dev, dtype=dt).eval()
-    model.setup_caches(slots, ctx)
-    if packed is None:
-        packed = dev.type == "cpu" and dt == torch.float32
-    if packed:
-        from workers.engine.cpu_packed import pack_linears
-
-        pack_linears(model)
     eos = eos_token_ids(path, cfg)
     info = EngineInfo(model_id=path.resolve().name, vocab_size=args.vocab_size, max_context=ctx, num_slots=slots,
                       eos_token_id=eos[0] if eos else None, dtype=dtype_name(dt), device=str(dev),
                       tokenizer_fingerprint=tokenizer_fingerprint(path), eos_token_ids=eos)
+    return model, info
+
+
+def load_torch_engine(model_dir: str | Path, device: str = "cpu", dtype: str = "float32", slots: int = 8,
+                      max_context: int | None = None, packed: bool | None = None) -> TorchEngine:
+    """Load a Llama-family HF directory (config.json + safetensors) into a ``TorchEngine``.
+
+    ``packed``: pre-pack the linears for oneDNN (``cpu_packed``); default on for float32 on CPU, where it makes a
+    verify of several tokens cost about what one decode step costs.
+    """
+    model, info = load_llama(model_dir, device, dtype, slots, max_context)
+    model.setup_caches(slots, info.max_context)
+    if packed is None:
+        packed = info.device == "cpu" and model.tok_embeddings.weight.dtype == torch.float32
+    if packed:
+        from workers.engine.cpu_packed import pack_linears
+
+        pack_linears(model)
     return TorchEngine(model, info)
