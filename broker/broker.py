@@ -124,6 +124,7 @@ class Broker:
                 if now >= self._next_beat:
                     self.send_heartbeats()
                     self.purge_workers()
+                    self.expire_sessions(now)
                     self._next_beat = now + self.config.heartbeat_interval
                 if self._stop_requested and deadline is None:
                     deadline = self.begin_shutdown()
@@ -316,6 +317,7 @@ class Broker:
         sess = self.state.sessions.get(key)
         if sess is None:
             sess = self.state.sessions[key] = Session(key=key, client=ident, session=sid)
+        sess.last_active = time.monotonic()
         worker = self.state.workers.get(sess.worker) if sess.worker else None
         placed_now = worker is None
         if placed_now:
@@ -349,6 +351,7 @@ class Broker:
         if sess is None:
             self.error(FRONTEND, ident, E.UNKNOWN_SESSION, f"session {sid!r} is not open", session=sid, seq=seq)
             return
+        sess.last_active = time.monotonic()
         if seq == sess.last_seq and sess.last_result is not None:  # a retry of the last answered chunk
             self.counters.duplicates += 1
             self._send(self.frontend, FRONTEND, ident, sess.last_result, "result", defer=True)
@@ -391,12 +394,34 @@ class Broker:
         sess = self.state.sessions.pop(_key(ident, body["session"]), None)
         if sess is None:
             return  # closing an unknown session is harmless; no answer is expected
+        self.close_on_target(sess)
+
+    def close_on_target(self, sess: Session) -> None:
+        """Forward a SessionClose so the target frees the session's slot (the session is already forgotten)."""
         worker = self.state.workers.get(sess.worker) if sess.worker else None
         if worker is not None:
             worker.sessions.discard(sess.key)
-            body["session"] = sess.key
-            worker.queue.append((sess.key, None, pack(body)))
+            worker.queue.append((sess.key, None, pack({"v": VERSION, "type": "session_close", "session": sess.key})))
             self.dispatch(worker)
+
+    def expire_sessions(self, now: float) -> None:
+        """Close sessions whose client went silent (a crashed drafter), so their target slots do not leak.
+
+        Clients have no heartbeat of their own; a session with nothing in flight and no message for
+        ``session_idle_s`` is closed on its target. A drafter that comes back gets ``unknown_session`` and re-opens.
+        """
+        idle = self.config.session_idle_s
+        if idle <= 0:
+            return
+        cutoff = now - idle
+        stale = [s for s in self.state.sessions.values() if s.last_active < cutoff and not s.inflight
+                 and not s.opening]
+        for sess in stale:
+            del self.state.sessions[sess.key]
+            self.counters.sessions_expired += 1
+            self.close_on_target(sess)
+        if stale:
+            log.info("sessions.expired", count=len(stale), idle_s=idle)
 
     def client_generate(self, ident: bytes, body: dict) -> None:
         jid = body["job"]

@@ -16,6 +16,8 @@ def config_from_args(args: argparse.Namespace) -> BrokerConfig:
     for name in ("heartbeat_interval", "grace_s"):
         if getattr(args, name) <= 0 and name != "grace_s":
             raise CommandError(f"--{name.replace('_', '-')} must be > 0")
+    if float(args.session_idle_s) < 0:
+        raise CommandError("--session-idle-s must be >= 0 (0 = never)")
     for name in ("liveness", "max_queue", "max_frame", "max_deliveries", "hwm"):
         if int(getattr(args, name)) < 1:
             raise CommandError(f"--{name.replace('_', '-')} must be >= 1")
@@ -24,7 +26,7 @@ def config_from_args(args: argparse.Namespace) -> BrokerConfig:
                         max_queue=int(args.max_queue), max_frame=int(args.max_frame),
                         max_deliveries=int(args.max_deliveries), grace_s=float(args.grace_s),
                         retry_ms=int(args.retry_ms), sndhwm=int(args.hwm), rcvhwm=int(args.hwm),
-                        **ops_config(args))
+                        session_idle_s=float(args.session_idle_s), **ops_config(args))
 
 
 def ops_config(args: argparse.Namespace) -> dict:
@@ -86,6 +88,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--grace-s", type=float, default=d.grace_s, help="shutdown grace period in seconds")
     p.add_argument("--retry-ms", type=int, default=d.retry_ms, help="retry hint sent with Busy")
     p.add_argument("--hwm", type=int, default=d.sndhwm, help="SNDHWM/RCVHWM of both ROUTER sockets")
+    p.add_argument("--session-idle-s", type=float, default=d.session_idle_s,
+                   help=f"close a session whose client is silent this long, freeing its target slot; 0 = never "
+                        f"(default: {d.session_idle_s:g})")
     p.add_argument("--metrics-port", type=int, default=None, help="serve Prometheus metrics on this port (default: off)")
     p.add_argument("--metrics-host", default=d.metrics_host, help=f"metrics bind address (default: {d.metrics_host})")
     p.add_argument("--stats-pub", default=d.stats_pub,

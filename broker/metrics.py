@@ -143,6 +143,7 @@ class SnapshotCollector:
             ("send_blocked", "sends held by a full peer"),
             ("dropped", "frames nobody waits for"),
             ("auth_failures", "CURVE clients refused by the allow-list"),
+            ("sessions_expired", "sessions closed after their client went silent"),
         ):
             fam = counter(f"specmq_{key}", doc)
             fam.add_metric([], c.get(key, 0))

@@ -29,6 +29,7 @@ class BrokerConfig:
     rcvhwm: int = 100_000
     max_credit: int = 1_000_000  # a worker's credit is clamped here (untrusted input)
     seed: int = 0  # routing policy randomness
+    session_idle_s: float = 300.0  # a session silent this long is closed (its target slot freed); 0 = never
     # operations (broker/metrics.py, broker/capture.py, broker/curve.py); all off unless set
     metrics_port: int | None = None  # Prometheus HTTP port (0 = any free port); None = off
     metrics_host: str = "127.0.0.1"
@@ -76,6 +77,7 @@ class Session:
     last_seq: int = -1  # last seq answered
     last_result: bytes | None = None  # its encoded answer, resent for a retried chunk
     inflight: set[int] = field(default_factory=set)  # seqs forwarded and not yet answered
+    last_active: float = field(default_factory=time.monotonic)  # last message from its client (idle expiry)
 
 
 @dataclass
@@ -108,6 +110,7 @@ class Counters:
         self.send_blocked = 0  # sends that hit EAGAIN (peer's HWM) and were held in the outbox
         self.dropped = 0  # frames with nobody to answer (counted, logged)
         self.auth_failures = 0  # CURVE clients refused by the allow-list (set from the ZAP thread)
+        self.sessions_expired = 0  # sessions closed by the broker after session_idle_s of client silence
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -125,6 +128,7 @@ class Counters:
             "send_blocked": self.send_blocked,
             "dropped": self.dropped,
             "auth_failures": self.auth_failures,
+            "sessions_expired": self.sessions_expired,
         }
 
 

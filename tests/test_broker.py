@@ -396,3 +396,29 @@ def test_close_forgets_inflight_work_and_late_answers(broker):
             assert await c.recv(0.2) is None
 
     run_async(main())
+
+
+def test_idle_session_of_a_silent_client_is_closed_on_its_target(make_broker):
+    """A drafter that crashes never sends SessionClose: the broker closes its session after session_idle_s."""
+    broker = make_broker(session_idle_s=0.3)
+
+    async def main():
+        async with Worker(broker.backend, "a") as a, BrokerClient(broker.frontend) as c:
+            await registered(broker, 1)
+            assert isinstance(await c.request(SessionOpen(session="busy", prompt_ids=[1, 2])), SessionOpened)
+            assert isinstance(await c.request(SessionOpen(session="gone", prompt_ids=[1, 2])), SessionOpened)
+            pos = 2
+            for seq in range(8):  # "busy" keeps talking for longer than the idle limit; "gone" stays silent
+                r = await c.request(Verify(session="busy", seq=seq, pos=pos, tokens=[5]))
+                assert isinstance(r, Result)
+                pos = r.pos
+                await asyncio.sleep(0.1)
+            assert await wait_for(lambda: broker.snapshot()["counters"]["sessions_expired"] == 1, 5)
+            closed = [m.session.split("/", 1)[1] for m in a.of_type(SessionClose)]
+            assert closed == ["gone"]  # its target got the close (slot freed); the active session was kept
+            late = await c.request(Verify(session="gone", seq=0, pos=2, tokens=[5]))
+            assert isinstance(late, Error) and late.code == E.UNKNOWN_SESSION  # the drafter re-opens on this
+            r = await c.request(Verify(session="busy", seq=8, pos=pos, tokens=[5]))
+            assert isinstance(r, Result)
+
+    run_async(main())
