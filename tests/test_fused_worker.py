@@ -78,5 +78,8 @@ def test_fused_jobs_stream_exactly_the_target_greedy_output(broker, tiny_pair):
         assert s["rounds"] >= 1 and 0 <= s["accepted"] <= s["drafted"] and s["new_tokens"] == len(want)
     # jobs progressed together: fewer rounds (one batched verify forward each) than the jobs' rounds summed
     assert servers[0].counters["rounds"] < sum(m[-1].stats["rounds"] for m in runs)
+    st = servers[0].stats()  # what the heartbeat reports: rows per round shows the batching
+    assert st["ticks"] == servers[0].counters["rounds"]
+    assert st["rows"] == sum(m[-1].stats["rounds"] for m in runs) and st["mean_batch"] > 1.0
     assert isinstance(bad[-1], Error) and bad[-1].code == E.TOKEN_OUT_OF_RANGE
     assert isinstance(too_long[-1], Error) and too_long[-1].code == E.CONTEXT_TOO_LONG

@@ -69,7 +69,7 @@ class FusedServer:
         self.eos = eos_ids(target.info)
         self.capacity = min(draft.info.num_slots, target.info.num_slots)
         self.jobs: dict[str, Job] = {}
-        self.counters = {"jobs": 0, "rounds": 0, "drafted": 0, "accepted": 0, "errors": 0, "tokens": 0}
+        self.counters = {"jobs": 0, "rounds": 0, "drafted": 0, "accepted": 0, "errors": 0, "tokens": 0, "rows": 0}
         self.round_ms = 0.0
 
     # ------------------------------------------------------------------ jobs in
@@ -168,6 +168,7 @@ class FusedServer:
                 j.finish_reason = FINISH_EOS if fresh and fresh[-1] in self.eos else FINISH_LENGTH
             out.append((j, fresh))
         self.counters["rounds"] += 1
+        self.counters["rows"] += len(live)
         self.counters["drafted"] += sum(gammas)
         self.counters["accepted"] += sum(o.accepted for o in outcomes)
         ms = (time.perf_counter() - t0) * 1000.0
@@ -219,7 +220,10 @@ class FusedServer:
         c = self.counters
         return {"jobs_running": len(self.jobs), "slots_used": len(self.jobs), "slots_total": self.capacity,
                 "jobs_done": c["jobs"], "rounds": c["rounds"], "drafted": c["drafted"], "accepted": c["accepted"],
-                "tick_ms": round(self.round_ms, 3), "tokens": c["tokens"], "errors": c["errors"]}
+                "tick_ms": round(self.round_ms, 3), "tokens": c["tokens"], "errors": c["errors"],
+                # a round is the fused worker's tick: one batched draft + one batched verify over every running job
+                "ticks": c["rounds"], "rows": c["rows"],
+                "mean_batch": round(c["rows"] / c["rounds"], 3) if c["rounds"] else 0.0}
 
 
 def ready_message(server: FusedServer) -> Ready:
