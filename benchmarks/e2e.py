@@ -24,7 +24,6 @@ import argparse
 import asyncio
 import json
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -154,15 +153,9 @@ class Services:
         return ticks, ticks * float(st.get("mean_batch", 0.0) or 0.0)
 
     def close(self) -> None:
-        for p in reversed(self.procs):
-            if p.poll() is None:
-                p.send_signal(signal.SIGTERM)
-        for p in self.procs:
-            try:
-                p.wait(15)
-            except subprocess.TimeoutExpired:
-                p.kill()
-                p.wait(5)
+        from specmq.up_cli import stop_processes
+
+        stop_processes(self.procs, grace_s=15.0)
 
 
 def _row(arch: str, gamma: int | None, sessions: int, delay: float, results: list[dict], wall: float,

@@ -43,7 +43,6 @@ import csv
 import json
 import math
 import os
-import signal
 import statistics
 import subprocess
 import sys
@@ -181,15 +180,9 @@ class Cluster:
         return out
 
     def close(self) -> None:
-        for p in reversed(self.procs):
-            if p.poll() is None:
-                p.send_signal(signal.SIGTERM)
-        for p in self.procs:
-            try:
-                p.wait(15)
-            except subprocess.TimeoutExpired:
-                p.kill()
-                p.wait(5)
+        from specmq.up_cli import stop_processes
+
+        stop_processes(self.procs, grace_s=15.0)
 
 
 class SendClock:

@@ -46,18 +46,22 @@ def broker_stats(frontend: str, timeout_s: float = 0.5) -> dict | None:
         sock.close(linger=0)
 
 
-def stop_all(children: list[Child]) -> None:
-    """SIGTERM every live child, then SIGKILL whatever is still alive after the grace period."""
-    for c in children:
-        if c.proc.poll() is None:
-            c.proc.send_signal(signal.SIGTERM)
-    deadline = time.monotonic() + STOP_GRACE_S
-    for c in children:
+def stop_processes(procs: list[subprocess.Popen], grace_s: float = STOP_GRACE_S) -> None:
+    """SIGTERM every live process (last started first), then SIGKILL whatever is still alive after ``grace_s``."""
+    for p in reversed(procs):
+        if p.poll() is None:
+            p.send_signal(signal.SIGTERM)
+    deadline = time.monotonic() + grace_s
+    for p in procs:
         try:
-            c.proc.wait(max(0.1, deadline - time.monotonic()))
+            p.wait(max(0.1, deadline - time.monotonic()))
         except subprocess.TimeoutExpired:
-            c.proc.kill()
-            c.proc.wait(5)
+            p.kill()
+            p.wait(5)
+
+
+def stop_all(children: list[Child]) -> None:
+    stop_processes([c.proc for c in children])
 
 
 def _dead(children: list[Child]) -> Child | None:

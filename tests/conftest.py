@@ -103,3 +103,22 @@ def make_broker() -> Callable[..., BrokerThread]:
 def broker(make_broker) -> BrokerThread:
     """A running broker with the test config (heartbeat 0.1 s, liveness 5)."""
     return make_broker()
+
+
+@pytest.fixture
+def patient_broker(make_broker) -> BrokerThread:
+    """Generous liveness for tests that run model workers in-process: a loaded CI box must not make the broker
+    declare a worker dead mid-test while a forward holds the event loop."""
+    return make_broker(heartbeat_interval=0.2, liveness=25)
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Tiny tensors: intra-op threads only add contention on a shared CPU (10x slower here). Use with
+    ``pytestmark = pytest.mark.usefixtures("one_torch_thread")``; torch is imported only by modules that ask."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

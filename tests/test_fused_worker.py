@@ -4,7 +4,6 @@ from __future__ import annotations
 import asyncio
 
 import pytest
-import torch
 
 from broker.client import BrokerClient, wait_for
 from protocol import errors as E
@@ -20,18 +19,12 @@ from workers.tokenizer_text import decode, encode, load_tokenizer
 TEXTS = ["Once upon a time", "The quick brown fox", "Numbers like"]
 
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
 @pytest.fixture
-def broker(make_broker):
-    """Generous liveness: a loaded CI box must not make the broker declare the worker dead mid-test."""
-    return make_broker(heartbeat_interval=0.2, liveness=25)
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+def broker(patient_broker):
+    return patient_broker
 
 
 async def _collect(client: BrokerClient, job: Generate) -> list:

@@ -22,18 +22,12 @@ GREEDY = SamplingParams()
 TEXTS = ["Once upon a time", "The quick brown fox", "A message queue carries", "She said hello"]
 
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
 @pytest.fixture
-def broker(make_broker):
-    """Generous liveness: a loaded CI box must not make the broker declare the worker dead mid-test."""
-    return make_broker(heartbeat_interval=0.2, liveness=25)
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+def broker(patient_broker):
+    return patient_broker
 
 
 @pytest.fixture(scope="module")

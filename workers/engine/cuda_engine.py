@@ -32,9 +32,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from workers.engine.base import Engine, EngineError, EngineInfo
+from workers.engine.base import EngineError, EngineInfo
 from workers.engine.llama import ModelArgs, Transformer, apply_rope, rope_table
-from workers.engine.slots import SlotTable
+from workers.engine.slots import SlotTable, SlotTableEngine
 
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64)
 TOKEN_BUCKETS = (1, 2, 3, 4, 5, 6, 8, 9, 12, 16)  # gamma+1 for gamma in 0..8 pads little
@@ -298,7 +298,7 @@ class _Bucket:
         return self.logits
 
 
-class CudaGraphEngine(Engine):
+class CudaGraphEngine(SlotTableEngine):
     """Static-shape Llama engine; ``graphs=True`` (CUDA only) replays one CUDA graph per bucket, captured lazily
     on first use or up front with ``capture()``."""
 
@@ -349,19 +349,7 @@ class CudaGraphEngine(Engine):
             from workers.engine.cuda_gemm import SkinnyLinear
             self.linear = SkinnyLinear()
 
-    # ---- slots: bookkeeping only (the padding slot is never handed out)
-    def allocate(self) -> int:
-        return self.table.allocate()
-
-    def free(self, slot: int) -> None:
-        self.table.free(slot)
-
-    def length(self, slot: int) -> int:
-        return self.table.length(slot)
-
-    def rollback(self, slot: int, n: int) -> None:
-        self.table.rollback(slot, n)
-
+    # ---- slots: bookkeeping is SlotTableEngine's (the padding slot is never handed out)
     def buckets(self) -> list[tuple[int, int]]:
         return [(b, t) for b in self.batch_buckets for t in self.token_buckets]
 

@@ -10,13 +10,13 @@ from typing import Any, Sequence
 
 import torch
 
-from workers.engine.base import Engine, EngineError, EngineInfo
+from workers.engine.base import EngineError, EngineInfo
 from workers.engine.model_dir import dtype_name, eos_token_ids, parse_device, parse_dtype, read_config
-from workers.engine.slots import SlotTable
+from workers.engine.slots import SlotTable, SlotTableEngine
 from workers.engine.tokenizer_id import tokenizer_fingerprint
 
 
-class ReferenceEngine(Engine):
+class ReferenceEngine(SlotTableEngine):
     def __init__(self, model: Any, info: EngineInfo) -> None:
         self.model = model
         self.info = info
@@ -25,19 +25,16 @@ class ReferenceEngine(Engine):
         self.seqs: list[list[int]] = [[] for _ in range(info.num_slots)]
 
     def allocate(self) -> int:
-        slot = self.table.allocate()
+        slot = super().allocate()
         self.seqs[slot] = []
         return slot
 
     def free(self, slot: int) -> None:
-        self.table.free(slot)
+        super().free(slot)
         self.seqs[slot] = []
 
-    def length(self, slot: int) -> int:
-        return self.table.length(slot)
-
     def rollback(self, slot: int, n: int) -> None:
-        self.table.rollback(slot, n)
+        super().rollback(slot, n)
         del self.seqs[slot][self.table.lengths[slot]:]
 
     def forward(self, rows: Sequence[tuple[int, Sequence[int]]], last_only: Sequence[bool] | None = None

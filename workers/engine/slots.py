@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from typing import Sequence
 
-from workers.engine.base import EngineError, NoFreeSlot
+from workers.engine.base import Engine, EngineError, NoFreeSlot
 
 
 class SlotTable:
@@ -69,3 +69,22 @@ class SlotTable:
             slots.append(slot)
             tokens.append(toks)
         return slots, tokens, [bool(x) for x in last_only]
+
+
+class SlotTableEngine(Engine):
+    """Slot bookkeeping of every backend: allocate / free / length / rollback are ``self.table``'s (a length change;
+    the KV data is never touched). Subclasses set ``self.table`` and implement ``forward``."""
+
+    table: SlotTable
+
+    def allocate(self) -> int:
+        return self.table.allocate()
+
+    def free(self, slot: int) -> None:
+        self.table.free(slot)
+
+    def length(self, slot: int) -> int:
+        return self.table.length(slot)
+
+    def rollback(self, slot: int, n: int) -> None:
+        self.table.rollback(slot, n)

@@ -10,35 +10,22 @@ from typing import Sequence
 
 import torch
 
-from workers.engine.base import Engine, EngineError, EngineInfo
+from workers.engine.base import EngineError, EngineInfo
 from workers.engine.llama import BatchContext, ModelArgs, Transformer, load_weights
 from workers.engine.model_dir import dtype_name, eos_token_ids, parse_device, parse_dtype, read_config
-from workers.engine.slots import SlotTable
+from workers.engine.slots import SlotTable, SlotTableEngine
 from workers.engine.tokenizer_id import tokenizer_fingerprint
 
 SUPPORTED_MODEL_TYPES = ("llama",)
 DEFAULT_MAX_CONTEXT = 2048  # cap when max_context=None: the cache is slots x layers x 2 x kv x ctx x head_dim
 
 
-class TorchEngine(Engine):
+class TorchEngine(SlotTableEngine):
     def __init__(self, model: Transformer, info: EngineInfo) -> None:
         self.model = model
         self.info = info
         self.device = next(model.parameters()).device
         self.table = SlotTable(info.num_slots, info.max_context, info.vocab_size)
-
-    # ---- slots: bookkeeping only
-    def allocate(self) -> int:
-        return self.table.allocate()
-
-    def free(self, slot: int) -> None:
-        self.table.free(slot)
-
-    def length(self, slot: int) -> int:
-        return self.table.length(slot)
-
-    def rollback(self, slot: int, n: int) -> None:
-        self.table.rollback(slot, n)
 
     # ---- the one forward
     def forward(self, rows: Sequence[tuple[int, Sequence[int]]], last_only: Sequence[bool] | None = None
