@@ -29,11 +29,14 @@ from workers.engine.cuda_shapes import fill_cache_randomly, random_engine  # noq
 from workers.profile_cli import step_ms  # noqa: E402
 
 CTX = 512
-MODES = ("off", "triton", "triton+rows")  # "+rows": flash with one one-query row per token (token_rows)
+# "triton": flash attention; "+rows": flash with one one-query row per token (token_rows) for
+# B x T <= TOKEN_ROWS_MAX; "+split": the Triton split-KV attention (cuda_attention), the engine's default
+MODES = ("off", "triton", "triton+rows", "triton+split")
 
 
 _KEEP: list = []
 ROWS_OK = [False]
+SPLIT_OK = [False]
 
 
 def set_mode(eng, mode: str) -> None:
@@ -44,6 +47,7 @@ def set_mode(eng, mode: str) -> None:
     eng._pool = torch.cuda.graph_pool_handle()
     eng.fuse = mode.split("+")[0]
     eng.token_rows = mode.endswith("+rows") and ROWS_OK[0]
+    eng.verify_attn = "split" if mode.endswith("+split") and SPLIT_OK[0] else "flash"
 
 
 def log(*a) -> None:
@@ -171,8 +175,9 @@ def accuracy(B: int = 4, T: int = 5) -> None:
     e32 = make_engine(m32, info, graphs=False)
     fill_cache_randomly(e32)
     outs = {}
-    for mode in ("off", "triton", "triton+rows"):
-        e = make_engine(m16, info, graphs=True, fuse=mode.split("+")[0], token_rows=mode.endswith("rows"))
+    for mode in ("off", "triton", "triton+rows", "triton+split"):
+        e = make_engine(m16, info, graphs=True, fuse=mode.split("+")[0], token_rows=mode.endswith("rows"),
+                        verify_attn="split" if mode.endswith("split") else "flash")
         for (k, v), (k32, v32) in zip(e.kv, e32.kv):
             k.copy_(k32)
             v.copy_(v32)
@@ -208,16 +213,18 @@ def main() -> int:
                         fuse="triton")
     fill_cache_randomly(eng)
     ROWS_OK[0] = eng.token_rows
-    log(f"8B engine attn={eng.attn} fuse={eng.fuse} token_rows={eng.token_rows} errors={FLASH_ERRORS} "
+    SPLIT_OK[0] = eng.verify_attn != "flash"
+    log(f"8B engine attn={eng.attn} fuse={eng.fuse} token_rows={eng.token_rows} verify_attn={eng.verify_attn} "
+        f"errors={FLASH_ERRORS} "
         f"({time.perf_counter() - t_start:.0f} s)")
     if eng.fuse != "triton":
         modes = ["off"]
     compare_logits(eng, "8B", [(1, 5), (16, 5)], modes, results)
-    shapes = [(1, 1), (1, 5), (1, 9), (4, 5), (16, 5), (32, 5), (64, 1), (64, 5)]
+    shapes = [(1, 1), (1, 5), (1, 9), (4, 5), (4, 9), (16, 1), (16, 5), (32, 5), (64, 1), (64, 5)]
     profile_shapes(eng, "8B", shapes, modes, args.reps, [], results)
-    for mode in ("off", "triton+rows"):
+    for mode in [m for m in ("triton+rows", "triton+split") if m in modes]:
         set_mode(eng, mode)
-        for B, T in [(1, 1), (1, 5), (16, 5)]:
+        for B, T in [(1, 1), (1, 5), (16, 5), (64, 1)]:
             rows = rows_for(eng, B, T)
             forward_once(eng, rows)  # capture outside the trace
             table, n = kernel_table(eng, rows)
@@ -248,7 +255,9 @@ def main() -> int:
     d = random_engine("llama-3.2-1b", device="cuda", dtype="bfloat16", slots=64, max_context=CTX + 16,
                       fuse="triton")
     fill_cache_randomly(d)
-    profile_shapes(d, "1B", [(1, 1), (16, 1), (64, 1)], modes[:2], args.reps, [], results)
+    SPLIT_OK[0] = d.verify_attn != "flash"
+    profile_shapes(d, "1B", [(1, 1), (16, 1), (64, 1)], [m for m in ("triton", "triton+split") if m in modes],
+                   args.reps, [], results)
     log(f"all done at {time.perf_counter() - t_start:.0f} s")
     with open(os.path.join(args.out, "gpu_profile_step.json"), "w") as f:
         json.dump({"device": torch.cuda.get_device_name(), "torch": torch.__version__, "results": results,

@@ -147,10 +147,12 @@ def test_cuda_graphs_bf16_match_float32_cpu_reference():
 
 
 @cuda
-@pytest.mark.parametrize("fuse", ["triton", "hoist", "off"])
-def test_cuda_graphs_llama8b_head_layout_flash_match_reference(fuse):
+@pytest.mark.parametrize("fuse,verify_attn", [("triton", "split"), ("triton", "flash"),
+                                               ("hoist", "flash"), ("off", "flash")])
+def test_cuda_graphs_llama8b_head_layout_flash_match_reference(fuse, verify_attn):
     """Llama-3-8B head grouping (G=4, head_dim 128) and rope scaling, few layers: bf16 graphs on the paged flash
-    path against the float32 CPU reference, with each glue variant (fused Triton kernels, unfused)."""
+    path against the float32 CPU reference, with each glue variant (fused Triton kernels, unfused) and each
+    attention kernel (Triton split-KV, flash)."""
     global ARGS
     saved = ARGS
     ARGS = ModelArgs(vocab_size=512, dim=512, intermediate_size=1024, n_layer=2, n_head=4, n_kv_head=1,
@@ -158,10 +160,12 @@ def test_cuda_graphs_llama8b_head_layout_flash_match_reference(fuse):
                      rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
                                    "high_freq_factor": 4.0, "original_max_position_embeddings": 8192})
     try:
-        ref, fast = engines("cuda", torch.bfloat16, graphs=True, args=ARGS, fuse=fuse)
+        ref, fast = engines("cuda", torch.bfloat16, graphs=True, args=ARGS, fuse=fuse, verify_attn=verify_attn)
         from workers.engine.cuda_engine import FLASH_ERRORS
         assert fast.attn in ("paged", "offsets"), FLASH_ERRORS
         assert fast.fuse == fuse, FLASH_ERRORS
+        assert fast.verify_attn == (verify_attn if fuse == "triton" else "flash"), FLASH_ERRORS
+        assert fast.use_split(2, 4) == fast.use_split(2, 1) == (fast.verify_attn == "split")
         assert fast.token_rows or fuse == "off", FLASH_ERRORS
         play(ref, fast, script(2), tol=3e-2)
     finally:

@@ -9,8 +9,9 @@ launches ~30 kernels per layer from Python and has data-dependent shapes. Here e
   to the smallest (B, T) bucket: dummy rows point at the padding slot; every token, padding included, writes its
   K/V at ``length + t`` of its own slot, i.e. past the slot's length (harmless, like stale entries after a
   rollback), so the write is one index_put of static shape;
-* attention (CUDA, bf16/fp16) is FA2's paged flash attention from torch (``block_table`` = each row's slot pages,
-  ``seqused_k = length + T``, causal bottom-right): it reads each row's KV in place, once, with GQA native.
+* attention (CUDA, bf16/fp16) reads each row's KV in place, once per KV head: by default the Triton split-KV
+  kernel of ``cuda_attention`` (all T x G queries of a KV head in one tile, keys split across programs), else
+  FA2's flash attention from torch (``seqused_k = length + T``, causal bottom-right, GQA native).
   Elsewhere (CPU, float32, a torch without the op) the portable path gathers the first ``S`` columns of each row's
   slot (``S`` = the smallest span bucket >= the batch's longest ``length + n``) and runs SDPA with a position mask,
   query heads grouped by KV head (``[B, Hkv, G*T, D]``) so K/V are not expanded;
@@ -42,6 +43,7 @@ FUSE_DEFAULT = "triton"  # 19-30% faster on an H200 (benchmarks/results/gpu_engi
 # flash token rows (one one-query row per token) only up to this many B x T: measured on an H200, a win up to
 # B x T = 20 (ctx 2048 B=1 T=5: 7.19 -> 5.50 ms), a loss from 36 (B=4 T=9 ctx 2048: 7.47 -> 10.23 ms)
 TOKEN_ROWS_MAX = 20
+VERIFY_ATTN = ("split", "flash")  # the attention kernel of the fused path: see CudaGraphEngine(verify_attn=...)
 SPAN_STEP = 128  # attention span buckets: multiples of this (a finer step reads fewer stale cache columns)
 
 
@@ -172,14 +174,15 @@ FUSE_MODES = ("off", "hoist", "triton")
 def static_forward(model: Transformer, caches: list[tuple[Tensor, Tensor]], rope: tuple[Tensor, Tensor],
                    tokens: Tensor, slots: Tensor, start: Tensor, counts: Tensor, span: int, attn: str,
                    linear: Callable[[Tensor, torch.nn.Linear], Tensor] = _module_linear, fuse: str = "off",
-                   token_rows: bool = False) -> Tensor:
+                   token_rows: bool = False, split: bool = False) -> Tensor:
     """Logits ``[B*T, vocab]`` for tokens ``[B, T]``; every shape depends on (B, T, span) only (graph-capturable).
 
     ``slots``/``start``/``counts`` are ``[B]``: the row's slot, its cached length, its number of valid tokens.
     Every token (padding too) writes its K/V at ``start + t`` of its own slot, clamped into the slot's spare
     columns: past the slot's length, so harmless (a rollback leaves such stale entries too). ``counts`` is not
     needed by the math: padding queries are computed and dropped. ``fuse`` (flash paths only): "hoist" builds the
-    flash metadata once per step, "triton" also runs the fused glue kernels of ``cuda_fused``.
+    flash metadata once per step, "triton" also runs the fused glue kernels of ``cuda_fused``; with "triton",
+    ``split`` runs attention as ``cuda_attention.split_attention`` instead of flash.
     """
     args = model.args
     B, T = tokens.shape
@@ -192,7 +195,8 @@ def static_forward(model: Transformer, caches: list[tuple[Tensor, Tensor]], rope
         fuse = "off"
     token_rows = token_rows and flash and fuse != "off"
     if fuse == "triton":
-        return _fused_forward(model, caches, rope, tokens, slots, start, attn, linear, token_rows)
+        return _fused_forward(model, caches, rope, tokens, slots, start, attn, linear, token_rows,
+                              span if split else 0)
     ar = torch.arange(T, device=dev)
     positions = start[:, None] + ar[None, :]  # [B, T]
     write_pos = positions.clamp(max=cols - 1)
@@ -232,9 +236,12 @@ def static_forward(model: Transformer, caches: list[tuple[Tensor, Tensor]], rope
 
 def _fused_forward(model: Transformer, caches: list[tuple[Tensor, Tensor]], rope: tuple[Tensor, Tensor],
                    tokens: Tensor, slots: Tensor, start: Tensor, attn: str,
-                   linear: Callable[[Tensor, torch.nn.Linear], Tensor], token_rows: bool = False) -> Tensor:
+                   linear: Callable[[Tensor, torch.nn.Linear], Tensor], token_rows: bool = False,
+                   split_span: int = 0) -> Tensor:
     """``static_forward`` with the glue in three Triton kernels a layer (``cuda_fused``): rope + cache writes,
-    residual add + RMSNorm (twice), silu * up. Same math, same cache layout."""
+    residual add + RMSNorm (twice), silu * up. Same math, same cache layout. ``split_span`` > 0: attention is
+    ``cuda_attention.split_attention`` over at most that many keys a row, instead of flash."""
+    from workers.engine.cuda_attention import split_attention
     from workers.engine.cuda_fused import add_rms_norm, rope_kv, silu_mul
 
     args = model.args
@@ -251,7 +258,10 @@ def _fused_forward(model: Transformer, caches: list[tuple[Tensor, Tensor]], rope
     for layer, nxt, (k_cache, v_cache) in zip(layers, norms, caches):
         a, f = layer.attention, layer.feed_forward
         q = rope_kv(linear(h, a.wqkv), rope[0], rope[1], start, slots, k_cache, v_cache, H, T)
-        y = flash_paged_attention(q, k_cache, v_cache, slots, seqused, T, attn, meta, token_rows)
+        if split_span:
+            y = split_attention(q, k_cache, v_cache, slots, start, T, split_span)
+        else:
+            y = flash_paged_attention(q, k_cache, v_cache, slots, seqused, T, attn, meta, token_rows)
         x, h = add_rms_norm(x, linear(y.view(B * T, H * D), a.wo), layer.ffn_norm.weight, layer.ffn_norm.eps)
         x, h = add_rms_norm(x, linear(silu_mul(linear(h, f.w13)), f.w2), nxt.weight, nxt.eps)
     return linear(h, model.output)
@@ -272,9 +282,10 @@ class _Bucket:
         T = self.T
         x = self.inputs
         e = self.engine
+        split = e.use_split(self.B, T)
         return static_forward(e.model, e.kv, e.rope, x[:, :T], x[:, T], x[:, T + 1], x[:, T + 2], self.span,
                               e.attn if self.T <= e.token_buckets[-1] else "sdpa", e.linear, e.fuse,
-                              e.token_rows and self.B * self.T <= TOKEN_ROWS_MAX)
+                              not split and e.token_rows and self.B * self.T <= TOKEN_ROWS_MAX, split)
 
     def capture(self, pool) -> None:
         """Warm up on a side stream (cuBLAS handles, allocator), then capture one forward."""
@@ -305,7 +316,7 @@ class CudaGraphEngine(SlotTableEngine):
     def __init__(self, model: Transformer, info: EngineInfo, *, graphs: bool = True,
                  batch_buckets: Sequence[int] = BATCH_BUCKETS, token_buckets: Sequence[int] = TOKEN_BUCKETS,
                  span_step: int = SPAN_STEP, attn: str | None = None, gemm: str = "cublas",
-                 fuse: str = FUSE_DEFAULT, token_rows: bool = True) -> None:
+                 fuse: str = FUSE_DEFAULT, token_rows: bool = True, verify_attn: str = "split") -> None:
         self.model = model
         self.info = info
         self.device = next(model.parameters()).device
@@ -341,6 +352,22 @@ class CudaGraphEngine(SlotTableEngine):
         # flash with T > 1: one one-query row per token (FA2's split-KV decode kernel), where it checks out here
         self.token_rows = bool(token_rows and self.attn in ("paged", "offsets")
                                and flash_mode(a.head_dim, dtype, self.device, token_rows=self.attn))
+        # attention with the fused glue: "split" (default; cuda_attention: one program per row, KV head and key
+        # split, all T x G queries of a KV head in one tile) where it checks out here, else "flash" (FA2; token
+        # rows up to TOKEN_ROWS_MAX). Measured on an H100 (benchmarks/results/gpu_engine_h100.md), split beats FA2
+        # at every shape: 1.6-2x at T = 1, 4-8x at T = 5..9 (B=16 T=5 ctx 512: 70 -> 16 us a layer).
+        if verify_attn not in VERIFY_ATTN:
+            raise EngineError(f"verify_attn must be one of {VERIFY_ATTN}, got {verify_attn!r}")
+        if verify_attn != "flash" and self.fuse == "triton":
+            from workers.engine.cuda_attention import self_check as split_check
+
+            why = split_check(a.n_head, a.n_kv_head, a.head_dim, dtype, self.device)
+            if why:
+                FLASH_ERRORS.append(f"split attention off: {why}")
+                verify_attn = "flash"
+        else:
+            verify_attn = "flash"
+        self.verify_attn = verify_attn
         # "cublas" (default): every projection through cuBLAS, which already streams the 8B weights at 2.0-2.8 TB/s
         # for 1..64 rows on an H100. "auto": Triton skinny GEMMs where they measure faster (bf16/fp16, CUDA):
         # measured, only the lm_head gained (~5%, 0.02 ms a step); kept as an option (benchmarks/results/).
@@ -348,6 +375,10 @@ class CudaGraphEngine(SlotTableEngine):
         if gemm == "auto" and self.device.type == "cuda" and dtype in (torch.bfloat16, torch.float16):
             from workers.engine.cuda_gemm import SkinnyLinear
             self.linear = SkinnyLinear()
+
+    def use_split(self, B: int, T: int) -> bool:
+        """Whether a (B, T) bucket runs ``cuda_attention.split_attention`` (else flash)."""
+        return self.verify_attn == "split" and T <= self.token_buckets[-1]
 
     # ---- slots: bookkeeping is SlotTableEngine's (the padding slot is never handed out)
     def buckets(self) -> list[tuple[int, int]]:

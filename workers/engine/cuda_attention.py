@@ -1,0 +1,197 @@
+"""Split-KV attention for verify steps (Triton): T draft tokens per row, query heads packed by KV head.
+
+Why: a verify step has T = gamma + 1 queries per row over that row's slot. FA2 (as torch ships it) takes its fast
+split-KV, GQA-packed kernel only for one-query rows; for T > 1 it runs its plain kernel, B x H blocks that each
+stream the row's keys alone, so every key is read H / Hkv times and a small batch fills few SMs (measured on an
+H200: 40-80 us a layer at B=16 T=5 ctx 512 for 32 MB of KV, ~11 us of bandwidth). The ``token_rows`` trick (one
+one-query row per token) wins only up to B x T ~ 20 because it re-reads the keys once per token.
+
+This kernel does what a verify step needs and nothing else:
+
+* one program per (row, KV head, split of the row's keys): its ``T x G`` queries (G = H / Hkv query heads sharing
+  the KV head, times T tokens) form ONE tile, so each key and value is read once per KV head, and the splits
+  spread a small batch over the whole GPU;
+* causality by position: query t of row b sees the keys ``<= start_b + t`` of slot ``slots_b``, read in place
+  from the engine's cache ``[slots, cols, Hkv, D]`` (no gather, no page table);
+* the splits' partial outputs and log-sum-exps are merged by a second small kernel (skipped with one split).
+
+The grid depends only on (B, T, span), so a CUDA graph per bucket captures it. Math in float32, output in the
+activation dtype. ``split_attention`` is checked against SDPA at engine start (``self_check``).
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+
+_k: dict[str, Any] = {}
+TARGET_PROGRAMS = 264  # ~2 programs per SM on an H100/H200 (132 SMs): enough in flight to stream the KV
+MIN_SPLIT_KEYS = 128   # fewer keys a split and the merge costs more than the parallelism gains
+
+
+def _build() -> dict[str, Any]:
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def partial_kernel(q_ptr, k_ptr, v_ptr, slot_ptr, start_ptr, o_ptr, lse_ptr, out_ptr,
+                       T, G, H, HKV, cols, chunk, ITERS, NSPLIT, scale,
+                       D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SINGLE: tl.constexpr):
+        b = tl.program_id(0)
+        kvh = tl.program_id(1)
+        split = tl.program_id(2)
+        slot = tl.load(slot_ptr + b).to(tl.int64)
+        start = tl.load(start_ptr + b).to(tl.int64)
+        m = tl.arange(0, BLOCK_M)
+        d = tl.arange(0, D)
+        t = m // G
+        head = kvh * G + m % G
+        valid_m = m < T * G
+        q_rows = (b * T + t).to(tl.int64) * H + head  # [BLOCK_M] row index into q viewed as [B*T*H, D]
+        q = tl.load(q_ptr + q_rows[:, None] * D + d[None, :], mask=valid_m[:, None], other=0.0)
+        pos = start + t  # the last key each query sees
+        lo = split.to(tl.int64) * chunk
+        hi = tl.minimum(lo + chunk, start + T)
+        m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+        l_i = tl.zeros([BLOCK_M], tl.float32)
+        acc = tl.zeros([BLOCK_M, D], tl.float32)
+        kv_base = (slot * cols) * HKV + kvh
+        qk_scale = scale * 1.4426950408889634  # exp2
+        for i in range(0, ITERS):  # a fixed count (chunk / BLOCK_N): blocks past the row's end load nothing
+            n = lo + i * BLOCK_N + tl.arange(0, BLOCK_N)
+            valid_n = n < hi
+            cell = (kv_base + n.to(tl.int64) * HKV) * D
+            k = tl.load(k_ptr + cell[:, None] + d[None, :], mask=valid_n[:, None], other=0.0)
+            s = tl.dot(q, tl.trans(k)) * qk_scale
+            see = valid_n[None, :] & (n[None, :] <= pos[:, None])
+            s = tl.where(see, s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+            p = tl.math.exp2(s - m_safe[:, None])
+            alpha = tl.math.exp2(m_i - m_safe)
+            v = tl.load(v_ptr + cell[:, None] + d[None, :], mask=valid_n[:, None], other=0.0)
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+            l_i = l_i * alpha + tl.sum(p, 1)
+            m_i = m_new
+        has = l_i > 0
+        out = acc / tl.where(has, l_i, 1.0)[:, None]
+        if SINGLE:
+            tl.store(out_ptr + q_rows[:, None] * D + d[None, :], out.to(out_ptr.dtype.element_ty),
+                     mask=valid_m[:, None])
+        else:
+            # natural-log lse of the split (-inf when it saw no key), for the merge
+            lse = tl.where(has, m_i / 1.4426950408889634 + tl.log(tl.where(has, l_i, 1.0)), float("-inf"))
+            cell_o = ((b * HKV + kvh) * NSPLIT + split).to(tl.int64) * BLOCK_M + m
+            tl.store(lse_ptr + cell_o, lse, mask=valid_m)
+            tl.store(o_ptr + cell_o[:, None] * D + d[None, :], out, mask=valid_m[:, None])
+
+    @triton.jit
+    def merge_kernel(o_ptr, lse_ptr, out_ptr, T, G, H, HKV, NSPLIT,
+                     D: tl.constexpr, BLOCK_M: tl.constexpr, SPLITS: tl.constexpr):
+        r = tl.program_id(0)  # query row b*T + t
+        head = tl.program_id(1)
+        b = r // T
+        t = r % T
+        kvh = head // G
+        m = t * G + head % G
+        s = tl.arange(0, SPLITS)
+        valid = s < NSPLIT
+        cell = ((b * HKV + kvh) * NSPLIT + s).to(tl.int64) * BLOCK_M + m
+        lse = tl.load(lse_ptr + cell, mask=valid, other=float("-inf"))
+        top = tl.max(lse, 0)
+        w = tl.where(lse == float("-inf"), 0.0, tl.exp(lse - top))
+        d = tl.arange(0, D)
+        o = tl.load(o_ptr + cell[:, None] * D + d[None, :], mask=valid[:, None], other=0.0)
+        out = tl.sum(o * w[:, None], 0) / tl.sum(w, 0)
+        tl.store(out_ptr + (r.to(tl.int64) * H + head) * D + d, out.to(out_ptr.dtype.element_ty))
+
+    return {"partial": partial_kernel, "merge": merge_kernel}
+
+
+def _kernels() -> dict[str, Any]:
+    if not _k:
+        _k.update(_build())
+    return _k
+
+
+def plan_splits(B: int, Hkv: int, keys: int, block_n: int, target: int = TARGET_PROGRAMS,
+                min_keys: int = MIN_SPLIT_KEYS) -> tuple[int, int]:
+    """``(splits, keys per split)`` for rows of at most ``keys`` keys: enough programs to fill the GPU
+    (``B * Hkv * splits ~ target``), no split under ``min_keys`` keys; keys per split a multiple of ``block_n``."""
+    want = max(1, -(-target // (B * Hkv)))
+    splits = max(1, min(want, keys // min_keys))
+    chunk = -(-keys // splits)
+    chunk = -(-chunk // block_n) * block_n
+    return -(-keys // chunk), chunk
+
+
+def split_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, slots: Tensor, start: Tensor, T: int,
+                    span: int, *, block_n: int = 32, num_warps: int = 4, num_stages: int = 3,
+                    target: int = TARGET_PROGRAMS) -> Tensor:
+    """Causal attention of q ``[B*T, H, D]`` (row b's token t at position ``start[b] + t``) over the keys
+    ``0 .. start[b] + t`` of cache slot ``slots[b]`` (``[slots, cols, Hkv, D]``). ``span`` bounds
+    ``start[b] + (valid tokens)`` of every row (the engine's span bucket): it sizes the static grid.
+    The keyword arguments are tuning knobs: ``benchmarks/gpu_attention.py`` swept 24 settings on an H100 over 10
+    shapes (8B and 1B heads, B 1-64, T 1-9, ctx 512/2048); these defaults were within 6% of each shape's best."""
+    BT, H, D = q.shape
+    B = BT // T
+    Hkv, cols = k_cache.shape[2], k_cache.shape[1]
+    G = H // Hkv
+    block_m = max(16, 1 << (T * G - 1).bit_length())
+    keys = min(span + T, cols)
+    splits, chunk = plan_splits(B, Hkv, keys, block_n, target)
+    out = torch.empty_like(q)
+    single = splits == 1
+    if single:
+        o = lse = out  # unused
+    else:
+        o = torch.empty((B, Hkv, splits, block_m, D), dtype=torch.float32, device=q.device)
+        lse = torch.empty((B, Hkv, splits, block_m), dtype=torch.float32, device=q.device)
+    kern = _kernels()
+    kern["partial"][(B, Hkv, splits)](q, k_cache, v_cache, slots, start, o, lse, out, T, G, H, Hkv, cols, chunk,
+                                      chunk // block_n, splits, D ** -0.5, D=D, BLOCK_M=block_m, BLOCK_N=block_n,
+                                      SINGLE=single, num_warps=num_warps, num_stages=num_stages)
+    if not single:
+        kern["merge"][(BT, H)](o, lse, out, T, G, H, Hkv, splits, D=D, BLOCK_M=block_m,
+                               SPLITS=max(2, 1 << (splits - 1).bit_length()), num_warps=1)
+    return out
+
+
+def reference_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, slots: Tensor, start: Tensor, T: int) -> Tensor:
+    """The same attention in plain float32 torch (SDPA per row): what ``split_attention`` is checked against."""
+    import torch.nn.functional as F
+
+    BT, H, D = q.shape
+    B = BT // T
+    G = H // k_cache.shape[2]
+    out = torch.empty((BT, H, D), dtype=torch.float32, device=q.device)
+    for b in range(B):
+        n = int(start[b]) + T
+        k = k_cache[int(slots[b]), :n].float().repeat_interleave(G, 1).transpose(0, 1)  # [H, n, D]
+        v = v_cache[int(slots[b]), :n].float().repeat_interleave(G, 1).transpose(0, 1)
+        qb = q[b * T:(b + 1) * T].float().transpose(0, 1)  # [H, T, D]
+        mask = torch.arange(n, device=q.device)[None, :] <= (int(start[b]) + torch.arange(T, device=q.device))[:, None]
+        out[b * T:(b + 1) * T] = F.scaled_dot_product_attention(qb, k, v, attn_mask=mask).transpose(0, 1)
+    return out
+
+
+def self_check(H: int, Hkv: int, D: int, dtype: torch.dtype, device: torch.device) -> str | None:
+    """Run ``split_attention`` on random data (several T, starts and split counts) against the float32
+    reference; None if it agrees, else why not (no triton, a build error, a mismatch)."""
+    try:
+        g = torch.Generator(device=device).manual_seed(0)
+        cols = 1024
+        k, v = (torch.randn((5, cols, Hkv, D), generator=g, device=device).to(dtype) for _ in range(2))
+        worst = 0.0
+        for B, T, starts, span in ((3, 1, [0, 700, 17], 768), (3, 5, [0, 300, 900], 1000), (2, 9, [130, 5], 256),
+                                   (1, 16, [40], 128)):
+            q = torch.randn((B * T, H, D), generator=g, device=device).to(dtype)
+            slots = torch.tensor([4, 0, 2][:B], device=device)
+            start = torch.tensor(starts, device=device)
+            ref = reference_attention(q, k, v, slots, start, T)
+            out = split_attention(q, k, v, slots, start, T, span)
+            worst = max(worst, float((out.float() - ref).norm() / ref.norm()))
+        return None if worst < 2e-2 else f"relative error {worst:.3g}"
+    except Exception as exc:  # no triton here, or the kernel does not build on this device
+        return f"{type(exc).__name__}: {str(exc)[:300]}"
