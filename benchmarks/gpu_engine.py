@@ -130,7 +130,8 @@ def engine_rows(shape: str, batches, tokens, contexts, reps: int, bw: float, kin
                             "bucket": list(eng.shape_for(b, t, c + t)[:3])})
                 print(f"  {kind:5s} C={c:5d} B={b:3d} T={t}: {ms:8.2f} ms  floor {f:6.2f}  x{ms / f:5.2f}",
                       file=sys.stderr, flush=True)
-    info = {"weight_bytes": wbytes, "kv_bytes_per_token": kvtok, "attention": eng.attn,
+    info = {"weight_bytes": wbytes, "kv_bytes_per_token": kvtok, "flash_mode": eng.attn,
+            "attention": "triton split-kv" if eng.verify_attn == "split" else f"flash ({eng.attn})", "fuse": eng.fuse,
             "gemm_decisions": getattr(eng.linear, "log", [])}
     del eng
     gc.collect()
