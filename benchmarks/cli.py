@@ -15,6 +15,7 @@ BENCHMARKS: dict[str, str] = {
     "simulator": "benchmarks.simulator",
     "e2e": "benchmarks.e2e",
     "gpu_engine": "benchmarks.gpu_engine",
+    "gpu_e2e": "benchmarks.gpu_e2e",
     "replay": "benchmarks.replay",
     "sim_vs_real": "benchmarks.sim_vs_real",
 }

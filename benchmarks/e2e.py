@@ -30,7 +30,7 @@ import sys
 import sysconfig
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 from specmq.cliutil import CommandError, add_command, print_json
 
@@ -106,23 +106,35 @@ def _parse_list(text: str, what: str) -> list[int]:
     return vals
 
 
+def child_env(threads: int) -> dict[str, str]:
+    """The environment of a benchmark's subprocesses: ours, ``threads`` OpenMP threads, the repo first on
+    PYTHONPATH (kept: a device run puts its wheels there too)."""
+    path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)
+    return dict(os.environ, OMP_NUM_THREADS=str(threads), PYTHONPATH=path)
+
+
 class Services:
-    """Broker + one target + one fused worker as subprocesses (fast heartbeats so stats are fresh); ``close`` stops
-    them all."""
+    """Broker + one target + one fused worker (``fused=False``: none) as subprocesses (fast heartbeats so stats are
+    fresh); ``target_args`` / ``fused_args`` are extra flags for those workers (device, dtype, backend...); ``close``
+    stops them all."""
 
     HB = 0.2
 
-    def __init__(self, threads: int, slots: int, logdir: Path) -> None:
+    def __init__(self, threads: int, slots: int, logdir: Path, target_args: Sequence[str] = (), fused: bool = True,
+                 fused_args: Sequence[str] = ()) -> None:
         self.frontend = f"tcp://127.0.0.1:{_free_port()}"
         self.backend = f"tcp://127.0.0.1:{_free_port()}"
-        self.env = dict(os.environ, OMP_NUM_THREADS=str(threads), PYTHONPATH=str(ROOT))
+        self.env = child_env(threads)
         self.logdir = logdir
         self.procs: list[subprocess.Popen] = []
+        self.workers = {"target", "fused"} if fused else {"target"}
         hb = ["--heartbeat-interval", str(self.HB), "--liveness", "10"]
         self._spawn("broker", "broker", "--frontend", self.frontend, "--backend", self.backend, *hb)
         self._spawn("target", "target", "--broker", self.backend, "--slots", str(slots), "--name", "target",
-                    "--max-gamma", "16", *hb)
-        self._spawn("fused", "fused", "--broker", self.backend, "--jobs", str(slots), "--name", "fused", *hb)
+                    "--max-gamma", "16", *hb, *target_args)
+        if fused:
+            self._spawn("fused", "fused", "--broker", self.backend, "--jobs", str(slots), "--name", "fused", *hb,
+                        *fused_args)
 
     def _spawn(self, name: str, *args: str) -> None:
         log = open(self.logdir / f"e2e-{name}.log", "w")
@@ -140,7 +152,7 @@ class Services:
             for p in self.procs:
                 if p.poll() is not None:
                     raise CommandError(f"a service exited early (logs in {self.logdir}/e2e-*.log)")
-            if {"target", "fused"} <= set(self.snapshot().get("workers", {})):
+            if self.workers <= set(self.snapshot().get("workers", {})):
                 return
             time.sleep(0.2)
         raise CommandError(f"workers did not register within {timeout:g}s (logs in {self.logdir})")
@@ -150,6 +162,8 @@ class Services:
         time.sleep(self.HB * 1.5)  # one fresh heartbeat
         st = self.snapshot().get("workers", {}).get(worker, {}).get("stats", {})
         ticks = float(st.get("ticks", st.get("rounds", 0)) or 0)
+        if "rows" in st:  # exact; older workers only report the rounded mean
+            return ticks, float(st["rows"] or 0)
         return ticks, ticks * float(st.get("mean_batch", 0.0) or 0.0)
 
     def close(self) -> None:
@@ -243,7 +257,9 @@ def bench_distributed(svc: Services, prompts: list[str], max_new: int, gamma: in
     return _row("distributed", gamma, sessions, delay, [r.to_json() for r in results], wall, batch)
 
 
-def bench_fused(svc: Services, prompts: list[str], max_new: int, gamma: int, sessions: int) -> dict:
+def bench_fused(svc: Services, prompts: list[str], max_new: int, gamma: int, sessions: int,
+                outputs: list[dict] | None = None) -> dict:
+    """One fused row; ``outputs``, when given, receives each prompt's result (``token_ids``...) in prompt order."""
     from workers.generate_cli import run_jobs
 
     t0_ticks, t0_rows = svc.counters("fused")
@@ -254,19 +270,22 @@ def bench_fused(svc: Services, prompts: list[str], max_new: int, gamma: int, ses
     wall = time.perf_counter() - t0
     t1_ticks, t1_rows = svc.counters("fused")
     batch = (t1_rows - t0_rows) / (t1_ticks - t0_ticks) if t1_ticks > t0_ticks and t1_rows > 0 else None
-    return _row("fused", gamma, sessions, 0.0, [r.to_json() for r in results], wall, batch)
+    dicts = [r.to_json() for r in results]
+    if outputs is not None:
+        outputs += dicts
+    return _row("fused", gamma, sessions, 0.0, dicts, wall, batch)
 
 
 COLUMNS = ("arch", "gamma", "sessions", "link_delay_ms", "tok_s_session", "tok_s_aggregate", "acceptance",
            "alpha", "mean_accepted", "target_batch", "errors")
 
 
-def print_table(rows: list[dict], header: bool = True) -> None:
-    widths = [max(len(c), 11) for c in COLUMNS]
+def print_table(rows: list[dict], header: bool = True, columns: Sequence[str] = COLUMNS) -> None:
+    widths = [max(len(c), 11) for c in columns]
     if header:
-        print("  ".join(c.rjust(w) for c, w in zip(COLUMNS, widths)))
+        print("  ".join(c.rjust(w) for c, w in zip(columns, widths)))
     for r in rows:
-        print("  ".join(("-" if r.get(c) is None else str(r[c])).rjust(w) for c, w in zip(COLUMNS, widths)),
+        print("  ".join(("-" if r.get(c) is None else str(r[c])).rjust(w) for c, w in zip(columns, widths)),
               flush=True)
 
 

@@ -25,7 +25,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "keys": ("broker.keys_cli", "make CURVE key pairs"),
     "simulate": ("simulator.cli", "simulate a deployment in SimPy"),
     "profile": ("workers.profile_cli", "measure a model's step-latency table for the simulator"),
-    "bench": ("benchmarks.cli", "run a benchmark (broker, e2e, simulator, gpu_engine)"),
+    "bench": ("benchmarks.cli", "run a benchmark (broker, e2e, simulator, gpu_engine, gpu_e2e)"),
 }
 
 EPILOG = "Run 'specmq COMMAND --help' for a command's flags and an example."

@@ -16,9 +16,9 @@ def _run(args: argparse.Namespace) -> int:
     for name in ("gamma", "jobs", "max_gamma", "prefill_chunk"):
         positive(name.replace("_", "-"), getattr(args, name))
     target = load_engine_or_fail(args.target_model, device=args.device, dtype=args.dtype, slots=args.jobs,
-                                 max_context=args.max_context, what="target model")
+                                 max_context=args.max_context, backend=args.backend, what="target model")
     draft = load_engine_or_fail(args.draft_model, device=args.device, dtype=args.dtype, slots=args.jobs,
-                                max_context=args.max_context, what="draft model")
+                                max_context=args.max_context, backend=args.backend, what="draft model")
     tf, df = target.info.tokenizer_fingerprint, draft.info.tokenizer_fingerprint
     if tf and df and tf != df:
         raise CommandError(f"draft tokenizer {df} ({args.draft_model}) != target tokenizer {tf} ({args.target_model})")
@@ -45,6 +45,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-gamma", type=int, default=16, help="largest gamma a job may ask for (default: 16)")
     p.add_argument("--jobs", type=int, default=8, help="concurrent jobs (credit and KV slots) (default: 8)")
     p.add_argument("--device", default="cpu", help="cpu or cuda[:N] (default: cpu)")
+    p.add_argument("--backend", default="auto",
+                   help="engine backend of both models: auto, llama, cuda (CUDA graphs), reference (default: auto)")
     p.add_argument("--dtype", default="float32", help="float32, bfloat16 or float16 (default: float32)")
     p.add_argument("--max-context", type=int, default=None, help="tokens per slot (default: model's, at most 2048)")
     p.add_argument("--prefill-chunk", type=int, default=256, help="prompt tokens per prefill forward (default: 256)")
