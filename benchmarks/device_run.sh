@@ -37,7 +37,9 @@ if has profile1b; then
   echo "profile1b rc=$?"; tail -2 "$OUT/bench.log"
 fi
 if has e2e; then  # broker + CUDA target worker + 64 draft sessions (4 CPU draft processes) vs target-only (gpu_e2e.py)
-  timeout 400 python3 -m specmq.cli bench gpu_e2e --json --gammas 2,4 --fused --logdir "$OUT/gpu_e2e_logs" \
+  timeout 400 python3 -m specmq.cli bench gpu_e2e --json --gammas 2,4 --fused --logdir /tmp/gpu_e2e_logs \
     >"$OUT/gpu_e2e.jsonl" 2>"$OUT/gpu_e2e.log"
-  echo "e2e rc=$?"; tail -8 "$OUT/gpu_e2e.log"; tail -1 "$OUT/gpu_e2e.jsonl"
+  rc=$?; echo "e2e rc=$rc"; tail -8 "$OUT/gpu_e2e.log"; tail -1 "$OUT/gpu_e2e.jsonl"
+  # the services' logs come back only on failure ($OUT returns at most 8 files)
+  [ $rc -eq 0 ] || tar czf "$OUT/gpu_e2e_logs.tgz" -C /tmp gpu_e2e_logs
 fi

@@ -117,6 +117,22 @@ def test_shapes_and_errors():
     assert fast.attn == "sdpa"
     with pytest.raises(EngineError, match="fuse"):
         engines(fuse="bogus")
+    with pytest.raises(EngineError, match="verify_attn"):
+        engines(verify_attn="bogus")
+
+
+def test_graph_shapes_ignore_the_span_on_flash_paths():
+    """Flash and the split kernel read each row's length at run time: one graph per (B, T), captured up front,
+    serves every context; the gather + SDPA path needs one per span too."""
+    _, fast = engines()
+    n_bt = len([b for b in fast.batch_buckets if b <= SLOTS]) * len(fast.token_buckets)
+    assert not fast.span_free and len(fast.default_shapes()) == n_bt * len(fast.spans)
+    fast.attn = "offsets"  # as on a CUDA device with flash (only the shape logic is exercised here)
+    assert fast.span_free
+    assert fast.shape_for(3, 2, 20)[:3] == fast.shape_for(3, 2, 60)[:3] == (4, 4, fast.spans[-1])
+    assert sorted(fast.default_shapes()) == sorted((b, t, fast.spans[-1]) for b in (1, 2, 4)
+                                                   for t in fast.token_buckets)
+    assert fast.capture() == 0  # no graphs on CPU: nothing to capture
 
 
 def test_load_engine_cuda_backend_from_hf_dir(tmp_path):

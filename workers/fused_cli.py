@@ -5,8 +5,8 @@ import argparse
 import socket
 
 from specmq.cliutil import CommandError, add_command
-from workers.serving import (DEFAULT_BACKEND, DEFAULT_DRAFT_MODEL, DEFAULT_TARGET_MODEL, load_engine_or_fail,
-                             positive, run_service)
+from workers.serving import (DEFAULT_BACKEND, DEFAULT_DRAFT_MODEL, DEFAULT_TARGET_MODEL, capture_graphs,
+                             load_engine_or_fail, positive, run_service)
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -19,6 +19,9 @@ def _run(args: argparse.Namespace) -> int:
                                  max_context=args.max_context, backend=args.backend, what="target model")
     draft = load_engine_or_fail(args.draft_model, device=args.device, dtype=args.dtype, slots=args.jobs,
                                 max_context=args.max_context, backend=args.backend, what="draft model")
+    if args.capture:
+        capture_graphs(target, "target model")
+        capture_graphs(draft, "draft model")
     tf, df = target.info.tokenizer_fingerprint, draft.info.tokenizer_fingerprint
     if tf and df and tf != df:
         raise CommandError(f"draft tokenizer {df} ({args.draft_model}) != target tokenizer {tf} ({args.target_model})")
@@ -45,6 +48,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-gamma", type=int, default=16, help="largest gamma a job may ask for (default: 16)")
     p.add_argument("--jobs", type=int, default=8, help="concurrent jobs (credit and KV slots) (default: 8)")
     p.add_argument("--device", default="cpu", help="cpu or cuda[:N] (default: cpu)")
+    p.add_argument("--no-capture", dest="capture", action="store_false",
+                   help="capture CUDA graphs on first use instead of at start (backend cuda; default: at start)")
     p.add_argument("--backend", default="auto",
                    help="engine backend of both models: auto, llama, cuda (CUDA graphs), reference (default: auto)")
     p.add_argument("--dtype", default="float32", help="float32, bfloat16 or float16 (default: float32)")

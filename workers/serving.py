@@ -32,6 +32,30 @@ def load_engine_or_fail(model_dir: str | Path, *, device: str = "cpu", dtype: st
         raise CommandError(f"cannot load {what} from {model_dir}: {type(exc).__name__}: {first}") from None
 
 
+def capture_graphs(engine, what: str = "model") -> int:
+    """Capture every CUDA graph the engine can serve with (``CudaGraphEngine.capture``) before the worker
+    registers, so serving never stalls for a capture (one is ~0.05-0.3 s; lazily, a burst of new shapes held the
+    worker's loop long enough for the broker to call it silent). Logs progress; returns the number captured."""
+    import time
+
+    from specmq.logs import get_logger
+
+    if not getattr(engine, "graphs", False) or not hasattr(engine, "capture"):
+        return 0
+    log = get_logger("worker.engine")
+    t0 = time.monotonic()
+    total = len(engine.default_shapes())
+    log.info("graphs.capturing", model=what, graphs=total)
+
+    def progress(done: int, n: int) -> None:
+        if done == n or done % 10 == 0:
+            log.info("graphs.progress", model=what, done=done, total=n, seconds=round(time.monotonic() - t0, 1))
+
+    n = engine.capture(progress=progress)
+    log.info("graphs.captured", model=what, graphs=n, seconds=round(time.monotonic() - t0, 1))
+    return n
+
+
 def run_service(main: Callable[[asyncio.Event], Awaitable[None]]) -> int:
     """Run ``main(stop)`` until it returns; SIGINT/SIGTERM set ``stop`` so it can say Disconnect. Exit 0."""
 

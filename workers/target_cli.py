@@ -5,7 +5,8 @@ import argparse
 import socket
 
 from specmq.cliutil import add_command
-from workers.serving import DEFAULT_BACKEND, DEFAULT_TARGET_MODEL, load_engine_or_fail, positive, run_service
+from workers.serving import (DEFAULT_BACKEND, DEFAULT_TARGET_MODEL, capture_graphs, load_engine_or_fail, positive,
+                             run_service)
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -16,6 +17,8 @@ def _run(args: argparse.Namespace) -> int:
     positive("tick-ms", args.tick_ms, 0)
     engine = load_engine_or_fail(args.model, device=args.device, dtype=args.dtype, slots=args.slots,
                                  max_context=args.max_context, backend=args.backend, what="target model")
+    if args.capture:
+        capture_graphs(engine, "target model")
     config = TargetConfig(tick_ms=args.tick_ms, max_batch_tokens=args.max_batch_tokens,
                           max_batch_rows=args.max_batch_rows, prefill_chunk=args.prefill_chunk,
                           max_gamma=args.max_gamma, name=args.name or f"target@{socket.gethostname()}")
@@ -33,6 +36,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                    "models/tiny-target)")
     p.add_argument("--device", default="cpu", help="cpu or cuda[:N] (default: cpu)")
     p.add_argument("--dtype", default="float32", help="float32, bfloat16 or float16 (default: float32)")
+    p.add_argument("--no-capture", dest="capture", action="store_false",
+                   help="capture CUDA graphs on first use instead of at start (backend cuda; default: at start)")
     p.add_argument("--backend", default="auto", help="engine backend: auto, llama, cuda (CUDA graphs), reference, neuron")
     p.add_argument("--slots", type=int, default=16, help="concurrent sessions (KV cache slots) (default: 16)")
     p.add_argument("--max-context", type=int, default=None, help="tokens per slot (default: model's, at most 2048)")

@@ -28,6 +28,7 @@ from torch import Tensor
 _k: dict[str, Any] = {}
 TARGET_PROGRAMS = 264  # ~2 programs per SM on an H100/H200 (132 SMs): enough in flight to stream the KV
 MIN_SPLIT_KEYS = 128   # fewer keys a split and the merge costs more than the parallelism gains
+SHORT_ROW = 512        # the grid is planned for the longest row; rows this short still get ~TARGET_PROGRAMS
 
 
 def _build() -> dict[str, Any]:
@@ -36,7 +37,7 @@ def _build() -> dict[str, Any]:
 
     @triton.jit
     def partial_kernel(q_ptr, k_ptr, v_ptr, slot_ptr, start_ptr, o_ptr, lse_ptr, out_ptr,
-                       T, G, H, HKV, cols, chunk, ITERS, NSPLIT, scale,
+                       T, G, H, HKV, cols, chunk, NSPLIT, scale,
                        D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SINGLE: tl.constexpr):
         b = tl.program_id(0)
         kvh = tl.program_id(1)
@@ -58,8 +59,8 @@ def _build() -> dict[str, Any]:
         acc = tl.zeros([BLOCK_M, D], tl.float32)
         kv_base = (slot * cols) * HKV + kvh
         qk_scale = scale * 1.4426950408889634  # exp2
-        for i in range(0, ITERS):  # a fixed count (chunk / BLOCK_N): blocks past the row's end load nothing
-            n = lo + i * BLOCK_N + tl.arange(0, BLOCK_N)
+        for n0 in range(lo, hi, BLOCK_N):  # the row's own keys only: a split past its end does no work
+            n = n0 + tl.arange(0, BLOCK_N)
             valid_n = n < hi
             cell = (kv_base + n.to(tl.int64) * HKV) * D
             k = tl.load(k_ptr + cell[:, None] + d[None, :], mask=valid_n[:, None], other=0.0)
@@ -116,10 +117,12 @@ def _kernels() -> dict[str, Any]:
 
 
 def plan_splits(B: int, Hkv: int, keys: int, block_n: int, target: int = TARGET_PROGRAMS,
-                min_keys: int = MIN_SPLIT_KEYS) -> tuple[int, int]:
+                min_keys: int = MIN_SPLIT_KEYS, short: int = SHORT_ROW) -> tuple[int, int]:
     """``(splits, keys per split)`` for rows of at most ``keys`` keys: enough programs to fill the GPU
-    (``B * Hkv * splits ~ target``), no split under ``min_keys`` keys; keys per split a multiple of ``block_n``."""
-    want = max(1, -(-target // (B * Hkv)))
+    (``B * Hkv * splits ~ target``) even when the rows hold only ``short`` keys (the grid is static, planned for
+    the longest row; a split past a row's end exits at once), no split under ``min_keys`` keys; keys per split a
+    multiple of ``block_n``."""
+    want = max(1, -(-target * -(-keys // short) // (B * Hkv)))
     splits = max(1, min(want, keys // min_keys))
     chunk = -(-keys // splits)
     chunk = -(-chunk // block_n) * block_n
@@ -150,7 +153,7 @@ def split_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, slots: Tensor, 
         lse = torch.empty((B, Hkv, splits, block_m), dtype=torch.float32, device=q.device)
     kern = _kernels()
     kern["partial"][(B, Hkv, splits)](q, k_cache, v_cache, slots, start, o, lse, out, T, G, H, Hkv, cols, chunk,
-                                      chunk // block_n, splits, D ** -0.5, D=D, BLOCK_M=block_m, BLOCK_N=block_n,
+                                      splits, D ** -0.5, D=D, BLOCK_M=block_m, BLOCK_N=block_n,
                                       SINGLE=single, num_warps=num_warps, num_stages=num_stages)
     if not single:
         kern["merge"][(BT, H)](o, lse, out, T, G, H, Hkv, splits, D=D, BLOCK_M=block_m,

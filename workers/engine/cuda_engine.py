@@ -2,7 +2,10 @@
 
 Why: at small batch a verify step of an 8B model is a weight read (~16 GB, ~5 ms on an H100), but the eager path
 launches ~30 kernels per layer from Python and has data-dependent shapes. Here every shape is fixed per bucket
-``(batch B, tokens T, span S)`` so one graph per bucket replays the whole forward with no Python in the loop:
+``(batch B, tokens T)`` so one graph per bucket replays the whole forward with no Python in the loop (the
+attention kernels read each row's length at run time; only the portable SDPA path also buckets the span ``S``).
+``capture()`` records every bucket up front (the workers do it at start, ``serving.capture_graphs``); a call
+whose rows include some longer than the largest token bucket (prefill chunks) runs those rows eagerly, apart:
 
 * the cache is the engine's own, ``[num_slots + 1, cols, Hkv, D]`` per layer: the last slot is the *padding
   slot* and ``cols`` = max_context + the largest token bucket, rounded up to 256-token pages. A call is padded up
@@ -390,6 +393,12 @@ class CudaGraphEngine(SlotTableEngine):
         i = bisect.bisect_left(buckets, n)
         return buckets[i] if i < len(buckets) else None
 
+    @property
+    def span_free(self) -> bool:
+        """Whether graphs ignore the attention span: flash and the split kernel read each row's length at run
+        time, so one graph per (B, T) serves every context (only the gather + SDPA path sizes by span)."""
+        return self.attn in ("paged", "offsets")
+
     def shape_for(self, batch: int, tokens: int, need_span: int) -> tuple[int, int, int, bool]:
         """(B, T, span, graphed) that a call of ``batch`` rows, ``tokens`` max new tokens, ``need_span`` runs as."""
         B, T = self._fit(self.batch_buckets, batch), self._fit(self.token_buckets, tokens)
@@ -397,7 +406,7 @@ class CudaGraphEngine(SlotTableEngine):
         assert span is not None  # need_span <= max_context was checked
         if B is None or T is None:
             return batch, tokens, span, False
-        return B, T, span, self.graphs
+        return B, T, self.spans[-1] if self.span_free else span, self.graphs
 
     def _bucket(self, B: int, T: int, span: int, graphed: bool) -> _Bucket:
         key = (B, T, span)
@@ -409,24 +418,43 @@ class CudaGraphEngine(SlotTableEngine):
                 self._buckets[key] = bucket  # eager one-off shapes are not kept
         return bucket
 
-    def capture(self, shapes: Sequence[tuple[int, int, int]] | None = None) -> int:
-        """Capture graphs now for (B, T, span) shapes (default: every bucket at every span). Returns the count."""
+    def default_shapes(self) -> list[tuple[int, int, int]]:
+        """Every (B, T, span) a call can run as on graphs: batch buckets up to the one that holds every slot,
+        every token bucket, and every span (one span when ``span_free``)."""
+        top = self._fit(self.batch_buckets, self.info.num_slots) or self.batch_buckets[-1]
+        spans = [self.spans[-1]] if self.span_free else self.spans
+        return [(b, t, s) for b, t in self.buckets() if b <= top for s in spans]
+
+    def capture(self, shapes: Sequence[tuple[int, int, int]] | None = None,
+                progress: Callable[[int, int], None] | None = None) -> int:
+        """Capture graphs now for (B, T, span) shapes (default: ``default_shapes()``), so that serving never
+        stops to capture. ``progress(done, total)`` after each. Returns the count."""
         if not self.graphs:
             return 0
-        todo = shapes if shapes is not None else [(b, t, s) for b, t in self.buckets() for s in self.spans]
-        for B, T, S in todo:
+        todo = list(shapes) if shapes is not None else self.default_shapes()
+        for i, (B, T, S) in enumerate(todo):
             self._bucket(B, T, S, True)
+            if progress is not None:
+                progress(i + 1, len(todo))
         return len(todo)
 
     # ---- the one forward
     def forward(self, rows: Sequence[tuple[int, Sequence[int]]], last_only: Sequence[bool] | None = None
                 ) -> list[Tensor]:
         slots, tokens, last = self.table.check_rows(rows, last_only)
+        # rows longer than the largest token bucket (prefill chunks) run eagerly, apart: the others (verify rows)
+        # stay on their graph instead of dragging the whole batch off it. Rows hold distinct slots: order is free.
+        top = self.token_buckets[-1]
+        groups = [[i for i, t in enumerate(tokens) if len(t) <= top], [i for i, t in enumerate(tokens) if len(t) > top]]
+        out: list[Tensor | None] = [None] * len(slots)
         with torch.inference_mode():
-            logits, want = self._run(slots, tokens, last)
+            for idx in (g for g in groups if g):
+                logits, want = self._run([slots[i] for i in idx], [tokens[i] for i in idx], [last[i] for i in idx])
+                for i, part in zip(idx, logits.split([len(w) for w in want])):
+                    out[i] = part
         for s, t in zip(slots, tokens):
             self.table.lengths[s] += len(t)
-        return list(logits.split([len(w) for w in want]))
+        return out  # type: ignore[return-value]
 
     def _run(self, slots: list[int], tokens: list[list[int]], last: list[bool]) -> tuple[Tensor, list[list[int]]]:
         counts = [len(t) for t in tokens]
