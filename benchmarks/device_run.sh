@@ -20,7 +20,7 @@ if has step; then  # per-kernel profile of one step + the glue variants (benchma
   echo "step rc=$?"; grep -E "step |logits|kernels/step|done" "$OUT/step.log" | tail -60
 fi
 if has test; then
-  timeout 240 python3 -m pytest tests/test_cuda_engine.py -q --noconftest -p no:cacheprovider 2>&1 | tail -15 | tee "$OUT/tests.log"
+  timeout 240 python3 -m pytest tests/test_cuda_engine.py tests/test_cuda_attention.py -q --noconftest -p no:cacheprovider 2>&1 | tail -15 | tee "$OUT/tests.log"
 fi
 if has bench; then
   timeout 420 python3 -m specmq.cli bench gpu_engine --json --hf-reps 3 "$@" >"$OUT/gpu_engine_h100.jsonl" 2>"$OUT/bench.log"

@@ -20,6 +20,7 @@ from typing import Any
 
 from specmq.cliutil import CommandError, add_command, print_json
 
+HF_WARMUP = 3  # untimed HF steps per point (allocator, kernels); HF's host-bound times still vary run to run
 EXAMPLE = "specmq bench gpu_engine --json --batches 1,4,16,32,64 --tokens 1,5,9 --contexts 512,2048"
 
 
@@ -89,12 +90,12 @@ def hf_rows(shape: str, batches, tokens, contexts, reps: int, floor_of, attns=("
                     _set_attn(model, impl)
                     new = torch.randint(0, a.vocab_size, (b, t), device="cuda")
                     times = []
-                    for i in range(reps + 2):
+                    for i in range(reps + HF_WARMUP):
                         torch.cuda.synchronize()
                         t0 = time.perf_counter()
                         model(input_ids=new, past_key_values=cache, use_cache=True)
                         torch.cuda.synchronize()
-                        if i >= 2:
+                        if i >= HF_WARMUP:
                             times.append((time.perf_counter() - t0) * 1e3)
                         cache.crop(c)
                     ms = statistics.median(times)

@@ -85,7 +85,9 @@ def _build() -> dict[str, Any]:
             lse = tl.where(has, m_i / 1.4426950408889634 + tl.log(tl.where(has, l_i, 1.0)), float("-inf"))
             cell_o = ((b * HKV + kvh) * NSPLIT + split).to(tl.int64) * BLOCK_M + m
             tl.store(lse_ptr + cell_o, lse, mask=valid_m)
-            tl.store(o_ptr + cell_o[:, None] * D + d[None, :], out, mask=valid_m[:, None])
+            # a query that saw no key here stores only its lse (-inf): the merge never reads its output, so a
+            # split past a row's end (the grid is planned for the longest row) writes next to nothing
+            tl.store(o_ptr + cell_o[:, None] * D + d[None, :], out, mask=(valid_m & has)[:, None])
 
     @triton.jit
     def merge_kernel(o_ptr, lse_ptr, out_ptr, T, G, H, HKV, NSPLIT,
@@ -101,9 +103,10 @@ def _build() -> dict[str, Any]:
         cell = ((b * HKV + kvh) * NSPLIT + s).to(tl.int64) * BLOCK_M + m
         lse = tl.load(lse_ptr + cell, mask=valid, other=float("-inf"))
         top = tl.max(lse, 0)
-        w = tl.where(lse == float("-inf"), 0.0, tl.exp(lse - top))
+        seen = lse != float("-inf")
+        w = tl.where(seen, tl.exp(lse - top), 0.0)
         d = tl.arange(0, D)
-        o = tl.load(o_ptr + cell[:, None] * D + d[None, :], mask=valid[:, None], other=0.0)
+        o = tl.load(o_ptr + cell[:, None] * D + d[None, :], mask=(valid & seen)[:, None], other=0.0)
         out = tl.sum(o * w[:, None], 0) / tl.sum(w, 0)
         tl.store(out_ptr + (r.to(tl.int64) * H + head) * D + d, out.to(out_ptr.dtype.element_ty))
 
