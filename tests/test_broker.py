@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -420,5 +421,25 @@ def test_idle_session_of_a_silent_client_is_closed_on_its_target(make_broker):
             assert isinstance(late, Error) and late.code == E.UNKNOWN_SESSION  # the drafter re-opens on this
             r = await c.request(Verify(session="busy", seq=8, pos=pos, tokens=[5]))
             assert isinstance(r, Result)
+
+    run_async(main())
+
+
+def test_worker_link_stays_connected_while_its_worker_is_busy(make_broker):
+    """A worker whose coroutine is stuck in a long step (a forward in a thread, not reading the link) longer than
+    its liveness window must not call a live broker silent: the broker's heartbeats are in its socket."""
+    b = make_broker(heartbeat_interval=0.05, liveness=100)
+    link = WorkerLink(b.backend, Ready(kind="target", model="echo", capacity=4, vocab_size=1000, worker="busy",
+                                       max_gamma=8), heartbeat_interval=0.05, liveness=4, initial_credit=4)
+
+    async def main():
+        await link.start()
+        try:
+            await registered(b, 1)
+            await asyncio.to_thread(time.sleep, 0.05 * 4 * 5)  # 5 liveness windows without recv
+            assert link.reconnects == 0
+            assert list(b.snapshot()["workers"]) == ["busy"]
+        finally:
+            await link.close()
 
     run_async(main())

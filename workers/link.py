@@ -149,6 +149,11 @@ class WorkerLink:
     async def _heartbeat_loop(self) -> None:
         while not self._closed:
             await asyncio.sleep(self.heartbeat_interval)
+            # read what the broker sent even while the worker's own coroutine is busy (a long forward in a
+            # thread): its heartbeats sitting unread in our socket mean it is alive. Without this, one slow step
+            # (a first prefill of 64 jobs) made the worker call the broker silent, reconnect, and lose its jobs
+            # to redelivery.
+            self._drain(1 << 30)
             if time.monotonic() - self._last_heard > self.heartbeat_interval * self.liveness:
                 self._reconnect("broker silent")
                 continue
