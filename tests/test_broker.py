@@ -249,7 +249,9 @@ def test_generate_redelivery_and_poison_cap(make_broker):
             for i in range(2):
                 w = Worker(broker.backend, f"p{i}", kind="fused", credit=1, auto=False)
                 await w.__aenter__()
-                await registered(broker, 1)
+                # exactly this worker: a count of 1 can still be the previous one, not yet gone (a loaded box)
+                assert await wait_for(lambda: list(broker.snapshot()["workers"]) == [f"p{i}"], 5), \
+                    broker.snapshot()["workers"]
                 if i == 0:
                     await c.send(Generate(job="j2", prompt="boom"))
                 assert await wait_for(lambda: len(w.of_type(Generate)) == 1)
@@ -430,13 +432,13 @@ def test_worker_link_stays_connected_while_its_worker_is_busy(make_broker):
     its liveness window must not call a live broker silent: the broker's heartbeats are in its socket."""
     b = make_broker(heartbeat_interval=0.05, liveness=100)
     link = WorkerLink(b.backend, Ready(kind="target", model="echo", capacity=4, vocab_size=1000, worker="busy",
-                                       max_gamma=8), heartbeat_interval=0.05, liveness=4, initial_credit=4)
+                                       max_gamma=8), heartbeat_interval=0.05, liveness=8, initial_credit=4)
 
     async def main():
         await link.start()
         try:
             await registered(b, 1)
-            await asyncio.to_thread(time.sleep, 0.05 * 4 * 5)  # 5 liveness windows without recv
+            await asyncio.to_thread(time.sleep, 0.05 * 8 * 4)  # 4 liveness windows without recv
             assert link.reconnects == 0
             assert list(b.snapshot()["workers"]) == ["busy"]
         finally:
