@@ -285,9 +285,12 @@ class _Bucket:
         T = self.T
         x = self.inputs
         e = self.engine
+        # rows longer than the token buckets (prefill chunks, run eagerly) take flash's own varlen kernel, made
+        # for long queries; the split kernel tiles all T x G queries of a KV head at once (verify-sized T only),
+        # and the gather + SDPA path would build a cuDNN plan per new (B, T, span): ~2 s on a first burst
         split = e.use_split(self.B, T)
         return static_forward(e.model, e.kv, e.rope, x[:, :T], x[:, T], x[:, T + 1], x[:, T + 2], self.span,
-                              e.attn if self.T <= e.token_buckets[-1] else "sdpa", e.linear, e.fuse,
+                              e.attn, e.linear, e.fuse,
                               not split and e.token_rows and self.B * self.T <= TOKEN_ROWS_MAX, split)
 
     def capture(self, pool) -> None:
