@@ -43,3 +43,23 @@ def test_unknown_config_key_is_named(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "specmq.cli", "broker", "--config", str(cfg)],
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode == 1 and "no_such_option" in proc.stderr
+
+
+@pytest.mark.parametrize("command,config", [("broker", "broker.yaml"), ("target", "target.yaml"),
+                                            ("target", "target-cuda.yaml"), ("fused", "fused.yaml"),
+                                            ("draft", "draft.yaml")])
+def test_shipped_configs_name_only_real_flags(command, config):
+    """Every key of a shipped command config is one of that command's flags (a typo would fail at startup)."""
+    import argparse
+    import importlib
+    from pathlib import Path
+
+    from specmq.cli import COMMANDS
+    from specmq.cliutil import apply_config
+
+    path = Path(__file__).resolve().parents[1] / "configs" / config
+    parser = argparse.ArgumentParser(prog="specmq")
+    importlib.import_module(COMMANDS[command][0]).register(parser.add_subparsers(dest="command", required=True))
+    args = apply_config(parser.parse_args([command, "--config", str(path)]), set())
+    if config == "target-cuda.yaml":
+        assert (args.device, args.dtype, args.backend, args.capture) == ("cuda", "bfloat16", "cuda", True)
