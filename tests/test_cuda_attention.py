@@ -38,24 +38,11 @@ def test_plan_splits_covers_every_key_and_fills_the_gpu(B, Hkv, keys, block):
 
 
 def _grid(device: str, dtypes) -> float:
-    from workers.engine.cuda_attention import reference_attention, split_attention
+    from workers.engine.cuda_attention import worst_error
 
-    g = torch.Generator(device=device).manual_seed(1)
-    worst = 0.0
-    for dtype in dtypes:
-        for H, Hkv, D in ((8, 2, 64), (32, 8, 128), (4, 4, 32)):
-            cols = 512
-            k, v = (torch.randn((4, cols, Hkv, D), generator=g, device=device).to(dtype) for _ in range(2))
-            for B, T, starts, span in ((1, 1, [300], 320), (3, 5, [0, 131, 400], 448), (2, 9, [64, 0], 128),
-                                       (1, 16, [7], 128)):
-                q = torch.randn((B * T, H, D), generator=g, device=device).to(dtype)
-                slots = torch.tensor([3, 0, 1][:B], device=device)
-                start = torch.tensor(starts, device=device)
-                ref = reference_attention(q, k, v, slots, start, T)
-                out = split_attention(q, k, v, slots, start, T, span)
-                assert out.shape == q.shape and out.dtype == dtype
-                worst = max(worst, float((out.float() - ref).norm() / ref.norm()))
-    return worst
+    cases = ((1, 1, (300,), 320), (3, 5, (0, 131, 400), 448), (2, 9, (64, 0), 128), (1, 16, (7,), 128))
+    return max(worst_error(H, Hkv, D, dtype, torch.device(device), cases, cols=512, seed=1)
+               for dtype in dtypes for H, Hkv, D in ((8, 2, 64), (32, 8, 128), (4, 4, 32)))
 
 
 @cuda

@@ -38,7 +38,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--dtype", default="float32", help="float32, bfloat16 or float16 (default: float32)")
     p.add_argument("--no-capture", dest="capture", action="store_false",
                    help="capture CUDA graphs on first use instead of at start (backend cuda; default: at start)")
-    p.add_argument("--backend", default="auto", help="engine backend: auto, llama, cuda (CUDA graphs), reference, neuron")
+    p.add_argument("--backend", default="auto",
+                   help="engine backend: auto, llama, cuda (CUDA graphs), reference, neuron")
     p.add_argument("--slots", type=int, default=16, help="concurrent sessions (KV cache slots) (default: 16)")
     p.add_argument("--max-context", type=int, default=None, help="tokens per slot (default: model's, at most 2048)")
     p.add_argument("--tick-ms", type=float, default=2.0, help="longest a chunk waits for company (default: 2)")

@@ -20,7 +20,7 @@ activation dtype. ``split_attention`` is checked against SDPA at engine start (`
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 from torch import Tensor
@@ -182,22 +182,35 @@ def reference_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, slots: Tens
     return out
 
 
+def worst_error(H: int, Hkv: int, D: int, dtype: torch.dtype, device: torch.device,
+                cases: Sequence[tuple[int, int, Sequence[int], int]], cols: int, seed: int = 0) -> float:
+    """Largest relative error of ``split_attention`` against ``reference_attention`` over ``cases`` of
+    ``(B, T, starts, span)`` on random queries and a random ``[B + 2, cols, Hkv, D]`` cache (rows in shuffled
+    slots). Raises ``ValueError`` if an output has the wrong shape or dtype."""
+    g = torch.Generator(device=device).manual_seed(seed)
+    n_slots = max(b for b, *_ in cases) + 2
+    k, v = (torch.randn((n_slots, cols, Hkv, D), generator=g, device=device).to(dtype) for _ in range(2))
+    worst = 0.0
+    for B, T, starts, span in cases:
+        q = torch.randn((B * T, H, D), generator=g, device=device).to(dtype)
+        slots = torch.tensor([n_slots - 1 - 2 * b % n_slots for b in range(B)], device=device)
+        start = torch.tensor(list(starts), device=device)
+        ref = reference_attention(q, k, v, slots, start, T)
+        out = split_attention(q, k, v, slots, start, T, span)
+        if out.shape != q.shape or out.dtype != dtype:
+            raise ValueError(f"split_attention gave {tuple(out.shape)} {out.dtype} for {tuple(q.shape)} {dtype}")
+        worst = max(worst, float((out.float() - ref).norm() / ref.norm()))
+    return worst
+
+
+SELF_CHECK_CASES = ((3, 1, (0, 700, 17), 768), (3, 5, (0, 300, 900), 1000), (2, 9, (130, 5), 256), (1, 16, (40,), 128))
+
+
 def self_check(H: int, Hkv: int, D: int, dtype: torch.dtype, device: torch.device) -> str | None:
     """Run ``split_attention`` on random data (several T, starts and split counts) against the float32
     reference; None if it agrees, else why not (no triton, a build error, a mismatch)."""
     try:
-        g = torch.Generator(device=device).manual_seed(0)
-        cols = 1024
-        k, v = (torch.randn((5, cols, Hkv, D), generator=g, device=device).to(dtype) for _ in range(2))
-        worst = 0.0
-        for B, T, starts, span in ((3, 1, [0, 700, 17], 768), (3, 5, [0, 300, 900], 1000), (2, 9, [130, 5], 256),
-                                   (1, 16, [40], 128)):
-            q = torch.randn((B * T, H, D), generator=g, device=device).to(dtype)
-            slots = torch.tensor([4, 0, 2][:B], device=device)
-            start = torch.tensor(starts, device=device)
-            ref = reference_attention(q, k, v, slots, start, T)
-            out = split_attention(q, k, v, slots, start, T, span)
-            worst = max(worst, float((out.float() - ref).norm() / ref.norm()))
+        worst = worst_error(H, Hkv, D, dtype, device, SELF_CHECK_CASES, cols=1024)
         return None if worst < 2e-2 else f"relative error {worst:.3g}"
     except Exception as exc:  # no triton here, or the kernel does not build on this device
         return f"{type(exc).__name__}: {str(exc)[:300]}"

@@ -57,6 +57,7 @@ def span_buckets(max_context: int, step: int = SPAN_STEP) -> list[int]:
 
 
 PAGE = 256  # flash-attention's paged-KV page size (FA2 wants a multiple of 256)
+FLASH_MODES = ("paged", "offsets")  # attention that reads each row's KV in place (flash, and the split kernel)
 
 
 FLASH_ERRORS: list[str] = []  # why the flash paths were rejected on this machine (diagnostics)
@@ -144,7 +145,7 @@ def flash_mode(head_dim: int, dtype: torch.dtype, device: torch.device, token_ro
     pos = start[:, None] + torch.arange(T, device=device)[None, :]
     mask = (torch.arange(cols, device=device)[None, None, None, :] <= pos[:, None, :, None]).repeat(1, 1, H // Hkv, 1)
     ref = sdpa_gather_attention(q.float(), k.float(), v.float(), slots, mask, T)
-    for mode in ("paged", "offsets") if token_rows is None else (token_rows,):
+    for mode in FLASH_MODES if token_rows is None else (token_rows,):
         rows = token_rows is not None
         try:
             out = flash_paged_attention(q, k, v, slots, flash_seqused(start, T, rows), T, mode,
@@ -193,7 +194,7 @@ def static_forward(model: Transformer, caches: list[tuple[Tensor, Tensor]], rope
     H, Hkv, D = args.n_head, args.n_kv_head, args.head_dim
     dtype = model.output.weight.dtype
     cols = caches[0][0].shape[1]
-    flash = attn in ("paged", "offsets")
+    flash = attn in FLASH_MODES
     if not flash:
         fuse = "off"
     token_rows = token_rows and flash and fuse != "off"
@@ -286,8 +287,9 @@ class _Bucket:
         x = self.inputs
         e = self.engine
         # rows longer than the token buckets (prefill chunks, run eagerly) take flash's own varlen kernel, made
-        # for long queries; the split kernel tiles all T x G queries of a KV head at once (verify-sized T only),
-        # and the gather + SDPA path would build a cuDNN plan per new (B, T, span): ~2 s on a first burst
+        # for long queries: the split kernel tiles all T x G queries of a KV head at once (verify-sized T only),
+        # and on the gather + SDPA path a first burst of 64 prefills stalled a fused worker ~2 s (measured on
+        # an H100, benchmarks/results/gpu_engine_h100.md)
         split = e.use_split(self.B, T)
         return static_forward(e.model, e.kv, e.rope, x[:, :T], x[:, T], x[:, T + 1], x[:, T + 2], self.span,
                               e.attn, e.linear, e.fuse,
@@ -349,14 +351,14 @@ class CudaGraphEngine(SlotTableEngine):
         self.attn = attn  # "paged" | "offsets" (flash, in place) | "sdpa" (gather + SDPA)
         if fuse not in FUSE_MODES:
             raise EngineError(f"fuse must be one of {FUSE_MODES}, got {fuse!r}")
-        if fuse == "triton" and self.attn in ("paged", "offsets"):
+        if fuse == "triton" and self.attn in FLASH_MODES:
             why = _triton_check(model.args, self.device, dtype)
             if why:
                 FLASH_ERRORS.append(f"fused glue off: {why}")
                 fuse = "hoist"
         self.fuse = fuse  # glue kernels on the flash path: "off" | "hoist" (metadata once a step) | "triton"
         # flash with T > 1: one one-query row per token (FA2's split-KV decode kernel), where it checks out here
-        self.token_rows = bool(token_rows and self.attn in ("paged", "offsets")
+        self.token_rows = bool(token_rows and self.attn in FLASH_MODES
                                and flash_mode(a.head_dim, dtype, self.device, token_rows=self.attn))
         # attention with the fused glue: "split" (default; cuda_attention: one program per row, KV head and key
         # split, all T x G queries of a KV head in one tile) where it checks out here, else "flash" (FA2; token
@@ -400,7 +402,7 @@ class CudaGraphEngine(SlotTableEngine):
     def span_free(self) -> bool:
         """Whether graphs ignore the attention span: flash and the split kernel read each row's length at run
         time, so one graph per (B, T) serves every context (only the gather + SDPA path sizes by span)."""
-        return self.attn in ("paged", "offsets")
+        return self.attn in FLASH_MODES
 
     def shape_for(self, batch: int, tokens: int, need_span: int) -> tuple[int, int, int, bool]:
         """(B, T, span, graphed) that a call of ``batch`` rows, ``tokens`` max new tokens, ``need_span`` runs as."""
