@@ -30,3 +30,20 @@ def test_gpu_e2e_on_cpu():
     assert dist["speedup_batched"] > 0 and dist["speedup_single"] > 0
     assert summary["distributed_lossless"] == 1.0 and summary["distributed_best_gamma"] == 3
     assert "gpu_e2e:" in res.stderr  # progress on stderr
+
+
+def test_gpu_e2e_fused_row_and_round_breakdown_on_cpu():
+    """``--fused`` starts ``specmq fused --backend cuda`` (the static-shape engine for both models) and reports its
+    row; the distributed row splits a round into draft / network / verify / queue time."""
+    res = run_cli("bench", "gpu_e2e", "--device", "cpu", "--sessions", "2", "--gammas", "2", "--max-new-tokens", "6",
+                  "--draft-procs", "1", "--single-prompts", "1", "--warmup-runs", "0", "--fused", "--json",
+                  timeout=150)
+    assert res.returncode == 0, res.stderr[-3000:]
+    rows = [json.loads(line) for line in res.stdout.splitlines()][1:-1]
+    by = {r["arch"]: r for r in rows}
+    fused, dist = by["fused"], by["distributed"]
+    assert fused["tokens"] == dist["tokens"] > 0 and fused["errors"] == 0 and fused["lossless"] == 1.0
+    assert fused["target_batch"] is not None and fused["target_batch"] >= 1
+    parts = ("round_draft_ms", "round_network_ms", "round_verify_ms", "round_queue_ms")
+    assert all(dist[p] >= 0 for p in parts) and dist["round_draft_ms"] > 0 and dist["round_verify_ms"] > 0
+    assert dist["round_batch"] >= 1
