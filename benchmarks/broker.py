@@ -6,7 +6,7 @@ echo workers, two load-generator processes) so the load generators do not share 
 small machine they still share its cores, which the report states.
 
 The proxy baseline is the same traffic through ``zmq.proxy(ROUTER, DEALER)`` to workers that run the same echo
-code (``broker.echo_worker.answer``, full codec decode and encode): the difference is what the specmq broker costs
+code (``workers.echo_worker.answer``, full codec decode and encode): the difference is what the specmq broker costs
 (validation, session namespacing, affinity, credit, idempotency cache).
 """
 from __future__ import annotations
@@ -17,8 +17,12 @@ import os
 import time
 from typing import Any
 
-from specmq.cliutil import CommandError, add_command, print_json
+from benchmarks import BenchmarkError, print_json, quiet_logs
+from protocol.messages import HEARTBEAT_INTERVAL_S
+from workers.local_cluster import free_endpoint
 
+HELP = "chunk round trips: specmq broker vs a bare zmq.proxy hop"
+EXAMPLE = "specmq bench broker --sessions 1,100,1000 --json"
 TOKENS = [11, 12, 13, 14]  # a gamma=4 draft chunk
 
 
@@ -26,9 +30,8 @@ TOKENS = [11, 12, 13, 14]  # a gamma=4 draft chunk
 def _broker_proc(frontend: str, backend: str, capture: str = "") -> None:
     from broker.broker import run_broker
     from broker.state import BrokerConfig
-    from specmq.logs import configure_logging
 
-    configure_logging("error")
+    quiet_logs("error")
     config = BrokerConfig(frontend=frontend, backend=backend, router="least_loaded", max_queue=100_000,
                           capture=capture, stats_pub="")
     profile_to = os.environ.get("SPECMQ_PROFILE_BROKER")  # cProfile the broker process into this file
@@ -43,10 +46,9 @@ def _broker_proc(frontend: str, backend: str, capture: str = "") -> None:
 def _echo_proc(backend: str, name: str) -> None:
     import asyncio
 
-    from broker.echo_worker import serve_echo
-    from specmq.logs import configure_logging
+    from workers.echo_worker import serve_echo
 
-    configure_logging("error")
+    quiet_logs("error")
     try:
         import uvloop
 
@@ -60,10 +62,10 @@ def _sync_echo_proc(backend: str, name: str) -> None:
     (Ready, Credit per batch, heartbeats): so the comparison isolates what the broker adds."""
     import zmq
 
-    from broker.echo_worker import answer
-    from broker.frames import parse, to_message
     from protocol.codec import encode
+    from protocol.frames import parse, to_message
     from protocol.messages import Credit, Heartbeat, Ready
+    from workers.echo_worker import answer
 
     ctx = zmq.Context()
     sock = ctx.socket(zmq.DEALER)
@@ -72,7 +74,7 @@ def _sync_echo_proc(backend: str, name: str) -> None:
     sock.connect(backend)
     sock.send(encode(Ready(kind="target", model="echo", capacity=100_000, vocab_size=32000, worker=name)))
     sock.send(encode(Credit(n=100_000)))
-    beat, next_beat = encode(Heartbeat()), time.monotonic() + 1.0
+    beat, next_beat = encode(Heartbeat()), time.monotonic() + HEARTBEAT_INTERVAL_S
     poller = zmq.Poller()
     poller.register(sock, zmq.POLLIN)
     while True:
@@ -92,7 +94,7 @@ def _sync_echo_proc(backend: str, name: str) -> None:
             sock.send(encode(Credit(n=done)))
         if time.monotonic() >= next_beat:
             sock.send(beat)
-            next_beat = time.monotonic() + 1.0
+            next_beat = time.monotonic() + HEARTBEAT_INTERVAL_S
 
 
 def _proxy_proc(frontend: str, backend: str) -> None:
@@ -112,9 +114,9 @@ def _proxy_echo_proc(backend: str, name: str) -> None:
     """The echo worker's logic behind a bare proxy: [client identity, body] in, [identity, reply] out."""
     import zmq
 
-    from broker.echo_worker import answer
-    from broker.frames import parse, to_message
     from protocol.codec import encode
+    from protocol.frames import parse, to_message
+    from workers.echo_worker import answer
 
     ctx = zmq.Context()
     sock = ctx.socket(zmq.DEALER)
@@ -206,14 +208,6 @@ def _client_proc(frontend: str, mode: str, first: int, sessions: int, warmup_s: 
 
 
 # ------------------------------------------------------------------ orchestration
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _pct(xs: list[float], q: float) -> float:
     if not xs:
         return float("nan")
@@ -222,27 +216,15 @@ def _pct(xs: list[float], q: float) -> float:
 
 
 def _wait_workers(frontend: str, n: int, timeout: float = 20.0) -> None:
-    import zmq
+    from broker.client import request_stats
 
-    from protocol.codec import decode, encode
-    from protocol.messages import StatsRequest
-
-    ctx = zmq.Context.instance()
-    sock = ctx.socket(zmq.DEALER)
-    sock.setsockopt(zmq.LINGER, 0)
-    sock.connect(frontend)
-    try:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            sock.send(encode(StatsRequest()))
-            if sock.poll(1000):
-                snap = decode(sock.recv(), max_frame=1 << 26).snapshot
-                if len(snap["workers"]) >= n:
-                    return
-            time.sleep(0.05)
-    finally:
-        sock.close()
-    raise CommandError(f"only some of {n} echo workers registered within {timeout}s")
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        snap = request_stats(frontend, 1.0)
+        if snap is not None and len(snap["workers"]) >= n:
+            return
+        time.sleep(0.05)
+    raise BenchmarkError(f"only some of {n} echo workers registered within {timeout}s")
 
 
 def _cpu_s(pid: int) -> float:
@@ -286,7 +268,7 @@ def run_benchmark(sessions_list: list[int], workers: int = 2, clients: int = 2, 
     ctx = mp.get_context("spawn")
     results: dict[tuple[str, int], dict] = {}
     for mode in ("proxy", "specmq"):
-        fe, be = f"tcp://127.0.0.1:{_free_port()}", f"tcp://127.0.0.1:{_free_port()}"
+        fe, be = free_endpoint(), free_endpoint()
         if mode == "specmq":
             server = ctx.Process(target=_broker_proc, args=(fe, be), daemon=True)
             worker_target = _sync_echo_proc if worker_impl == "sync" else _echo_proc
@@ -339,7 +321,7 @@ def run_capture_benchmark(sessions_list: list[int], repeats: int = 3, workers: i
     with tempfile.TemporaryDirectory() as tmp:
         for r in range(repeats):
             for capture in ((False, True) if r % 2 == 0 else (True, False)):
-                fe, be = f"tcp://127.0.0.1:{_free_port()}", f"tcp://127.0.0.1:{_free_port()}"
+                fe, be = free_endpoint(), free_endpoint()
                 path = os.path.join(tmp, f"run{r}.capture") if capture else ""
                 server = ctx.Process(target=_broker_proc, args=(fe, be, path), daemon=True)
                 server.start()
@@ -391,15 +373,15 @@ def _print_table(rows: list[dict[str, Any]]) -> None:
           "dedicated core could sustain")
 
 
-def _run(args: argparse.Namespace) -> int:
+def run(args: argparse.Namespace) -> int:
     try:
         sessions = [int(x) for x in str(args.sessions).split(",")]
     except ValueError:
-        raise CommandError(f"--sessions must be comma-separated integers, got {args.sessions!r}") from None
+        raise BenchmarkError(f"--sessions must be comma-separated integers, got {args.sessions!r}") from None
     if any(n < 1 for n in sessions) or args.workers < 1 or args.clients < 1 or args.seconds <= 0:
-        raise CommandError("--sessions, --workers, --clients and --seconds must be positive")
+        raise BenchmarkError("--sessions, --workers, --clients and --seconds must be positive")
     if args.worker not in ("sync", "link"):
-        raise CommandError(f"--worker must be sync or link, not {args.worker!r}")
+        raise BenchmarkError(f"--worker must be sync or link, not {args.worker!r}")
     if args.capture:
         rows = run_capture_benchmark(sessions, repeats=args.repeats, workers=args.workers, clients=args.clients,
                                      warmup_s=args.warmup, measure_s=args.seconds)
@@ -423,25 +405,16 @@ def _run(args: argparse.Namespace) -> int:
     return 0
 
 
-def register(sub: argparse._SubParsersAction) -> None:
-    p = add_command(sub, "broker", help="chunk round trips: specmq broker vs a bare zmq.proxy hop",
-                    example="specmq bench broker --sessions 1,100,1000 --json", func=_run, json_flag=True)
+def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--sessions", default="1,100,1000", help="concurrent sessions per scenario (default: 1,100,1000)")
     p.add_argument("--workers", type=int, default=2, help="echo worker processes (default: 2)")
     p.add_argument("--clients", type=int, default=2, help="load-generator processes (default: 2)")
     p.add_argument("--seconds", type=float, default=3.0, help="measured seconds per scenario (default: 3)")
     p.add_argument("--worker", default="sync",
                    help="specmq echo workers: 'sync' (same poll loop as the proxy's workers: isolates the broker) "
-                        "or 'link' (broker.echo_worker on workers.link, asyncio)")
+                        "or 'link' (workers.echo_worker on workers.link, asyncio)")
     p.add_argument("--warmup", type=float, default=1.0, help="warm-up seconds per scenario (default: 1)")
     p.add_argument("--capture", action="store_true",
                    help="measure the broker without and with --capture (alternating runs) instead of vs the proxy")
     p.add_argument("--repeats", type=int, default=3, help="with --capture: runs of each (default: 3)")
 
-
-if __name__ == "__main__":  # pragma: no cover
-    import sys
-
-    from specmq.cli import main
-
-    sys.exit(main(["bench", "broker", *sys.argv[1:]]))

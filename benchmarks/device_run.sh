@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Everything one device call needs (issue 7): CUDA engine tests, the gpu_engine benchmark, the H100 cost tables,
+# Everything one device call needs: CUDA engine tests, the gpu_engine benchmark, the H100 cost tables,
 # the end-to-end run (gpu_e2e).
 # Run from the repo root on the device with the wheels folder carried:  bash benchmarks/device_run.sh [STAGES]
 # STAGES: comma list of step,test,bench,profile8b,profile1b,e2e (default: all). Results under $OUT (default /tmp/out).
@@ -13,14 +13,14 @@ fi
 export PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/device.txt"
 python3 -c 'import torch, transformers; print("torch", torch.__version__, "transformers", transformers.__version__)' | tee -a "$OUT/device.txt"
-python3 -c "import torch; from workers.engine.cuda_engine import flash_mode, FLASH_ERRORS as E; print('flash mode', flash_mode(128, torch.bfloat16, torch.device('cuda')), E)" 2>&1 | tail -3 | tee -a "$OUT/device.txt"
+python3 -c "import torch; from workers.engine.cuda_engine import fused_path_check as c; from workers.engine.cuda_shapes import SHAPES; print('flash layout, why portable:', c(SHAPES['llama-3.1-8b'], torch.bfloat16, torch.device('cuda')))" 2>&1 | tail -3 | tee -a "$OUT/device.txt"
 has() { [[ ",$STAGES," == *",$1,"* ]]; }
-if has step; then  # per-kernel profile of one step + the glue variants (benchmarks/gpu_profile_step.py)
+if has step; then  # per-shape step times and per-kernel profile of one step (benchmarks/gpu_profile_step.py)
   timeout 240 python3 benchmarks/gpu_profile_step.py --out "$OUT" >"$OUT/step.log" 2>&1
   echo "step rc=$?"; grep -E "step |logits|kernels/step|done" "$OUT/step.log" | tail -60
 fi
 if has test; then
-  timeout 240 python3 -m pytest tests/test_cuda_engine.py tests/test_cuda_attention.py -q --noconftest -p no:cacheprovider 2>&1 | tail -15 | tee "$OUT/tests.log"
+  timeout 240 python3 -m pytest tests/test_cuda_engine.py tests/test_cuda_attention.py tests/test_gpu_gemm_bench.py -q --noconftest -p no:cacheprovider 2>&1 | tail -15 | tee "$OUT/tests.log"
 fi
 if has bench; then
   timeout 420 python3 -m specmq.cli bench gpu_engine --json --hf-reps 3 "$@" >"$OUT/gpu_engine_h100.jsonl" 2>"$OUT/bench.log"

@@ -8,7 +8,7 @@ One run measures, with the same prompts (beginnings of stdlib files the pair nev
   constant ``num_assistant_tokens = gamma``, one session.
 - ``distributed``: ``specmq broker`` + ``specmq target`` subprocesses; the drafter (``workers.draft_worker``) runs in
   this process; 1/4/16 concurrent sessions, with and without an added one-way link delay on the draft side.
-- ``fused``: ``specmq fused`` subprocess fed by ``specmq generate``'s client code (``generate_cli.run_jobs``).
+- ``fused``: ``specmq fused`` subprocess fed by ``specmq generate``'s client code (``generate_client.run_jobs``).
 
 Per row: tokens/s per session (mean), aggregate tokens/s (all tokens / wall), acceptance rate, mean accepted tokens
 per round, and the target's mean batch rows per tick (delta of the worker's heartbeat counters via broker Stats).
@@ -24,16 +24,16 @@ import argparse
 import asyncio
 import json
 import os
-import socket
-import subprocess
-import sys
 import sysconfig
 import time
 from pathlib import Path
 from typing import Any, Sequence
 
-from specmq.cliutil import CommandError, add_command, print_json
+from benchmarks import BenchmarkError, print_json
 
+HELP = "target-only vs HF assisted vs distributed vs fused tokens/s on this machine"
+DESCRIPTION = __doc__.split("\n\n")[0]
+EXAMPLE = "specmq bench e2e --quick"
 ROOT = Path(__file__).resolve().parents[1]
 TARGET = ROOT / "models" / "tiny-target"
 DRAFT = ROOT / "models" / "tiny-draft"
@@ -84,12 +84,6 @@ def heldout_prompts(n: int, chars: int = 240) -> list[str]:
     return [out[i % len(out)] for i in range(n)]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _parse_list(text: str, what: str) -> list[int]:
     vals: list[int] = []
     try:
@@ -100,9 +94,9 @@ def _parse_list(text: str, what: str) -> list[int]:
             elif part.strip():
                 vals.append(int(part))
     except ValueError:
-        raise CommandError(f"--{what}: expected numbers like 1,2,4 or 1-8, got {text!r}") from None
+        raise BenchmarkError(f"--{what}: expected numbers like 1,2,4 or 1-8, got {text!r}") from None
     if not vals or min(vals) < 1:
-        raise CommandError(f"--{what}: every value must be >= 1")
+        raise BenchmarkError(f"--{what}: every value must be >= 1")
     return vals
 
 
@@ -114,62 +108,40 @@ def child_env(threads: int) -> dict[str, str]:
 
 
 class Services:
-    """Broker + one target + one fused worker (``fused=False``: none) as subprocesses (fast heartbeats so stats are
-    fresh); ``target_args`` / ``fused_args`` are extra flags for those workers (device, dtype, backend...); ``close``
-    stops them all."""
+    """Broker + one target + one fused worker (``fused=False``: none) as subprocesses (``workers.local_cluster``; fast
+    heartbeats so stats are fresh); ``target_args`` / ``fused_args`` are extra flags for those workers (device, dtype,
+    backend...); ``close`` stops them all."""
 
     HB = 0.2
 
     def __init__(self, threads: int, slots: int, logdir: Path, target_args: Sequence[str] = (), fused: bool = True,
                  fused_args: Sequence[str] = ()) -> None:
-        self.frontend = f"tcp://127.0.0.1:{_free_port()}"
-        self.backend = f"tcp://127.0.0.1:{_free_port()}"
-        self.env = child_env(threads)
+        from workers.local_cluster import LocalCluster
+
+        self.cluster = LocalCluster(logdir=logdir, env=child_env(threads), cwd=ROOT)
+        self.frontend, self.backend = self.cluster.frontend, self.cluster.backend
         self.logdir = logdir
-        self.procs: list[subprocess.Popen] = []
         self.workers = {"target", "fused"} if fused else {"target"}
         hb = ["--heartbeat-interval", str(self.HB), "--liveness", "10"]
-        self._spawn("broker", "broker", "--frontend", self.frontend, "--backend", self.backend, *hb)
-        self._spawn("target", "target", "--broker", self.backend, "--slots", str(slots), "--name", "target",
-                    "--max-gamma", "16", *hb, *target_args)
+        self.cluster.start_broker(*hb)
+        self.cluster.start_worker("target", "target", "--slots", str(slots), "--max-gamma", "16", *hb, *target_args)
         if fused:
-            self._spawn("fused", "fused", "--broker", self.backend, "--jobs", str(slots), "--name", "fused", *hb,
-                        *fused_args)
-
-    def _spawn(self, name: str, *args: str) -> None:
-        log = open(self.logdir / f"e2e-{name}.log", "w")
-        self.procs.append(subprocess.Popen([sys.executable, "-m", "specmq.cli", *args], stdout=log,
-                                           stderr=subprocess.STDOUT, env=self.env, cwd=ROOT))
+            self.cluster.start_worker("fused", "fused", "--jobs", str(slots), *hb, *fused_args)
 
     def snapshot(self) -> dict:
-        from specmq.up_cli import broker_stats
-
-        return broker_stats(self.frontend, 1.0) or {}
+        return self.cluster.snapshot(1.0) or {}
 
     def wait_ready(self, timeout: float = 120.0) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            for p in self.procs:
-                if p.poll() is not None:
-                    raise CommandError(f"a service exited early (logs in {self.logdir}/e2e-*.log)")
-            if self.workers <= set(self.snapshot().get("workers", {})):
-                return
-            time.sleep(0.2)
-        raise CommandError(f"workers did not register within {timeout:g}s (logs in {self.logdir})")
+        self.cluster.wait_registered(self.workers, timeout_s=timeout)  # ClusterError names the process and its log
 
     def counters(self, worker: str) -> tuple[float, float]:
         """(ticks, rows) of a worker so far, from its latest heartbeat."""
         time.sleep(self.HB * 1.5)  # one fresh heartbeat
         st = self.snapshot().get("workers", {}).get(worker, {}).get("stats", {})
-        ticks = float(st.get("ticks", st.get("rounds", 0)) or 0)
-        if "rows" in st:  # exact; older workers only report the rounded mean
-            return ticks, float(st["rows"] or 0)
-        return ticks, ticks * float(st.get("mean_batch", 0.0) or 0.0)
+        return float(st.get("ticks", 0) or 0), float(st.get("rows", 0) or 0)
 
     def close(self) -> None:
-        from specmq.up_cli import stop_processes
-
-        stop_processes(self.procs, grace_s=15.0)
+        self.cluster.stop(grace_s=15.0)
 
 
 def _row(arch: str, gamma: int | None, sessions: int, delay: float, results: list[dict], wall: float,
@@ -260,7 +232,7 @@ def bench_distributed(svc: Services, prompts: list[str], max_new: int, gamma: in
 def bench_fused(svc: Services, prompts: list[str], max_new: int, gamma: int, sessions: int,
                 outputs: list[dict] | None = None) -> dict:
     """One fused row; ``outputs``, when given, receives each prompt's result (``token_ids``...) in prompt order."""
-    from workers.generate_cli import run_jobs
+    from workers.generate_client import run_jobs
 
     t0_ticks, t0_rows = svc.counters("fused")
     t0 = time.perf_counter()
@@ -290,7 +262,7 @@ def print_table(rows: list[dict], header: bool = True, columns: Sequence[str] = 
 
 
 def goals(rows: list[dict]) -> dict[str, Any]:
-    """The targets the issue sets, computed from the rows."""
+    """The project's goals (README "Results"), computed from the rows."""
     base = max((r["tok_s_session"] for r in rows if r["arch"] == "target-only"), default=None)  # conservative
     out: dict[str, Any] = {"target_only_tok_s": base}
     for arch in ("distributed", "fused", "hf-assisted"):
@@ -306,7 +278,7 @@ def goals(rows: list[dict]) -> dict[str, Any]:
     return out
 
 
-def _run(args: argparse.Namespace) -> int:
+def run(args: argparse.Namespace) -> int:
     import tempfile
 
     import torch
@@ -355,10 +327,7 @@ def _run(args: argparse.Namespace) -> int:
     return 0
 
 
-def register(sub: argparse._SubParsersAction) -> None:
-    p = add_command(sub, "e2e", json_flag=True,
-                    help="target-only vs HF assisted vs distributed vs fused tokens/s on this machine",
-                    description=__doc__.split("\n\n")[0], example="specmq bench e2e --quick", func=_run)
+def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quick", action="store_true", help="gamma {2,4,6} and sessions {1,16} only")
     p.add_argument("--gammas", default="", help="gammas, e.g. 1-8 or 2,4 (default: 1-8)")
     p.add_argument("--sessions", default="", help="concurrent sessions, e.g. 1,4,16 (default: 1,4,16)")
@@ -369,8 +338,3 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--single-prompts", type=int, default=3, help="prompts averaged in one-session rows (default: 3)")
     p.add_argument("--skip", default="", help="comma list of parts to skip: hf, distributed, fused")
 
-
-if __name__ == "__main__":  # pragma: no cover
-    from specmq.cli import main
-
-    sys.exit(main(["bench", "e2e", *sys.argv[1:]]))

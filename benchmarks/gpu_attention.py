@@ -20,11 +20,24 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from workers.engine.cuda_attention import reference_attention, split_attention  # noqa: E402
-from workers.engine.cuda_engine import flash_meta, flash_paged_attention, flash_seqused  # noqa: E402
+from workers.engine.cuda_attention import (flash_attention, flash_meta, reference_attention,  # noqa: E402
+                                           split_attention)
 
 KNOBS = [dict(block_n=bn, num_warps=w, num_stages=st, target=tg)
          for bn, w, st, tg in itertools.product((32, 64, 128), (4, 8), (2, 3), (264, 528))]
+
+
+def token_rows_meta(slots: torch.Tensor, start: torch.Tensor, T: int, cols: int, n_slots: int
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """FA2 metadata ("offsets" layout) with each of the B*T queries its own one-query row over its row's slot,
+    ``seqused = start + t + 1`` (causality by length), so that FA2 takes its split-KV decode kernel. A variant the
+    engine does not run (it re-reads the keys once per token: a win only up to B x T ~ 20); its numbers are quoted
+    in ``results/gpu_engine_h100.md``."""
+    rows = slots.repeat_interleave(T)
+    cu_q = torch.arange(0, rows.numel() + 1, device=slots.device, dtype=torch.int32)
+    offsets = torch.cat([rows * cols, rows.new_full((1,), n_slots * cols)]).to(torch.int32)
+    seqused = (start[:, None] + torch.arange(1, T + 1, device=start.device)[None, :]).flatten().to(torch.int32)
+    return cu_q, offsets, seqused
 
 
 def copy_gbs() -> float:
@@ -37,12 +50,12 @@ def copy_gbs() -> float:
 
 
 def main() -> int:
-    from triton.testing import do_bench_cudagraph
-
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--out", default=os.environ.get("OUT", "/tmp/out"))
     p.add_argument("--full", action="store_true", help="sweep every knob at every shape (default: a few shapes)")
     args = p.parse_args()
+    from triton.testing import do_bench_cudagraph
+
     bw = copy_gbs()
     print(f"{torch.cuda.get_device_name()} copy {bw:.0f} GB/s", flush=True)
     rows = []
@@ -64,14 +77,11 @@ def main() -> int:
                 floor_us = 2 * B * (ctx + T) * Hkv * D * 2 / bw / 1e3
                 ref = reference_attention(q[: T * min(B, 2)], k, v, slots[:2], start[:2], T) if B >= 1 else None
                 cands = {}
-                meta = flash_meta(slots, T, cols, n_slots, "offsets")
-                seq = flash_seqused(start, T)
-                cands["flash"] = lambda: flash_paged_attention(q, k, v, slots, seq, T, "offsets", meta)
+                meta = flash_meta(slots, start, T, cols, n_slots, "offsets")
+                cands["flash"] = lambda: flash_attention(q, k, v, T, "offsets", meta)
                 if T > 1 and B * T <= 64:
-                    meta_r = flash_meta(slots, T, cols, n_slots, "offsets", True)
-                    seq_r = flash_seqused(start, T, True)
-                    cands["flash rows"] = lambda: flash_paged_attention(q, k, v, slots, seq_r, T, "offsets", meta_r,
-                                                                        True)
+                    meta_r = token_rows_meta(slots, start, T, cols, n_slots)
+                    cands["flash rows"] = lambda: flash_attention(q, k, v, 1, "offsets", meta_r)
                 knobs = KNOBS if args.full or (B, T) in ((1, 5), (16, 5), (64, 1), (4, 9)) else KNOBS[:1] + [
                     dict(block_n=64, num_warps=4, num_stages=2, target=528),
                     dict(block_n=32, num_warps=4, num_stages=3, target=264)]

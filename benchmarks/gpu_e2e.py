@@ -36,8 +36,12 @@ from typing import Any, Sequence
 
 from benchmarks.e2e import (DRAFT, ROOT, TARGET, Services, _parse_list, _row, bench_fused, child_env,
                             heldout_prompts, print_table)
-from specmq.cliutil import CommandError, add_command, print_json
+from benchmarks import BenchmarkError, print_json, quiet_logs
 
+HELP = "broker + CUDA target worker + N draft sessions vs target-only decoding (tokens/s)"
+DESCRIPTION = __doc__.split("\n\n")[0]
+EXAMPLE = ("specmq bench gpu_e2e --json --gammas 2,4 --fused\n"
+           "  specmq bench gpu_e2e --device cpu --sessions 8 --max-new-tokens 16")
 RUN_TIMEOUT_S = 300.0  # one distributed run, all draft processes
 COLUMNS = ("arch", "mode", "gamma", "sessions", "tok_s_aggregate", "tok_s_session", "acceptance", "alpha",
            "mean_accepted", "target_batch", "speedup_batched", "speedup_single", "lossless", "errors")
@@ -147,9 +151,7 @@ def draft_proc() -> None:
     spec = json.loads(sys.argv[1])
     reply = os.fdopen(os.dup(1), "w", buffering=1)
     os.dup2(2, 1)
-    from specmq.logs import configure_logging
-
-    configure_logging(spec.get("log_level", "warning"))
+    quiet_logs(spec.get("log_level", "warning"))
     import torch
 
     torch.set_num_threads(spec["threads"])
@@ -217,10 +219,10 @@ class DraftProcs:
         line = p.stdout.readline() if ready else b""  # type: ignore[union-attr]
         if not line:
             why = "exited" if p.poll() is not None else "did not answer in time"
-            raise CommandError(f"draft process {i} {why} (log: {self.logdir}/draft-{i}.log)")
+            raise BenchmarkError(f"draft process {i} {why} (log: {self.logdir}/draft-{i}.log)")
         msg = json.loads(line)
         if msg.get("error"):
-            raise CommandError(f"draft process {i}: {msg['error']} (log: {self.logdir}/draft-{i}.log)")
+            raise BenchmarkError(f"draft process {i}: {msg['error']} (log: {self.logdir}/draft-{i}.log)")
         return msg
 
     def wait_ready(self, timeout: float = 180.0) -> None:
@@ -292,14 +294,14 @@ def _check(args: argparse.Namespace) -> list[int]:
     if args.dtype is None:
         args.dtype = "bfloat16" if args.device.startswith("cuda") else "float32"
     if args.device.startswith("cuda") and not torch.cuda.is_available():
-        raise CommandError(f"--device {args.device}: this torch ({torch.__version__}) sees no CUDA device")
+        raise BenchmarkError(f"--device {args.device}: this torch ({torch.__version__}) sees no CUDA device")
     if args.draft_device.startswith("cuda") and not torch.cuda.is_available():
-        raise CommandError(f"--draft-device {args.draft_device}: no CUDA device")
+        raise BenchmarkError(f"--draft-device {args.draft_device}: no CUDA device")
     for name in ("sessions", "max_new_tokens", "draft_procs", "threads", "single_prompts"):
         if getattr(args, name) < 1:
-            raise CommandError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+            raise BenchmarkError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     if args.warmup_runs < 0:
-        raise CommandError(f"--warmup-runs must be >= 0, got {args.warmup_runs}")
+        raise BenchmarkError(f"--warmup-runs must be >= 0, got {args.warmup_runs}")
     return _parse_list(args.gammas, "gammas")
 
 
@@ -307,7 +309,7 @@ def _stop_on_sigterm(signum: int, frame: Any) -> None:
     raise KeyboardInterrupt  # so ``finally`` stops the subprocesses (``timeout`` sends SIGTERM)
 
 
-def _run(args: argparse.Namespace) -> int:
+def run(args: argparse.Namespace) -> int:
     import signal
     import tempfile
 
@@ -399,7 +401,7 @@ def _run(args: argparse.Namespace) -> int:
                 emit(row)
         ok = True
     finally:
-        from specmq.up_cli import stop_processes
+        from workers.local_cluster import stop_processes
 
         if drafts is not None:
             stop_processes(drafts.procs, grace_s=5.0)
@@ -415,7 +417,7 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def summarise(rows: list[dict]) -> dict[str, Any]:
-    """The issue's figures: the best distributed row against both target-only rows."""
+    """The headline figures: the best distributed row against both target-only rows."""
     base = {r.get("mode"): r for r in rows if r["arch"] == "target-only"}
     out: dict[str, Any] = {"target_only_batched_tok_s": base["batched"]["tok_s_aggregate"],
                            "target_only_single_tok_s": base["single"]["tok_s_aggregate"]}
@@ -432,13 +434,7 @@ def summarise(rows: list[dict]) -> dict[str, Any]:
     return out
 
 
-def register(sub: argparse._SubParsersAction) -> None:
-    p = add_command(sub, "gpu_e2e", json_flag=True,
-                    help="broker + CUDA target worker + N draft sessions vs target-only decoding (tokens/s)",
-                    description=__doc__.split("\n\n")[0],
-                    example="specmq bench gpu_e2e --json --gammas 2,4 --fused\n"
-                            "  specmq bench gpu_e2e --device cpu --sessions 8 --max-new-tokens 16",
-                    func=_run)
+def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default=None, help="target device (default: cuda if available, else cpu)")
     p.add_argument("--dtype", default=None, help="target dtype (default: bfloat16 on cuda, float32 on cpu)")
     p.add_argument("--backend", default="cuda",
@@ -460,8 +456,3 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--logdir", type=Path, default=None,
                    help="where the subprocesses' logs go (default: a new temporary directory, named on stderr)")
 
-
-if __name__ == "__main__":  # pragma: no cover
-    from specmq.cli import main
-
-    sys.exit(main(["bench", "gpu_e2e", *sys.argv[1:]]))

@@ -7,7 +7,7 @@ floor = (weight bytes + KV bytes read: B*C*per-token KV) / the MEASURED device-t
 Llama-3.2-1B-shaped draft decode step (B x 1 token) vs its floor. Each time is the median of ``--reps`` steps, each
 ending in a device sync. ``--json`` prints one object per row.
 
-    python -m specmq.cli bench gpu_engine [--json] [--contexts 512,2048] [--skip-hf]
+    specmq bench gpu_engine [--json] [--contexts 512,2048] [--skip-hf]
 """
 from __future__ import annotations
 
@@ -18,8 +18,10 @@ import sys
 import time
 from typing import Any
 
-from specmq.cliutil import CommandError, add_command, print_json
+from benchmarks import BenchmarkError, print_json
+from workers.profiling import int_list
 
+HELP = "CUDA-graph engine vs HF eager vs the memory floor (needs CUDA)"
 HF_WARMUP = 3  # untimed HF steps per point (allocator, kernels); HF's host-bound times still vary run to run
 EXAMPLE = "specmq bench gpu_engine --json --batches 1,4,16,32,64 --tokens 1,5,9 --contexts 512,2048"
 
@@ -114,7 +116,7 @@ def engine_rows(shape: str, batches, tokens, contexts, reps: int, bw: float, kin
     import torch
 
     from workers.engine.cuda_shapes import SHAPES, kv_bytes_per_token, weight_bytes
-    from workers.profile_cli import build_engine, step_ms
+    from workers.profiling import build_engine, step_ms
 
     max_ctx = -(-(max(contexts) + max(tokens)) // 128) * 128
     eng = build_engine(None, shape, "cuda", "bfloat16", max(batches), max_ctx)
@@ -131,9 +133,9 @@ def engine_rows(shape: str, batches, tokens, contexts, reps: int, bw: float, kin
                             "bucket": list(eng.shape_for(b, t, c + t)[:3])})
                 print(f"  {kind:5s} C={c:5d} B={b:3d} T={t}: {ms:8.2f} ms  floor {f:6.2f}  x{ms / f:5.2f}",
                       file=sys.stderr, flush=True)
-    info = {"weight_bytes": wbytes, "kv_bytes_per_token": kvtok, "flash_mode": eng.attn,
-            "attention": "triton split-kv" if eng.verify_attn == "split" else f"flash ({eng.attn})", "fuse": eng.fuse,
-            "gemm_decisions": getattr(eng.linear, "log", [])}
+    info = {"weight_bytes": wbytes, "kv_bytes_per_token": kvtok, "path": eng.path, "flash_layout": eng.flash_layout,
+            "attention": "triton split-kv" if eng.path == "fused" else "gather + sdpa",
+            "why_portable": eng.why_portable}
     del eng
     gc.collect()
     torch.cuda.empty_cache()
@@ -144,7 +146,7 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     if not torch.cuda.is_available():
-        raise CommandError("gpu_engine needs a CUDA device (torch.cuda.is_available() is False)")
+        raise BenchmarkError("gpu_engine needs a CUDA device (torch.cuda.is_available() is False)")
     bw = copy_bandwidth(torch.device("cuda"))
     name = torch.cuda.get_device_name()
     head = {"device": name, "torch": torch.__version__, "copy_bandwidth_GBps": round(bw / 1e9, 1)}
@@ -184,11 +186,7 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def register(sub: argparse._SubParsersAction) -> None:
-    from workers.profile_cli import int_list
-
-    p = add_command(sub, "gpu_engine", help="CUDA-graph engine vs HF eager vs the memory floor (needs CUDA)",
-                    example=EXAMPLE, func=run, json_flag=True)
+def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batches", type=int_list, default=int_list("1,4,16,32,64"))
     p.add_argument("--tokens", type=int_list, default=int_list("1,5,9"))
     p.add_argument("--contexts", type=int_list, default=int_list("512,2048"))

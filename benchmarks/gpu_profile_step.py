@@ -1,12 +1,11 @@
-"""Where one graph-replayed verify step spends its time, and which glue variant is fastest (issue 7, pass 2).
+"""Where one graph-replayed verify step spends its time, on the engine's shipped path.
 
-For the Llama-3.1-8B shape (bf16, random weights, ctx 512) and the 1B draft: per (B, T) and per ``fuse`` mode of
-``CudaGraphEngine`` ("off": the v4 glue; "hoist": flash metadata once a step; "triton": the fused glue kernels of
-``cuda_fused``), the step's wall time (median of ``--reps`` synced ``engine.forward`` calls, host work included)
-and its GPU time (CUDA events around the graph replay alone); the logits of every mode against "off"; and a
-torch.profiler per-kernel-name table (total us per kernel name per step) for a few shapes. One device call:
+For the Llama-3.1-8B shape (bf16, random weights, ctx 512) and the 1B draft: per (B, T) the step's wall time
+(median of ``--reps`` synced ``engine.forward`` calls, host work included) and its GPU time (CUDA events around the
+graph replay alone), and a torch.profiler per-kernel-name table (total us per kernel name per step) for a few
+shapes. ``--accuracy``: the bf16 logits against a float32 engine (same weights, same cache). One device call:
 
-    python benchmarks/gpu_profile_step.py [--reps 20] [--out DIR]    # ~1-2 min on an H100
+    python benchmarks/gpu_profile_step.py [--reps 20] [--out DIR]    # ~1 min on an H100
 """
 from __future__ import annotations
 
@@ -24,31 +23,10 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from workers.engine.cuda_engine import FLASH_ERRORS  # noqa: E402
 from workers.engine.cuda_shapes import fill_cache_randomly, random_engine  # noqa: E402
-from workers.profile_cli import step_ms  # noqa: E402
+from workers.profiling import step_ms  # noqa: E402
 
 CTX = 512
-# "triton": flash attention; "+rows": flash with one one-query row per token (token_rows) for
-# B x T <= TOKEN_ROWS_MAX; "+split": the Triton split-KV attention (cuda_attention), the engine's default
-MODES = ("off", "triton", "triton+rows", "triton+split")
-
-
-_KEEP: list = []
-ROWS_OK = [False]
-SPLIT_OK = [False]
-
-
-def set_mode(eng, mode: str) -> None:
-    """Switch the glue variant: fresh buckets in a fresh graph pool. The old graphs stay alive (freeing graphs
-    and capturing new ones into the same private pool trips an allocator assert in torch 2.11)."""
-    _KEEP.append(eng._buckets)
-    eng._buckets = {}
-    eng._pool = torch.cuda.graph_pool_handle()
-    eng.fuse = mode.split("+")[0]
-    eng.token_rows = mode.endswith("+rows") and ROWS_OK[0]
-    eng.verify_attn = "split" if mode.endswith("+split") and SPLIT_OK[0] else "flash"
-
 
 def log(*a) -> None:
     print(*a, flush=True)
@@ -120,47 +98,25 @@ def short(name: str) -> str:
     return "other"
 
 
-def profile_shapes(eng, label: str, shapes, modes, reps: int, tables: list, results: list) -> None:
-    for mode in modes:
-        set_mode(eng, mode)
-        for B, T in shapes:
-            try:
-                rows = rows_for(eng, B, T)
-                t0 = time.perf_counter()
-                ms = step_ms(eng, [T] * B, CTX, reps)
-                gpu = replay_ms(eng, B, T, reps)
-                rec = {"model": label, "mode": mode, "batch": B, "tokens": T, "context": CTX, "ms": round(ms, 3),
-                       "replay_ms": round(gpu, 3), "setup_s": round(time.perf_counter() - t0, 1)}
-                results.append(rec)
-                log(f"{label} {mode:6s} B={B:3d} T={T}: step {ms:7.3f} ms  replay {gpu:7.3f} ms")
-            except Exception as exc:  # one failing variant must not sink the call
-                log(f"{label} {mode} B={B} T={T}: FAILED {type(exc).__name__}: {str(exc)[:400]}")
-                results.append({"model": label, "mode": mode, "batch": B, "tokens": T, "error": str(exc)[:400]})
-
-
-def compare_logits(eng, label: str, shapes, modes, results: list) -> None:
+def profile_shapes(eng, label: str, shapes, reps: int, results: list) -> None:
     for B, T in shapes:
-        rows = rows_for(eng, B, T, seed=7)
-        outs = {}
-        for mode in modes:
-            set_mode(eng, mode)
-            try:
-                outs[mode] = forward_once(eng, rows)
-            except Exception as exc:
-                log(f"{label} logits {mode} B={B} T={T}: FAILED {type(exc).__name__}: {str(exc)[:300]}")
-        ref = outs.get("off")
-        for mode, o in outs.items():
-            if ref is not None and mode != "off":
-                err = float((o - ref).norm() / ref.norm())
-                agree = float((o.argmax(-1) == ref.argmax(-1)).float().mean())
-                log(f"{label} logits {mode} vs off B={B} T={T}: rel err {err:.4f}, argmax agree {agree:.3f}")
-                results.append({"model": label, "mode": mode, "batch": B, "tokens": T, "logits_rel_err": err,
-                                "argmax_agree": agree})
+        try:
+            rows_for(eng, B, T)
+            t0 = time.perf_counter()
+            ms = step_ms(eng, [T] * B, CTX, reps)
+            gpu = replay_ms(eng, B, T, reps)
+            rec = {"model": label, "path": eng.path, "batch": B, "tokens": T, "context": CTX, "ms": round(ms, 3),
+                   "replay_ms": round(gpu, 3), "setup_s": round(time.perf_counter() - t0, 1)}
+            results.append(rec)
+            log(f"{label} B={B:3d} T={T}: step {ms:7.3f} ms  replay {gpu:7.3f} ms")
+        except Exception as exc:  # one failing shape must not sink the call
+            log(f"{label} B={B} T={T}: FAILED {type(exc).__name__}: {str(exc)[:400]}")
+            results.append({"model": label, "batch": B, "tokens": T, "error": str(exc)[:400]})
 
 
 def accuracy(B: int = 4, T: int = 5) -> None:
-    """bf16 logits of the unfused ("off") and fused ("triton") glue against a float32 engine (same weights, same
-    cache contents): which of the two is closer to exact math."""
+    """bf16 logits of the engine against a float32 engine (the portable path; same weights, same cache
+    contents): how far the shipped kernels sit from exact math."""
     from workers.engine.base import EngineInfo
     from workers.engine.cuda_engine import make_engine
     from workers.engine.cuda_shapes import SHAPES, random_model
@@ -174,27 +130,21 @@ def accuracy(B: int = 4, T: int = 5) -> None:
                       eos_token_id=None, dtype="bfloat16", device="cuda")
     e32 = make_engine(m32, info, graphs=False)
     fill_cache_randomly(e32)
-    outs = {}
-    for mode in ("off", "triton", "triton+rows", "triton+split"):
-        e = make_engine(m16, info, graphs=True, fuse=mode.split("+")[0], token_rows=mode.endswith("rows"),
-                        verify_attn="split" if mode.endswith("split") else "flash")
-        for (k, v), (k32, v32) in zip(e.kv, e32.kv):
-            k.copy_(k32)
-            v.copy_(v32)
-        outs[mode] = forward_once(e, rows_for(e, B, T, seed=3))
-        del e
+    e = make_engine(m16, info, graphs=True)
+    for (k, v), (k32, v32) in zip(e.kv, e32.kv):
+        k.copy_(k32)
+        v.copy_(v32)
+    got = forward_once(e, rows_for(e, B, T, seed=3))
     want = forward_once(e32, rows_for(e32, B, T, seed=3))
-    for mode, o in outs.items():
-        err = float((o - want).norm() / want.norm())
-        agree = float((o.argmax(-1) == want.argmax(-1)).float().mean())
-        log(f"accuracy 8B bf16 {mode} vs float32 B={B} T={T}: rel err {err:.4f}, argmax agree {agree:.3f}")
+    err = float((got - want).norm() / want.norm())
+    agree = float((got.argmax(-1) == want.argmax(-1)).float().mean())
+    log(f"accuracy 8B bf16 ({e.path} path) vs float32 B={B} T={T}: rel err {err:.4f}, argmax agree {agree:.3f}")
 
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--reps", type=int, default=20)
     p.add_argument("--out", default=os.environ.get("OUT", "/tmp/out"))
-    p.add_argument("--modes", default=",".join(MODES))
     p.add_argument("--accuracy", action="store_true", help="only the bf16-vs-float32 logits check")
     args = p.parse_args()
     if args.accuracy:
@@ -202,62 +152,48 @@ def main() -> int:
         return 0
     if os.environ.get("STEP_ACCURACY"):
         accuracy()
-    modes = args.modes.split(",")
     os.makedirs(args.out, exist_ok=True)
     results: list = []
     tables: dict = {}
     log(torch.cuda.get_device_name(), "torch", torch.__version__)
     t_start = time.perf_counter()
 
-    eng = random_engine("llama-3.1-8b", device="cuda", dtype="bfloat16", slots=64, max_context=CTX + 16,
-                        fuse="triton")
+    eng = random_engine("llama-3.1-8b", device="cuda", dtype="bfloat16", slots=64, max_context=CTX + 16)
     fill_cache_randomly(eng)
-    ROWS_OK[0] = eng.token_rows
-    SPLIT_OK[0] = eng.verify_attn != "flash"
-    log(f"8B engine attn={eng.attn} fuse={eng.fuse} token_rows={eng.token_rows} verify_attn={eng.verify_attn} "
-        f"errors={FLASH_ERRORS} "
+    log(f"8B engine path={eng.path} flash_layout={eng.flash_layout} why_portable={eng.why_portable!r} "
         f"({time.perf_counter() - t_start:.0f} s)")
-    if eng.fuse != "triton":
-        modes = ["off"]
-    compare_logits(eng, "8B", [(1, 5), (16, 5)], modes, results)
     shapes = [(1, 1), (1, 5), (1, 9), (4, 5), (4, 9), (16, 1), (16, 5), (32, 5), (64, 1), (64, 5)]
-    profile_shapes(eng, "8B", shapes, modes, args.reps, [], results)
-    for mode in [m for m in ("triton+rows", "triton+split") if m in modes]:
-        set_mode(eng, mode)
-        for B, T in [(1, 1), (1, 5), (16, 5), (64, 1)]:
-            rows = rows_for(eng, B, T)
-            forward_once(eng, rows)  # capture outside the trace
+    profile_shapes(eng, "8B", shapes, args.reps, results)
+    for B, T in [(1, 1), (1, 5), (16, 5), (64, 1)]:
+        rows = rows_for(eng, B, T)
+        forward_once(eng, rows)  # capture outside the trace
+        table, n = kernel_table(eng, rows)
+        key = f"8B B={B} T={T}"
+        if n < 50:  # the trace did not see the kernels inside the graph: trace the same forward eagerly
+            eng.graphs = False
             table, n = kernel_table(eng, rows)
-            key = f"8B {mode} B={B} T={T}"
-            if n < 50:  # the trace did not see the kernels inside the graph: trace the same forward eagerly
-                eng.graphs = False
-                table, n = kernel_table(eng, rows)
-                eng.graphs = True
-                key += " (eager)"
-            tables[key] = table
-            tot = sum(v[0] for v in table.values())
-            log(f"\n== {key}: {n} kernels/step, {tot / 1e3:.3f} ms kernel time/step")
-            groups: dict[str, list[float]] = collections.defaultdict(lambda: [0.0, 0.0])
-            for name, (us, c) in table.items():
-                g = groups[short(name)]
-                g[0] += us
-                g[1] += c
-            for g, (us, c) in sorted(groups.items(), key=lambda kv: -kv[1][0]):
-                log(f"   {g:20s} {us:9.1f} us  {c:6.0f} launches")
-            for name, (us, c) in sorted(table.items(), key=lambda kv: -kv[1][0])[:14]:
-                log(f"     {us:9.1f} us {c:5.0f}x  {name}")
+            eng.graphs = True
+            key += " (eager)"
+        tables[key] = table
+        tot = sum(v[0] for v in table.values())
+        log(f"\n== {key}: {n} kernels/step, {tot / 1e3:.3f} ms kernel time/step")
+        groups: dict[str, list[float]] = collections.defaultdict(lambda: [0.0, 0.0])
+        for name, (us, c) in table.items():
+            g = groups[short(name)]
+            g[0] += us
+            g[1] += c
+        for g, (us, c) in sorted(groups.items(), key=lambda kv: -kv[1][0]):
+            log(f"   {g:20s} {us:9.1f} us  {c:6.0f} launches")
+        for name, (us, c) in sorted(table.items(), key=lambda kv: -kv[1][0])[:14]:
+            log(f"     {us:9.1f} us {c:5.0f}x  {name}")
     log(f"8B done at {time.perf_counter() - t_start:.0f} s")
     del eng
-    _KEEP.clear()
     gc.collect()
     torch.cuda.empty_cache()
 
-    d = random_engine("llama-3.2-1b", device="cuda", dtype="bfloat16", slots=64, max_context=CTX + 16,
-                      fuse="triton")
+    d = random_engine("llama-3.2-1b", device="cuda", dtype="bfloat16", slots=64, max_context=CTX + 16)
     fill_cache_randomly(d)
-    SPLIT_OK[0] = d.verify_attn != "flash"
-    profile_shapes(d, "1B", [(1, 1), (16, 1), (64, 1)], [m for m in ("triton", "triton+split") if m in modes],
-                   args.reps, [], results)
+    profile_shapes(d, "1B", [(1, 1), (16, 1), (64, 1)], args.reps, results)
     log(f"all done at {time.perf_counter() - t_start:.0f} s")
     with open(os.path.join(args.out, "gpu_profile_step.json"), "w") as f:
         json.dump({"device": torch.cuda.get_device_name(), "torch": torch.__version__, "results": results,

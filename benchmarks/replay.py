@@ -15,7 +15,10 @@ import tempfile
 import time
 from typing import Any
 
-from specmq.cliutil import CommandError, add_command, print_json
+from benchmarks import BenchmarkError, print_json
+
+HELP = "schedule drift of specmq replay (records a capture, replays it)"
+EXAMPLE = "specmq bench replay --sessions 20 --chunk-ms 20 --seconds 5 --repeats 3 --json"
 
 
 async def _record_load(frontend: str, sessions: int, chunk_ms: float, seconds: float) -> int:
@@ -46,9 +49,10 @@ async def _record_load(frontend: str, sessions: int, chunk_ms: float, seconds: f
 
 
 def _servers(ctx: Any, capture: str, workers: int) -> tuple[str, list]:
-    from benchmarks.broker import _broker_proc, _free_port, _sync_echo_proc, _wait_workers
+    from benchmarks.broker import _broker_proc, _sync_echo_proc, _wait_workers
+    from workers.local_cluster import free_endpoint
 
-    fe, be = f"tcp://127.0.0.1:{_free_port()}", f"tcp://127.0.0.1:{_free_port()}"
+    fe, be = free_endpoint(), free_endpoint()
     procs = [ctx.Process(target=_broker_proc, args=(fe, be, capture), daemon=True)]
     procs += [ctx.Process(target=_sync_echo_proc, args=(be, f"echo{i}"), daemon=True) for i in range(workers)]
     for p in procs:
@@ -93,9 +97,9 @@ def run_benchmark(sessions: int, chunk_ms: float, seconds: float, repeats: int, 
             "cpus": os.cpu_count()}
 
 
-def _run(args: argparse.Namespace) -> int:
+def run(args: argparse.Namespace) -> int:
     if args.sessions < 1 or args.chunk_ms <= 0 or args.seconds <= 0 or args.repeats < 1 or args.speed <= 0:
-        raise CommandError("--sessions, --chunk-ms, --seconds, --repeats and --speed must be positive")
+        raise BenchmarkError("--sessions, --chunk-ms, --seconds, --repeats and --speed must be positive")
     out = run_benchmark(args.sessions, args.chunk_ms, args.seconds, args.repeats, args.speed, args.workers)
     if args.json:
         print_json(out)
@@ -109,10 +113,7 @@ def _run(args: argparse.Namespace) -> int:
     return 0
 
 
-def register(sub: argparse._SubParsersAction) -> None:
-    p = add_command(sub, "replay", help="schedule drift of specmq replay (records a capture, replays it)",
-                    example="specmq bench replay --sessions 20 --chunk-ms 20 --seconds 5 --repeats 3 --json",
-                    func=_run, json_flag=True)
+def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--sessions", type=int, default=20, help="recorded drafter sessions (default: 20)")
     p.add_argument("--chunk-ms", type=float, default=20.0, help="each session's chunk period (default: 20)")
     p.add_argument("--seconds", type=float, default=5.0, help="recorded seconds (default: 5)")

@@ -51,7 +51,12 @@ import time
 from pathlib import Path
 from typing import Any
 
+from benchmarks import BenchmarkError, print_json
 from simulator.acceptance import EmpiricalAcceptance, load_rounds
+
+HELP = "the real loopback cluster vs the simulator with this CPU's cost table, side by side"
+DESCRIPTION = __doc__.split("\n\n")[0]
+EXAMPLE = "specmq bench sim_vs_real --loads 1,4,8"
 
 ROOT = Path(__file__).resolve().parents[1]
 TARGET = ROOT / "models" / "tiny-target"
@@ -129,60 +134,34 @@ def compare(rounds_path: str | Path, output_tokens: int = 256, duration_s: float
 
 # --------------------------------------------------------------------------- the real cluster
 class Cluster:
-    """``specmq broker`` + one ``specmq target`` (torch threads 1) as subprocesses; ``close`` stops both."""
+    """``specmq broker`` + one ``specmq target`` (torch threads 1) as subprocesses (``workers.local_cluster``);
+    ``close`` stops both."""
 
     def __init__(self, slots: int, logdir: Path, pin: bool = False) -> None:
-        from benchmarks.e2e import _free_port
+        from workers.local_cluster import LocalCluster
 
-        self.frontend = f"tcp://127.0.0.1:{_free_port()}"
-        self.backend = f"tcp://127.0.0.1:{_free_port()}"
-        self.env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONPATH=str(ROOT))
-        self.logdir, self.pin = logdir, pin
-        self.procs: list[subprocess.Popen] = []
-        hb = ["--heartbeat-interval", "0.5", "--liveness", "20"]
-        self._spawn("broker", 0, "broker", "--frontend", self.frontend, "--backend", self.backend, *hb)
-        self._spawn("target", 1, "target", "--broker", self.backend, "--model", str(TARGET), "--slots", str(slots),
-                    "--name", "target", "--tick-ms", str(TICK_MS), "--max-batch-tokens", str(MAX_BATCH_TOKENS),
-                    "--max-batch-rows", str(MAX_BATCH_ROWS), "--prefill-chunk", str(PREFILL_CHUNK), *hb)
-
-    def _spawn(self, name: str, cpu: int, *args: str) -> None:
-        log = open(self.logdir / f"{name}.log", "w")
-        cpus = os.sched_getaffinity(0)
-        pre = (lambda: os.sched_setaffinity(0, {cpu})) if self.pin and cpu in cpus and len(cpus) > 1 else None
-        self.procs.append(subprocess.Popen([sys.executable, "-m", "specmq.cli", *args, "--log-level", "warning"],
-                                           stdout=log, stderr=subprocess.STDOUT, env=self.env, cwd=ROOT,
-                                           preexec_fn=pre))
+        env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+        self.cluster = LocalCluster(logdir=logdir, env=env, cwd=ROOT)
+        self.frontend, self.backend = self.cluster.frontend, self.cluster.backend
+        hb = ["--heartbeat-interval", "0.5", "--liveness", "20", "--log-level", "warning"]
+        self.cluster.start_broker(*hb, cpu=0 if pin else None)
+        self.cluster.start_worker("target", "target", "--model", str(TARGET), "--slots", str(slots), "--tick-ms",
+                                  str(TICK_MS), "--max-batch-tokens", str(MAX_BATCH_TOKENS), "--max-batch-rows",
+                                  str(MAX_BATCH_ROWS), "--prefill-chunk", str(PREFILL_CHUNK), *hb,
+                                  cpu=1 if pin else None)
 
     def wait_ready(self, timeout: float = 120.0) -> None:
-        from specmq.cliutil import CommandError
-        from specmq.up_cli import broker_stats
-
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            for p in self.procs:
-                if p.poll() is not None:
-                    raise CommandError(f"a service exited early (logs in {self.logdir})")
-            if "target" in ((broker_stats(self.frontend, 1.0) or {}).get("workers") or {}):
-                return
-            time.sleep(0.2)
-        raise CommandError(f"the target did not register within {timeout:g}s (logs in {self.logdir})")
+        self.cluster.wait_registered({"target"}, timeout_s=timeout)  # ClusterError names the process and its log
 
     def target_stats(self) -> dict[str, float]:
         """The target's counters (ticks, rows, mid_tick_chunks, near_miss_chunks) from a heartbeat newer than the
         last call."""
-        from specmq.up_cli import broker_stats
-
         time.sleep(0.6)  # heartbeats every 0.5 s
-        st = ((broker_stats(self.frontend, 1.0) or {}).get("workers") or {}).get("target", {}).get("stats", {})
-        out = {k: float(st.get(k, 0) or 0) for k in ("ticks", "rows", "mid_tick_chunks", "near_miss_chunks")}
-        if "rows" not in st:  # an older target: rows from the mean
-            out["rows"] = out["ticks"] * float(st.get("mean_batch", 0.0) or 0.0)
-        return out
+        st = ((self.cluster.snapshot(1.0) or {}).get("workers") or {}).get("target", {}).get("stats", {})
+        return {k: float(st.get(k, 0) or 0) for k in ("ticks", "rows", "mid_tick_chunks", "near_miss_chunks")}
 
     def close(self) -> None:
-        from specmq.up_cli import stop_processes
-
-        stop_processes(self.procs, grace_s=15.0)
+        self.cluster.stop(grace_s=15.0)
 
 
 class SendClock:
@@ -349,7 +328,6 @@ def profile_table(out: Path, contexts: str, reps: int) -> str:
 
 def measure_real(args: argparse.Namespace, loads: list[int], work: Path) -> dict[int, list[dict[str, Any]]]:
     from benchmarks.e2e import heldout_prompts
-    from specmq.cliutil import CommandError
 
     prompts = heldout_prompts(max(loads) * args.requests)
     cluster = Cluster(max(loads), work, pin=args.pin)
@@ -364,7 +342,7 @@ def measure_real(args: argparse.Namespace, loads: list[int], work: Path) -> dict
             for n in loads:
                 r = run_real(cluster, engine, prompts[:n * args.requests], n, args.max_new_tokens, args.gamma)
                 if r["errors"]:
-                    raise CommandError(f"real run with {n} sessions: {r['errors']} failed: {r['first_error']}")
+                    raise BenchmarkError(f"real run with {n} sessions: {r['errors']} failed: {r['first_error']}")
                 reals[n].append(r)
     finally:
         cluster.close()
@@ -375,30 +353,29 @@ def rel(sim: float, real: float) -> float:
     return (sim - real) / real if real else math.nan
 
 
-def _run(args: argparse.Namespace) -> int:
+def run(args: argparse.Namespace) -> int:
     import torch
 
     from benchmarks.e2e import _parse_list
-    from specmq.cliutil import CommandError, print_json
 
     torch.set_num_threads(1)
     loads = _parse_list(args.loads, "loads")
     if args.requests < 1 or args.repeat < 1 or args.max_new_tokens < 2 or args.gamma < 1:
-        raise CommandError("--requests, --repeat, --gamma must be >= 1 and --max-new-tokens >= 2")
+        raise BenchmarkError("--requests, --repeat, --gamma must be >= 1 and --max-new-tokens >= 2")
     work = Path(tempfile.mkdtemp(prefix="specmq-simreal-"))
     t_start = time.perf_counter()
     if args.load_real:  # re-simulate a saved real run (no cluster, no profiling)
         try:
             saved = json.loads(Path(args.load_real).read_text())
         except (OSError, ValueError) as exc:
-            raise CommandError(f"--load-real {args.load_real}: {exc}") from None
+            raise BenchmarkError(f"--load-real {args.load_real}: {exc}") from None
         reals = {int(n): v for n, v in saved["reals"].items()}
         loads, table = sorted(reals), args.table or saved["table"]
         args.gamma, args.max_new_tokens, args.requests = saved["gamma"], saved["max_new_tokens"], saved["requests"]
     else:
         table = args.table or profile_table(work / "cpu-tiny-pair-t1.yaml", args.contexts, args.reps)
         if not Path(table).is_file():
-            raise CommandError(f"--table {table}: not found")
+            raise BenchmarkError(f"--table {table}: not found")
         reals = measure_real(args, loads, work)
         dump = work / "real.json"
         dump.write_text(json.dumps({"reals": reals, "table": table, "gamma": args.gamma,
@@ -483,13 +460,7 @@ def print_report(out: list[dict[str, Any]]) -> None:
               f"chunks read mid-tick {r['mid_tick_chunks']}/{r['chunks']} (near misses <5 ms: {r['near_miss_chunks']})")
 
 
-def register(sub: argparse._SubParsersAction) -> None:
-    from specmq.cliutil import add_command
-
-    p = add_command(sub, "sim_vs_real", json_flag=True,
-                    help="the real loopback cluster vs the simulator with this CPU's cost table, side by side",
-                    description=__doc__.split("\n\n")[0], example="specmq bench sim_vs_real --loads 1,4,8",
-                    func=_run)
+def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--loads", default="1,4,8", help="concurrent draft sessions per run (default: 1,4,8)")
     p.add_argument("--requests", type=int, default=2, help="prompts each session slot runs back to back (default 2)")
     p.add_argument("--max-new-tokens", type=int, default=48, help="tokens per prompt (default: 48)")

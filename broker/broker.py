@@ -16,16 +16,20 @@ import random
 import time
 from typing import Any, Callable
 
+import structlog
 import zmq
 
-from broker.frames import NOBLOCK, RCVMORE, SNDMORE_NOBLOCK, check_vocab, pack, parse, raw_get, raw_recv, raw_send
-from broker.routing import WorkerLoad, make_router
+from broker.ops import Ops
+from broker.routing import make_router
 from broker.state import BrokerConfig, BrokerState, Job, Session, Worker
 from protocol import errors as E
 from protocol.codec import encode
 from protocol.errors import ProtocolError
+from protocol.frames import NOBLOCK, RCVMORE, SNDMORE_NOBLOCK, check_vocab, pack, parse, raw_get, raw_recv, raw_send
 from protocol.messages import (
+    CLIENT_TYPES,
     VERSION,
+    WORKER_TYPES,
     Busy,
     Disconnect,
     Error,
@@ -33,14 +37,10 @@ from protocol.messages import (
     Reopen,
     Stats,
 )
-from specmq.logs import get_logger
 
-log = get_logger("broker")
+log = structlog.get_logger("broker")
 
 FRONTEND, BACKEND = "frontend", "backend"
-CLIENT_TYPES = frozenset(("session_open", "verify", "session_close", "generate", "stats_request"))
-WORKER_TYPES = frozenset(("ready", "heartbeat", "credit", "disconnect", "result", "session_opened", "error", "busy",
-                          "tokens", "done"))
 BATCH = 512  # most frames read from one socket per wakeup before looking at the other
 HEARTBEAT_BODY = encode(Heartbeat())
 Tap = Callable[[str, str, bytes, bytes], None]
@@ -77,7 +77,7 @@ class Broker:
             self.curve = CurveServer(self.ctx, self.config.curve_secret, self.config.allow, self._auth_refused)
         else:
             self.ctx = ctx or zmq.Context.instance()
-        self.ops = None  # broker.metrics.Ops (capture, stats PUB, Prometheus), started by run()
+        self.ops: Ops | None = None  # capture, stats PUB, Prometheus (broker.ops), started by run()
         self.frontend = self._router_socket(self.config.frontend, curve=self.curve is not None)
         self.backend = self._router_socket(self.config.backend)
         self.frontend_endpoint = self.frontend.getsockopt_string(zmq.LAST_ENDPOINT)
@@ -98,8 +98,8 @@ class Broker:
         if curve:
             self.curve.apply(sock)
         sock.setsockopt(zmq.ROUTER_MANDATORY, 1)  # unknown or full peer raises instead of silently dropping
-        sock.setsockopt(zmq.SNDHWM, self.config.sndhwm)
-        sock.setsockopt(zmq.RCVHWM, self.config.rcvhwm)
+        sock.setsockopt(zmq.SNDHWM, self.config.hwm)
+        sock.setsockopt(zmq.RCVHWM, self.config.hwm)
         sock.setsockopt(zmq.LINGER, 0)
         sock.bind(endpoint)
         return sock
@@ -108,9 +108,8 @@ class Broker:
     async def run(self) -> None:
         self._loop = asyncio.get_running_loop()
         self._wake = asyncio.Event()
-        from broker.metrics import Ops
-
-        self.ops = Ops(self)
+        self.ops = Ops(self.config, self._loop, snapshot=self.stats_snapshot, ctx=self.ctx,
+                       frontend=self.frontend_endpoint, taps=self.taps, curve=self.curve)
         for sock in (self.frontend, self.backend):
             self._loop.add_reader(sock.getsockopt(zmq.FD), self.pump)
         self._schedule_beat()
@@ -172,7 +171,7 @@ class Broker:
         recv, taps = raw_recv, self.taps
         n = 0
         while n < BATCH:
-            if side == FRONTEND and len(self.outbox) > self.config.sndhwm:
+            if side == FRONTEND and len(self.outbox) > self.config.hwm:
                 if self._deferred:
                     self.flush_deferred()
                 return False  # backpressure: stop reading clients until held sends drain
@@ -301,6 +300,8 @@ class Broker:
             self.client_verify(ident, body)
         elif mtype == "stats_request":
             self.reply(FRONTEND, ident, Stats(snapshot=self.stats_snapshot()))
+        elif mtype == "cancel":  # honoured while shutting down too: it frees a worker sooner
+            self.client_cancel(ident, body)
         elif not self.accepting:
             self.error(FRONTEND, ident, E.SHUTTING_DOWN, "broker is shutting down",
                        session=body.get("session", ""), job=body.get("job", ""))
@@ -440,6 +441,23 @@ class Broker:
         self.state.generate_queue.append(job)
         self.dispatch_generate()
 
+    def client_cancel(self, ident: bytes, body: dict) -> None:
+        """Forget a job nobody waits for: out of the queue, or forwarded to its fused worker to free its slots."""
+        job = self.state.jobs.pop(_key(ident, body["job"]), None)
+        if job is None:
+            return  # over already (Done, Error) or never seen: no answer is expected
+        self.counters.cancelled += 1
+        worker = self.state.workers.get(job.worker) if job.worker else None
+        if worker is None:
+            try:
+                self.state.generate_queue.remove(job)
+            except ValueError:
+                pass
+            return
+        worker.jobs.pop(job.key, None)  # its late Tokens/Done are dropped; the worker returns the credit
+        self._send(self.backend, BACKEND, worker.identity,
+                   pack({"v": VERSION, "type": "cancel", "job": job.key, "reason": body.get("reason", "")}), "cancel")
+
     def busy(self, ident: bytes, queue: str, **about: Any) -> None:
         self.counters.busy += 1
         self.reply(FRONTEND, ident, Busy(retry_ms=self.config.retry_ms, queue=queue, **about))
@@ -450,8 +468,7 @@ class Broker:
         targets = [w for w in self.state.targets() if not model or w.model == model]
         if not targets:
             return None
-        loads = [WorkerLoad(id=w.identity.hex(), capacity=w.capacity, sessions=len(w.sessions), queued=len(w.queue))
-                 for w in targets]
+        loads = self.state.loads(targets)
         chosen = self.router.place(loads, self.rng)
         if chosen is None:
             return None

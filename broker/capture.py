@@ -1,6 +1,7 @@
 """Capture files: every message through the broker, as a msgpack stream (writer, reader, summary).
 
-Format (version 1, also read by ``simulator.workload.load_capture``): a header map
+Format (version 1; ``iter_records`` is the one reader: ``specmq capture``, ``specmq replay`` and the simulator's
+capture workload, ``simulator.workload.load_capture``, all read through it): a header map
 ``{"format": "specmq-capture", "version": 1, "started": unix time, "config": {...}, "run": id, "part": n}``, then
 one map per frame ``{"t": seconds since start, "dir": "in" | "out", "side": "frontend" | "backend",
 "peer": identity bytes, "body": raw frame bytes}``. The writer buffers records and flushes every ~100 ms and at
@@ -19,10 +20,12 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import msgpack
+import structlog
 
-from specmq.logs import get_logger
+from protocol.errors import SpecmqError
+from protocol.messages import CLIENT_TYPES
 
-log = get_logger("broker.capture")
+log = structlog.get_logger("broker.capture")
 
 FORMAT, VERSION = "specmq-capture", 1
 FLUSH_S = 0.1  # longest a record waits in the buffer
@@ -44,7 +47,7 @@ def _discard(direction: str, side: str, identity: bytes, body: bytes) -> None:
     """The tap after a failed write."""
 
 
-class CaptureError(Exception):
+class CaptureError(SpecmqError):
     """The capture cannot be read at all (missing file, no header)."""
 
 
@@ -269,8 +272,7 @@ def _side(rec: dict, mtype: str) -> str:
     side = rec.get("side")
     if side in ("frontend", "backend"):
         return side
-    from broker.broker import CLIENT_TYPES  # files without "side": infer from the message type
-
+    # files without "side": infer it from the message type
     return "frontend" if (mtype in CLIENT_TYPES) == (rec.get("dir") == "in") else "backend"
 
 

@@ -9,6 +9,10 @@
 ``request`` matches the reply by (session, seq) or job, waits out ``Busy`` (sleeping its retry hint) and resends
 on timeout (safe: the broker answers a retried chunk from its cache). ``Reopen`` for a session is returned to the
 caller, who re-sends ``SessionOpen`` with every committed token. Replies nobody waits for land in ``recv()``.
+
+``request_stats(frontend, timeout_s)`` is the one-shot, synchronous stats request (no event loop): readiness
+checks of local clusters and benchmarks, and ``specmq replay``'s probe; ``BrokerClient.stats`` is the same
+question on a client that is already connected.
 """
 from __future__ import annotations
 
@@ -16,15 +20,20 @@ import asyncio
 import time
 from typing import Any, AsyncIterator
 
+import structlog
 import zmq
 import zmq.asyncio
 
 from protocol.codec import decode, encode
 from protocol.errors import ProtocolError
-from protocol.messages import Busy, Done, Error, Generate, Message, Reopen, SessionOpen, Stats, StatsRequest, Verify
-from specmq.logs import get_logger
+from protocol.frames import NOBLOCK, parse, raw_recv, to_message
+from protocol.messages import (Busy, Cancel, Done, Error, Generate, Message, Reopen, SessionOpen, Stats, StatsRequest,
+                               Verify)
 
-log = get_logger("broker.client")
+log = structlog.get_logger("broker.client")
+
+READ_BATCH = 256  # most frames handled per wakeup of the reader
+STATS_MAX_FRAME = 1 << 26  # a snapshot of a big deployment (many workers, many counters) is larger than a request
 
 
 def reply_key(msg: Any) -> tuple:
@@ -134,14 +143,23 @@ class BrokerClient:
             self.sock = None
 
     async def _read_loop(self) -> None:
+        # One awaited recv per wakeup, then every frame already waiting straight off the same socket: a client
+        # streaming many jobs (the HTTP gateway) pays the asyncio future machinery once per burst, not per frame.
+        direct = zmq.Socket.shadow(self.sock.underlying)
         while True:
-            frame = await self.sock.recv()
-            try:
-                msg = decode(frame, max_frame=1 << 26)
-            except ProtocolError as exc:
-                log.warning("client.bad_frame", code=exc.code, reason=exc.message)
-                continue
-            self._deliver(msg)
+            frames = [await self.sock.recv()]
+            while len(frames) < READ_BATCH:
+                try:
+                    frames.append(raw_recv(direct, NOBLOCK))
+                except zmq.Again:
+                    break
+            for frame in frames:
+                try:
+                    msg = to_message(parse(frame, STATS_MAX_FRAME))  # codec.decode's verdicts, hot types faster
+                except ProtocolError as exc:
+                    log.warning("client.bad_frame", code=exc.code, reason=exc.message)
+                    continue
+                self._deliver(msg)
 
     def _deliver(self, msg: Message) -> None:
         if isinstance(msg, Reopen):  # wakes every waiter of that session
@@ -214,8 +232,12 @@ class BrokerClient:
         finally:
             self._waiters.pop(key, None)
 
-    async def generate(self, job: Generate, timeout: float | None = None) -> AsyncIterator[Message]:
-        """Send a generate job and yield its Tokens, then the final Done or Error."""
+    async def generate(self, job: Generate, timeout: float | None = None, *,
+                       retry_busy: bool = True) -> AsyncIterator[Message]:
+        """Send a generate job and yield its Tokens, then the final Done or Error.
+
+        ``retry_busy=False`` yields a ``Busy`` and stops (the caller passes the backpressure on, as an HTTP 429)
+        instead of waiting out its retry hint and resending."""
         key = reply_key(job)
         q: asyncio.Queue = asyncio.Queue()
         self._waiters[key] = q
@@ -224,24 +246,75 @@ class BrokerClient:
             await self.send(job)
             while True:
                 try:
-                    msg = await asyncio.wait_for(q.get(), timeout)
-                except asyncio.TimeoutError:
-                    raise TimeoutError(f"job {job.job!r}: nothing for {timeout}s") from None
-                if isinstance(msg, Busy):
+                    msg = q.get_nowait()  # a streaming job usually has its next message waiting: no timer needed
+                except asyncio.QueueEmpty:
+                    try:
+                        msg = await _get(q, timeout)
+                    except asyncio.TimeoutError:
+                        raise TimeoutError(f"job {job.job!r}: nothing for {timeout}s") from None
+                if isinstance(msg, Busy) and retry_busy:
                     await asyncio.sleep(max(msg.retry_ms, 1) / 1000)
                     await self.send(job)
                     continue
                 yield msg
-                if isinstance(msg, (Done, Error)):
+                if isinstance(msg, (Done, Error, Busy)):
                     return
         finally:
             self._waiters.pop(key, None)
 
-    async def stats(self, timeout: float | None = None) -> dict:
-        reply = await self.request(StatsRequest(), timeout=timeout)
+    async def cancel(self, job: str, reason: str = "") -> None:
+        """Tell the broker nobody waits for ``job`` any more (it frees the job's worker slot); no answer comes."""
+        await self._send_bounded(Cancel(job=job, reason=reason), min(self.timeout, 1.0))
+
+    def fail_jobs(self, code: str, message: str) -> int:
+        """End every ``generate`` waiting on this client with a local ``Error(code)`` (the broker is gone, say);
+        returns how many were waiting."""
+        keys = [k for k in self._waiters if k[0] == "j"]
+        for key in keys:
+            self._waiters[key].put_nowait(Error(code=code, message=message, job=key[1]))
+        return len(keys)
+
+    async def stats(self, timeout: float | None = None, retries: int = 3) -> dict:
+        """One stats snapshot; ``TimeoutError`` when ``retries + 1`` tries of ``timeout`` each went unanswered."""
+        reply = await self.request(StatsRequest(), timeout=timeout, retries=retries)
         if not isinstance(reply, Stats):
             raise ProtocolError("bad_reply", f"expected stats, got {reply.TYPE}")
         return reply.snapshot
+
+
+def request_stats(frontend: str, timeout_s: float = 0.5, *, curve: dict | None = None) -> dict | None:
+    """One stats snapshot from the broker's frontend on a throwaway DEALER, or None when none came within
+    ``timeout_s`` (broker down, still starting, or a refused CURVE handshake). ``curve``: ``BrokerClient``'s CURVE
+    keyword arguments (``broker.curve.client_kwargs``); empty or None for plain TCP."""
+    sock = zmq.Context.instance().socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    try:
+        if curve:
+            from broker.curve import apply_client
+
+            apply_client(sock, curve["curve_secret"], curve["curve_server"], curve.get("curve_public"))
+        sock.connect(frontend)
+        sock.send(encode(StatsRequest()), zmq.NOBLOCK)  # zmq.Again (no pipe to queue on): no answer
+        if not sock.poll(int(timeout_s * 1000)):
+            return None
+        try:
+            msg = decode(sock.recv(), max_frame=STATS_MAX_FRAME)
+        except ProtocolError:
+            return None
+        return msg.snapshot if isinstance(msg, Stats) else None
+    except zmq.Again:
+        return None
+    finally:
+        sock.close(linger=0)
+
+
+async def _get(q: asyncio.Queue, timeout: float) -> Any:
+    """``q.get()`` within ``timeout``: ``asyncio.timeout`` (one timer) where Python has it, else ``wait_for`` (a task
+    per call, which a stream of thousands of messages a second feels)."""
+    if hasattr(asyncio, "timeout"):
+        async with asyncio.timeout(timeout):
+            return await q.get()
+    return await asyncio.wait_for(q.get(), timeout)
 
 
 async def wait_for(predicate, timeout: float = 5.0, interval: float = 0.01) -> bool:

@@ -1,25 +1,49 @@
 """CURVE for remote drafts: load key files, encrypt the broker's frontend, allow only listed client keys.
 
-Keys are pyzmq certificate files (``specmq keys generate``): ``NAME.key`` (public) and ``NAME.key_secret``
-(public + secret). The broker runs a ZAP handler (``zmq.auth.thread.ThreadAuthenticator``) on its own context
-with a callback that checks each client's public key against the ``--allow`` directory and counts refusals.
+Keys are pyzmq certificate files (``generate_keypair``, behind ``specmq keys generate``): ``NAME.key`` (public)
+and ``NAME.key_secret`` (public + secret). The broker runs a ZAP handler (``zmq.auth.thread.ThreadAuthenticator``)
+on its own context with a callback that checks each client's public key against the ``--allow`` directory and
+counts refusals.
 """
 from __future__ import annotations
 
+import os
+import re
 from pathlib import Path
 from typing import Callable
 
+import structlog
 import zmq
 import zmq.auth
 from zmq.auth.thread import ThreadAuthenticator
 
-from specmq.logs import get_logger
+from protocol.errors import SpecmqError
 
-log = get_logger("broker.curve")
+log = structlog.get_logger("broker.curve")
 
 
-class CurveError(Exception):
-    """A key file or directory is missing or not a CURVE certificate."""
+class CurveError(SpecmqError):
+    """A key file or directory is missing or not a CURVE certificate, or a key pair cannot be made."""
+
+
+def generate_keypair(directory: str | Path, name: str) -> tuple[Path, Path]:
+    """Write ``DIR/NAME.key`` (public) and ``DIR/NAME.key_secret`` (readable by its owner only), refusing to
+    overwrite either. Returns (public file, secret file)."""
+    if not zmq.has("curve"):
+        raise CurveError("this libzmq was built without CURVE support")
+    if not re.fullmatch(r"[A-Za-z0-9_.-]+", name) or name.startswith("."):
+        raise CurveError(f"--name {name!r}: use letters, digits, '_', '-', '.'")
+    directory = Path(directory)
+    public, secret = directory / f"{name}.key", directory / f"{name}.key_secret"
+    if public.exists() or secret.exists():
+        raise CurveError(f"{public} or {secret} already exists; pick another --name or directory")
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        pub, sec = zmq.auth.create_certificates(directory, name)
+        os.chmod(sec, 0o600)
+    except OSError as exc:
+        raise CurveError(f"cannot write keys in {directory}: {exc.strerror}") from None
+    return Path(pub), Path(sec)
 
 
 def load_keypair(path: str | Path, need_secret: bool = True) -> tuple[bytes, bytes | None]:

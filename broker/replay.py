@@ -20,13 +20,15 @@ import zmq
 import zmq.asyncio
 
 from broker.capture import CaptureRead, iter_records
+from broker.client import request_stats
+from protocol.errors import SpecmqError
+from protocol.messages import CLIENT_TYPES
 
-CLIENT_TYPES = frozenset(("session_open", "verify", "session_close", "generate", "stats_request"))
 FINAL = frozenset(("result", "session_opened", "error", "busy", "done", "stats", "reopen"))  # one per request
 SPIN_S = 0.001  # sleep until this close to a send time, then yield-spin (timers are only ms-accurate)
 
 
-class ReplayError(Exception):
+class ReplayError(SpecmqError):
     """Nothing to replay, or the broker never answered."""
 
 
@@ -139,24 +141,10 @@ class Replayer:
                 self._idle.set()
 
     async def probe(self) -> None:
-        """One StatsRequest on a throwaway socket: a dead broker fails here, fast and clearly."""
-        from protocol.codec import encode
-        from protocol.messages import StatsRequest
-
-        sock = self.ctx.socket(zmq.DEALER)
-        sock.setsockopt(zmq.LINGER, 0)
-        if self.curve:
-            from broker.curve import apply_client
-
-            apply_client(sock, self.curve["curve_secret"], self.curve["curve_server"], self.curve.get("curve_public"))
-        sock.connect(self.address)
-        try:
-            await sock.send(encode(StatsRequest()))
-            if not await sock.poll(int(self.connect_timeout * 1000)):
-                raise ReplayError(f"broker at {self.address} did not answer within {self.connect_timeout:g}s")
-            await sock.recv()
-        finally:
-            sock.close(linger=0)
+        """One stats request on a throwaway socket: a dead broker fails here, fast and clearly."""
+        snap = await asyncio.to_thread(request_stats, self.address, self.connect_timeout, curve=self.curve)
+        if snap is None:
+            raise ReplayError(f"broker at {self.address} did not answer within {self.connect_timeout:g}s")
 
     def _rewrite(self, msg: dict, loop: int) -> dict:
         out = dict(msg)

@@ -3,6 +3,15 @@
 Pure functions of a load view, shared by the broker and the simulator (one source of truth). A policy sees only
 ``WorkerLoad`` rows and a ``random.Random``; it returns the chosen row or ``None`` when nothing can take the session.
 Adding a policy is adding a class and a line in ``ROUTERS``.
+
+The load signal is defined once, here, from two counts the broker keeps and the simulator keeps alike (both build
+their rows with ``worker_load``): ``sessions`` placed on a target, and ``outstanding`` requests (session opens and
+draft chunks) accepted for it and not answered yet, whether they still wait in the broker's verify queue or sit at
+the target. A drafter has one request in flight per session, so a target's load is its sessions plus its
+*backlog*, the requests beyond one per session; raw outstanding counts only break ties. The raw count swings from
+zero to every session within one batched tick (a tick answers all its chunks at once): added to the load whole, it
+made jsq2 and least_loaded no better than random in the simulator's closed loop. The backlog stays zero until work
+truly piles up (pipelined chunks, a burst of opens).
 """
 from __future__ import annotations
 
@@ -18,11 +27,16 @@ class WorkerLoad:
     id: str
     capacity: int  # session slots
     sessions: int = 0  # sessions placed on it
-    queued: int = 0  # chunks waiting in its verify queue
+    outstanding: int = 0  # opens and chunks accepted for it and not answered yet
+
+    @property
+    def backlog(self) -> int:
+        """Requests beyond one in flight per placed session: work piling up, not the tick's own batch."""
+        return max(0, self.outstanding - self.sessions)
 
     @property
     def load(self) -> int:
-        return self.sessions + self.queued
+        return self.sessions + self.backlog
 
     @property
     def utilisation(self) -> float:
@@ -31,6 +45,17 @@ class WorkerLoad:
     @property
     def has_room(self) -> bool:
         return self.sessions < self.capacity
+
+
+def worker_load(id: str, capacity: int, sessions: int, outstanding: int) -> WorkerLoad:
+    """The one load row every placement sees, from counts the broker keeps (broker and simulator alike).
+
+    ``sessions``: sessions placed on the target and not closed; ``outstanding``: session opens and draft chunks
+    accepted for it and not answered yet, queued in the broker or forwarded. Negative counts are bookkeeping bugs.
+    """
+    if sessions < 0 or outstanding < 0:
+        raise ValueError(f"worker {id}: sessions ({sessions}) and outstanding ({outstanding}) must be >= 0")
+    return WorkerLoad(id=id, capacity=capacity, sessions=sessions, outstanding=outstanding)
 
 
 class RoutingPolicy:
@@ -70,17 +95,17 @@ class RandomChoice(RoutingPolicy):
 
 
 class LeastLoaded(RoutingPolicy):
-    """Full scan for the lowest utilisation (load / capacity); ties broken by id for determinism."""
+    """Full scan for the lowest utilisation (load / capacity); ties broken by outstanding requests, then id."""
 
     name = "least_loaded"
 
     def place(self, workers: Sequence[WorkerLoad], rng: random.Random) -> WorkerLoad | None:
         cands = _candidates(workers)
-        return min(cands, key=lambda w: (w.utilisation, w.load, w.id)) if cands else None
+        return min(cands, key=lambda w: (w.utilisation, w.load, w.outstanding, w.id)) if cands else None
 
 
 class JSQ2(RoutingPolicy):
-    """Power of two choices: sample two workers uniformly, take the less loaded (Mitzenmacher)."""
+    """Power of two choices: sample two workers uniformly, take the less loaded (Mitzenmacher); ties as above."""
 
     name = "jsq2"
 
@@ -89,7 +114,7 @@ class JSQ2(RoutingPolicy):
         if len(cands) <= 1:
             return cands[0] if cands else None
         a, b = rng.sample(cands, 2)
-        return a if (a.load, a.id) <= (b.load, b.id) else b
+        return a if (a.load, a.outstanding, a.id) <= (b.load, b.outstanding, b.id) else b
 
 
 class WeightedJSQ2(RoutingPolicy):
@@ -107,7 +132,7 @@ class WeightedJSQ2(RoutingPolicy):
         weights = [max(1, w.capacity) for w in cands]
         a = rng.choices(cands, weights=weights)[0]
         b = rng.choices(cands, weights=weights)[0]
-        return a if (a.utilisation, a.id) <= (b.utilisation, b.id) else b
+        return a if (a.utilisation, a.outstanding, a.id) <= (b.utilisation, b.outstanding, b.id) else b
 
 
 ROUTERS: dict[str, Callable[[], RoutingPolicy]] = {

@@ -8,7 +8,10 @@ from __future__ import annotations
 import time
 from collections import Counter, deque
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Sequence
+
+from broker.routing import WorkerLoad, worker_load
+from protocol.messages import HEARTBEAT_INTERVAL_S, HEARTBEAT_LIVENESS
 
 
 @dataclass
@@ -18,19 +21,18 @@ class BrokerConfig:
     frontend: str = "tcp://127.0.0.1:5555"
     backend: str = "tcp://127.0.0.1:5556"
     router: str = "least_loaded"
-    heartbeat_interval: float = 1.0  # seconds between heartbeats, both ways
-    liveness: int = 3  # a worker silent for this many intervals is dead
+    heartbeat_interval: float = HEARTBEAT_INTERVAL_S  # seconds between heartbeats, both ways
+    liveness: int = HEARTBEAT_LIVENESS  # a worker silent for this many intervals is dead
     max_queue: int = 10_000  # bound of each verify queue and of the generate queue
     max_frame: int = 1 << 20  # bytes; larger frames get Error(too_large)
     max_deliveries: int = 3  # a generate job handed out this many times without Done is poison
     grace_s: float = 5.0  # on shutdown, how long in-flight work may take to finish
     retry_ms: int = 20  # Busy retry hint
-    sndhwm: int = 100_000  # explicit high-water marks on both ROUTERs
-    rcvhwm: int = 100_000
+    hwm: int = 100_000  # explicit high-water marks (SNDHWM and RCVHWM) on both ROUTERs
     max_credit: int = 1_000_000  # a worker's credit is clamped here (untrusted input)
     seed: int = 0  # routing policy randomness
     session_idle_s: float = 300.0  # a session silent this long is closed (its target slot freed); 0 = never
-    # operations (broker/metrics.py, broker/capture.py, broker/curve.py); all off unless set
+    # operations (broker/ops.py, broker/capture.py, broker/curve.py); all off unless set
     metrics_port: int | None = None  # Prometheus HTTP port (0 = any free port); None = off
     metrics_host: str = "127.0.0.1"
     stats_pub: str = "auto"  # PUB address for 1 s stats snapshots; "auto" = frontend port + 2, "" = off
@@ -106,6 +108,7 @@ class Counters:
         self.duplicates = 0  # retried chunks answered from cache or dropped while in flight
         self.redeliveries = 0
         self.poison_jobs = 0
+        self.cancelled = 0  # generate jobs their client cancelled (dropped from the queue or freed on the worker)
         self.unreachable = 0  # sends that hit EHOSTUNREACH
         self.send_blocked = 0  # sends that hit EAGAIN (peer's HWM) and were held in the outbox
         self.dropped = 0  # frames with nobody to answer (counted, logged)
@@ -124,6 +127,7 @@ class Counters:
             "duplicates": self.duplicates,
             "redeliveries": self.redeliveries,
             "poison_jobs": self.poison_jobs,
+            "cancelled": self.cancelled,
             "unreachable": self.unreachable,
             "send_blocked": self.send_blocked,
             "dropped": self.dropped,
@@ -158,6 +162,15 @@ class BrokerState:
             if s.worker is not None and (s.inflight or s.opening):
                 per[s.worker] = per.get(s.worker, 0) + len(s.inflight) + s.opening
         return per
+
+    def loads(self, targets: Sequence[Worker]) -> list[WorkerLoad]:
+        """The routing policy's view of ``targets`` (``broker.routing.worker_load``): sessions placed, and opens and
+        chunks accepted and not answered yet wherever they wait. Not the broker's own verify queue: a target that
+        grants generous credit empties that queue at once however far behind its answers are.
+        """
+        pending = self.session_inflight()
+        return [worker_load(w.identity.hex(), w.capacity, len(w.sessions), pending.get(w.identity, 0))
+                for w in targets]
 
     def stats_snapshot(self) -> dict[str, Any]:
         now = time.monotonic()

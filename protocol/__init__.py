@@ -1,4 +1,5 @@
-"""specmq wire protocol: message dataclasses (``messages``), one codec (``codec``), stable error codes (``errors``)."""
+"""specmq wire protocol: message dataclasses (``messages``), one codec (``codec``), fast frame parsing for brokers
+and workers (``frames``), stable error codes and the base of user-facing failures (``errors``)."""
 from protocol.codec import DEFAULT_MAX_FRAME, check_tokens, decode, encode
 from protocol.errors import ProtocolError
 from protocol.messages import *  # noqa: F401,F403

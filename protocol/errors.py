@@ -24,6 +24,12 @@ BAD_REQUEST = "bad_request"  # semantically invalid (e.g. bad sampling parameter
 ALL_CODES = tuple(sorted(v for k, v in dict(globals()).items() if k.isupper() and isinstance(v, str)))
 
 
+class SpecmqError(Exception):
+    """A failure the user can act on (bad input, a missing file, an unreachable broker): the CLI prints its message
+    as one line and exits 1. Library code raises this (or a subclass) where it would otherwise need the CLI's own
+    error type, so lower layers never import the CLI."""
+
+
 class ProtocolError(Exception):
     """Raised by the codec and handlers; becomes an ERROR reply with ``code``."""
 

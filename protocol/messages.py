@@ -58,9 +58,18 @@ class SessionOpen(Message):
 class Verify(Message):
     """A draft chunk: ``tokens`` proposed at positions ``pos .. pos+len-1``.
 
-    When sampling, ``q_ids[i]`` / ``q_probs[i]`` hold the sparse support of the draft distribution that token i was
-    sampled from (exact: q is zero elsewhere). ``seq`` increases by one per chunk of a session; a resend of the
-    same ``seq`` returns the cached result.
+    When sampling, ``q_*`` carry the distribution q that each draft token was drawn from, packed (a full-vocabulary
+    q is thousands of numbers per token; ``protocol.codec.pack_q`` / ``unpack_q`` / ``check_q``):
+
+    - dense: ``q_probs`` is len(tokens) rows of float32 (little-endian), entry j of row i is q_i(j); ``q_ids`` and
+      ``q_lens`` are None. 4 bytes per vocabulary entry per token (a 128k vocabulary: 0.5 MB per token, past the
+      broker's default 1 MiB frame limit from γ 3; truncate with top-k / top-p or raise ``--max-frame``).
+    - sparse: row i is the next ``q_lens[i]`` entries of ``q_ids`` (uint32, ascending) and ``q_probs`` (float32);
+      q is zero elsewhere (exact: that is q's whole support). Used when the support is small (top-k / top-p).
+
+    The target judges with exactly these float32 values (rows sum to 1 within 1e-3 and are renormalised), so the
+    drafter draws from them too. ``seq`` increases by one per chunk of a session; a resend of the same ``seq``
+    returns the cached result.
     """
 
     TYPE: ClassVar[str] = "verify"
@@ -68,9 +77,13 @@ class Verify(Message):
     seq: int
     pos: int
     tokens: list[int]
-    q_ids: list[list[int]] | None = None
-    q_probs: list[list[float]] | None = None
+    q_ids: bytes | None = None
+    q_probs: bytes | None = None
+    q_lens: list[int] | None = None
     sent_at: float = 0.0  # sender's clock, echoed back for latency accounting
+    decode: int = 0  # with no draft tokens: the target decodes this many tokens itself (decode mode, γ = 0)
+    draft_ms: float = 0.0  # drafter's time to draft this chunk (goodput controller input; 0 = not measured)
+    path_ms: float = 0.0  # drafter's last round trip minus the target's time (link, broker, drafter loop)
 
 
 @dataclass
@@ -92,6 +105,7 @@ class Result(Message):
     sent_at: float = 0.0
     verify_ms: float = 0.0  # time the chunk spent in the target's forward pass
     queue_ms: float = 0.0  # time the chunk waited at the target before its tick
+    next_gamma: int = -1  # the target's choice for the session's next chunk (0: decode mode; -1: no advice)
 
 
 @dataclass
@@ -161,6 +175,17 @@ class Done(Message):
     text: str = ""
     finish_reason: str = "length"
     stats: dict = field(default_factory=dict)
+
+
+@dataclass
+class Cancel(Message):
+    """Client -> broker -> fused worker: nobody waits for this job any more (its HTTP client hung up, a stop string
+    matched). The broker drops it from the generate queue or forwards it to the worker holding it, which frees the
+    job's slots and returns its credit. No answer; a job already over is left alone."""
+
+    TYPE: ClassVar[str] = "cancel"
+    job: str
+    reason: str = ""
 
 
 # --------------------------------------------------------------------------- worker <-> broker
@@ -255,6 +280,7 @@ MESSAGE_TYPES: dict[str, type[Message]] = {
         Generate,
         Tokens,
         Done,
+        Cancel,
         Ready,
         Heartbeat,
         Credit,
@@ -265,6 +291,13 @@ MESSAGE_TYPES: dict[str, type[Message]] = {
         Stats,
     )
 }
+
+
+# Which side may send what: the broker's frontend accepts only CLIENT_TYPES, its backend only WORKER_TYPES.
+CLIENT_TYPES: frozenset[str] = frozenset(cls.TYPE for cls in (SessionOpen, Verify, SessionClose, Generate, Cancel,
+                                                              StatsRequest))
+WORKER_TYPES: frozenset[str] = frozenset(cls.TYPE for cls in (Ready, Heartbeat, Credit, Disconnect, Result,
+                                                              SessionOpened, Error, Busy, Tokens, Done))
 
 
 def as_dict(msg: Message) -> dict[str, Any]:

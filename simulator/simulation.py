@@ -2,14 +2,15 @@
 
 Architectures: ``distributed`` (drafts -> broker -> targets), ``fused`` (generate queue -> fused workers) or
 ``mixed`` (both; ``fused_fraction`` of requests go to the generate queue). All randomness flows from ``seed``
-through per-entity generators, so a seed fixes the run.
+through per-entity generators, so a seed fixes the run. Every summary says which cost tables priced it and whether
+any was synthetic (a formula or a test model, not a measurement): ``synthetic`` and ``cost_tables``.
 """
 from __future__ import annotations
 
 import math
 import random
 import time
-from typing import Any
+from typing import Any, Iterable
 
 import simpy
 
@@ -254,7 +255,27 @@ class Simulation:
                    virtual_s=env.now, drafts=len(self.pool.devices), targets=len(self.targets),
                    fused=len(self.fused), router=self.cfg["router"], gamma=self.gamma,
                    architecture=self.cfg["architecture"])
+        out.update(cost_provenance(self.cost_models()))
         return out
+
+    def cost_models(self) -> list[CostModel]:
+        """The cost models that priced this deployment: targets', fused workers', and the draft table (when a draft
+        class steps by the table rather than its own ``step_ms``)."""
+        models: list[CostModel] = [t.cost for t in self.targets] + [f.cost for f in self.fused]
+        if self.targets:
+            models += [d.cost for d in self.pool.devices if d.cls.step_ms is None]
+        return list({id(m): m for m in models}.values())
+
+
+def cost_provenance(models: Iterable[CostModel]) -> dict[str, Any]:
+    """``synthetic``: whether any model was not a measured table (a table marked ``synthetic: true``, or a formula
+    such as ``ConstantCost``); ``cost_tables``: the table files (or model class names) in use, sorted."""
+    names, synthetic = set(), False
+    for m in models:
+        source = getattr(m, "source", "")
+        names.add(str(source) if source else type(m).__name__)
+        synthetic = synthetic or bool(getattr(m, "synthetic", True))
+    return {"synthetic": synthetic, "cost_tables": sorted(names)}
 
 
 def _events_scheduled(env: simpy.Environment) -> int:

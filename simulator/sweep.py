@@ -20,7 +20,7 @@ from simulator.config import ConfigError, parse_value, set_key
 SUMMARY_COLUMNS = ("throughput_tok_s", "goodput", "goodput_rps", "ttft_p50_ms", "ttft_p99_ms", "tpot_p50_ms",
                    "tpot_p99_ms", "e2e_p50_ms", "e2e_p99_ms", "tokens_per_round", "batch_rows_mean",
                    "worker_busy", "load_imbalance", "verify_queue_mean", "draft_queue_mean", "generate_queue_mean",
-                   "requests", "finished", "events", "wall_s")
+                   "requests", "finished", "events", "wall_s", "synthetic")
 
 
 def parse_vary(text: str) -> tuple[str, list[Any]]:
@@ -122,8 +122,9 @@ def write_results(rows: list[dict[str, Any]], varies: list[tuple[str, list[Any]]
         for r in rows:
             w.writerow(r)
     json_path = out / "sweep.json"
-    json_path.write_text(json.dumps({"vary": dict(varies), "best": best_row(rows), "results": rows}, indent=1,
-                                    default=str))
+    synthetic = any(r.get("synthetic", True) for r in rows)  # any point priced by a table that was not measured
+    json_path.write_text(json.dumps({"vary": dict(varies), "synthetic": synthetic, "best": best_row(rows),
+                                     "results": rows}, indent=1, default=str))
     return [csv_path, json_path] + plot_sweep(rows, keys, out)
 
 

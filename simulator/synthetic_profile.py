@@ -13,7 +13,7 @@ from __future__ import annotations
 import sys
 from dataclasses import dataclass
 
-from simulator.costs import write_table
+from workers.cost_table import write_table
 
 
 @dataclass

@@ -26,12 +26,18 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any, Iterator
 
+import structlog
+
+from protocol.errors import SpecmqError
+
+log = structlog.get_logger("simulator")
+
 KIND_SPEC = "spec"  # through a draft and a target (distributed)
 KIND_GENERATE = "generate"  # through the generate queue to a fused worker
 
 
-class WorkloadError(ValueError):
-    pass
+class WorkloadError(SpecmqError, ValueError):
+    """A workload file or spec that cannot be used; the message names the file and the problem."""
 
 
 @dataclass(slots=True)
@@ -167,59 +173,44 @@ def load_trace(path: str | Path, speed: float = 1.0) -> list[Request]:
 def load_capture(path: str | Path, speed: float = 1.0) -> list[Request]:
     """Adapter for a specmq capture file (``broker --capture``): the client side becomes the workload.
 
-    Format: a msgpack stream; first a header map ``{"format": "specmq-capture", "version": 1, ...}``, then one
-    map per message: ``{"t": float seconds, "dir": "in" | "out", "peer": bytes, "body": bytes}`` where ``body``
-    is one encoded protocol message (``protocol.codec``). Inbound ``session_open`` messages become distributed
-    requests (prompt = len(prompt_ids), output = max_new_tokens; a re-open of a known session is skipped);
-    inbound ``generate`` messages become generate-queue requests (prompt = len(prompt_ids), or len(prompt) / 4
-    for text). Everything else is ignored; bodies that do not decode are skipped.
+    Read by ``broker.capture.iter_records`` (the one capture reader), rotated parts ``FILE.1``, ``FILE.2``...
+    included. Inbound ``session_open`` messages from clients become distributed requests (prompt =
+    len(prompt_ids), output = max_new_tokens; a re-open of a known session is skipped); inbound ``generate``
+    messages become generate-queue requests (prompt = len(prompt_ids), or len(prompt) / 4 for text). Everything else
+    is ignored; bodies that do not decode are skipped. A truncated or corrupt tail ends the workload there (logged).
     """
-    import msgpack
-
+    from broker.capture import CaptureError, CaptureRead, iter_records
     from protocol.codec import decode
     from protocol.errors import ProtocolError
     from protocol.messages import Generate, SessionOpen
 
     path = Path(path)
+    read = CaptureRead(path)
+    out: list[tuple[float, int, int, str, str]] = []
+    seen: set[tuple[bytes, str]] = set()
     try:
-        fh = open(path, "rb")
-    except FileNotFoundError:
-        raise WorkloadError(f"capture {path} not found") from None
-    with fh:
-        unpacker = msgpack.Unpacker(fh, raw=False, strict_map_key=False)
-        try:
-            header = next(unpacker)
-        except StopIteration:
-            raise WorkloadError(f"{path}: empty capture") from None
-        except Exception as exc:
-            raise WorkloadError(f"{path}: not a msgpack stream ({type(exc).__name__})") from None
-        if not isinstance(header, dict) or header.get("format") != "specmq-capture":
-            raise WorkloadError(f"{path}: missing header {{'format': 'specmq-capture', ...}}")
-        if header.get("version") != 1:
-            raise WorkloadError(f"{path}: unsupported capture version {header.get('version')!r}")
-        out: list[tuple[float, int, int, str, str]] = []
-        seen: set[tuple[bytes, str]] = set()
-        try:
-            for n, rec in enumerate(unpacker, start=1):
-                if not isinstance(rec, dict) or rec.get("dir") != "in" or not isinstance(rec.get("body"), bytes):
+        for rec in iter_records(path, read):
+            if rec.get("dir") != "in" or rec.get("side", "frontend") != "frontend":
+                continue
+            try:
+                msg = decode(rec["body"])
+                t = float(rec["t"])
+            except (ProtocolError, KeyError, TypeError, ValueError):
+                continue
+            peer = rec.get("peer", b"")
+            peer_s = peer.hex() if isinstance(peer, bytes) else str(peer)
+            if isinstance(msg, SessionOpen):
+                if (peer, msg.session) in seen:
                     continue
-                try:
-                    msg = decode(rec["body"])
-                    t = float(rec["t"])
-                except (ProtocolError, KeyError, TypeError, ValueError):
-                    continue
-                peer = rec.get("peer", b"")
-                peer_s = peer.hex() if isinstance(peer, bytes) else str(peer)
-                if isinstance(msg, SessionOpen):
-                    if (peer, msg.session) in seen:
-                        continue
-                    seen.add((peer, msg.session))
-                    out.append((t, len(msg.prompt_ids), msg.max_new_tokens, KIND_SPEC, peer_s))
-                elif isinstance(msg, Generate):
-                    p = len(msg.prompt_ids) if msg.prompt_ids else max(1, len(msg.prompt) // 4)
-                    out.append((t, p, msg.max_new_tokens, KIND_GENERATE, peer_s))
-        except Exception as exc:  # a truncated or corrupt stream: keep what was read, say where it broke
-            raise WorkloadError(f"{path}: corrupt record after {len(out)} requests ({type(exc).__name__})") from None
+                seen.add((peer, msg.session))
+                out.append((t, len(msg.prompt_ids), msg.max_new_tokens, KIND_SPEC, peer_s))
+            elif isinstance(msg, Generate):
+                p = len(msg.prompt_ids) if msg.prompt_ids else max(1, len(msg.prompt) // 4)
+                out.append((t, p, msg.max_new_tokens, KIND_GENERATE, peer_s))
+    except CaptureError as exc:
+        raise WorkloadError(str(exc)) from None
+    for warning in read.warnings:
+        log.warning("capture.warning", path=str(path), warning=warning)
     if not out:
         raise WorkloadError(f"{path}: no session_open or generate messages from clients")
     out.sort(key=lambda r: r[0])

@@ -1,7 +1,8 @@
 """The ``specmq`` console script: one entry point, subcommands registered lazily.
 
-Each subcommand lives next to what it runs and exposes ``register(sub) -> None`` that adds its parser and sets
-``func``. Only the chosen subcommand's module is imported, so ``specmq broker`` never imports torch.
+Each subcommand is a module of ``specmq.commands`` exposing ``register(sub) -> None`` that adds its parser and sets
+``func``; the logic it runs lives in the layer below (``broker``, ``workers``, ``simulator``, ``benchmarks``). Only
+the chosen subcommand's module is imported, so ``specmq broker`` never imports torch.
 """
 from __future__ import annotations
 
@@ -11,21 +12,23 @@ import sys
 
 # name -> (module with register(), one-line summary). Order is the order shown in --help.
 COMMANDS: dict[str, tuple[str, str]] = {
-    "up": ("specmq.up_cli", "start broker + target + fused workers on loopback in one command"),
-    "broker": ("broker.cli", "run the ZeroMQ broker"),
-    "target": ("workers.target_cli", "run a target (verifier) worker"),
-    "draft": ("workers.draft_cli", "run a draft worker over prompts"),
-    "fused": ("workers.fused_cli", "run a fused (draft + target) worker"),
-    "generate": ("workers.generate_cli", "send whole-generation jobs to fused workers"),
-    "verify": ("workers.verify_cli", "target-only autoregressive decoding, no broker (baseline)"),
-    "echo-worker": ("broker.echo_worker", "run a model-free echo worker (testing and benchmarks)"),
-    "monitor": ("broker.monitor_cli", "live queue depths and worker stats"),
-    "capture": ("broker.capture_cli", "inspect capture files"),
-    "replay": ("broker.replay_cli", "replay a capture against a broker"),
-    "keys": ("broker.keys_cli", "make CURVE key pairs"),
-    "simulate": ("simulator.cli", "simulate a deployment in SimPy"),
-    "profile": ("workers.profile_cli", "measure a model's step-latency table for the simulator"),
-    "bench": ("benchmarks.cli", "run a benchmark (broker, e2e, simulator, gpu_engine, gpu_e2e)"),
+    "up": ("specmq.commands.up", "start broker + target + fused workers on loopback in one command"),
+    "broker": ("specmq.commands.broker", "run the ZeroMQ broker"),
+    "target": ("specmq.commands.target", "run a target (verifier) worker"),
+    "draft": ("specmq.commands.draft", "run a draft worker over prompts"),
+    "fused": ("specmq.commands.fused", "run a fused (draft + target) worker"),
+    "generate": ("specmq.commands.generate", "send whole-generation jobs to fused workers"),
+    "serve": ("specmq.commands.serve", "OpenAI-compatible HTTP gateway over the generate queue"),
+    "verify": ("specmq.commands.verify", "target-only autoregressive decoding, no broker (baseline)"),
+    "echo-worker": ("specmq.commands.echo_worker", "run a model-free echo worker (testing and benchmarks)"),
+    "monitor": ("specmq.commands.monitor", "live queue depths and worker stats"),
+    "capture": ("specmq.commands.capture", "inspect capture files"),
+    "replay": ("specmq.commands.replay", "replay a capture against a broker"),
+    "keys": ("specmq.commands.keys", "make CURVE key pairs"),
+    "simulate": ("specmq.commands.simulate", "simulate a deployment in SimPy"),
+    "profile": ("specmq.commands.profile", "measure a model's step-latency table for the simulator"),
+    "model": ("specmq.commands.model", "model tools: grow a model to a larger shape with the same outputs"),
+    "bench": ("specmq.commands.bench", "run a benchmark (broker, e2e, simulator, gpu_engine, gpu_e2e)"),
 }
 
 EPILOG = "Run 'specmq COMMAND --help' for a command's flags and an example."

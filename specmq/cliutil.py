@@ -4,7 +4,8 @@ Convention for every subcommand:
 - ``add_command(sub, name, help=..., example=...)`` makes a parser whose epilog shows the example and that
   already has ``--config``, ``--log-level`` and (``json=True``) ``--json``.
 - Defaults come from the parser, then the YAML file, then flags given on the command line (flags win).
-- The handler returns an exit code; raising ``CommandError`` prints ``specmq NAME: reason`` and exits 1.
+- The handler returns an exit code; raising ``CommandError`` (or any ``protocol.errors.SpecmqError``, which library
+  code raises for failures the user can act on) prints ``specmq NAME: reason`` and exits 1.
 """
 from __future__ import annotations
 
@@ -16,9 +17,11 @@ from typing import Any, Callable
 
 import yaml
 
+from protocol.errors import SpecmqError
 
-class CommandError(Exception):
-    """A failure the user can act on: printed as one line, exit code 1."""
+
+class CommandError(SpecmqError):
+    """A failure the user can act on, found by the command itself: printed as one line, exit code 1."""
 
 
 def add_command(sub: argparse._SubParsersAction, name: str, *, help: str, example: str,
@@ -91,11 +94,17 @@ def run_command(args: argparse.Namespace) -> int:
         configure_logging(getattr(args, "log_level", "info"))
         rc = args.func(args)
         return int(rc or 0)
-    except CommandError as exc:
+    except SpecmqError as exc:  # CommandError and the library's own user-facing failures alike
         print(f"specmq {args.command}: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         return 130
+
+
+def positive(name: str, value: float, minimum: float = 1) -> None:
+    """``--NAME`` must be at least ``minimum``."""
+    if value < minimum:
+        raise CommandError(f"--{name} must be >= {minimum:g}, got {value}")
 
 
 def print_json(obj: Any) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 import asyncio
 import socket
 import threading
+import time
 from dataclasses import replace
 from typing import Any, Callable, Coroutine
 
@@ -26,6 +27,18 @@ def free_endpoint() -> str:
 def run_async(coro: Coroutine, timeout: float = 30.0) -> Any:
     """Run a coroutine to completion with a hard timeout (tests never hang)."""
     return asyncio.run(asyncio.wait_for(coro, timeout))
+
+
+def wait_until(predicate: Callable[[], bool], timeout: float = 5.0, interval: float = 0.02) -> bool:
+    """Poll ``predicate()`` from synchronous test code until it holds or ``timeout`` passes; returns whether it held.
+
+    The blocking twin of ``broker.client.wait_for``: tests wait on a condition, never for a fixed time."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(interval)
+    return bool(predicate())
 
 
 class BrokerThread:

@@ -5,9 +5,9 @@ import asyncio
 from contextlib import asynccontextmanager
 from typing import AsyncIterator
 
-from broker.client import BrokerClient
-from broker.echo_worker import serve_echo
+from broker.client import BrokerClient, wait_for
 from protocol.messages import Done, Generate, Result, SessionClose, SessionOpen, SessionOpened, Verify
+from workers.echo_worker import serve_echo
 
 
 @asynccontextmanager
@@ -25,11 +25,18 @@ async def echo_workers(backend: str, *kinds: str, heartbeat_interval: float = 0.
 
 
 async def wait_workers(broker_thread, n: int, timeout: float = 10.0) -> None:
-    deadline = asyncio.get_running_loop().time() + timeout
-    while len(broker_thread.snapshot()["workers"]) < n:
-        if asyncio.get_running_loop().time() > deadline:
-            raise AssertionError(f"{n} workers did not register")
-        await asyncio.sleep(0.02)
+    if not await wait_for(lambda: len(broker_thread.snapshot()["workers"]) >= n, timeout):
+        raise AssertionError(f"{n} workers did not register")
+
+
+async def wait_settled(broker_thread, timeout: float = 5.0) -> None:
+    """Wait until the broker holds no session and no job: the client's fire-and-forget closes have landed."""
+    def settled() -> bool:
+        snap = broker_thread.snapshot()
+        return not snap["sessions"] and not snap["jobs"]
+
+    if not await wait_for(settled, timeout):
+        raise AssertionError(f"broker still holds work: {broker_thread.snapshot()['counters']}")
 
 
 async def drive(client: BrokerClient, sessions: int = 4, chunks: int = 5, jobs: int = 2, tag: str = "s",

@@ -15,10 +15,14 @@ import pytest
 import torch
 from scipy import stats
 
+from protocol.codec import decode, encode
+from protocol.messages import Verify
+
 from workers.acceptance import (POLICIES, AcceptanceError, Confidence, Exact, TopK, Typical, accept, greedy_match,
                                 make_policy, rejection_sample, sample_draft)
-from workers.sampling import (SamplingError, SamplingParams, round_generator, sample_from, sampling_probs,
-                              truncate)
+from workers.sampling import (SamplingError, SamplingParams, round_generator, sample_draft_q, sample_from,
+                              sampling_probs, truncate)
+from workers.speculation import DraftChunk, q_from_wire
 
 V = 8
 
@@ -56,19 +60,25 @@ def exact_distribution(n: int, params: SamplingParams) -> dict[tuple[int, ...], 
 
 
 def speculative_samples(n_tokens: int, samples: int, gamma: int, params: SamplingParams,
-                        draft_params: SamplingParams, policy, seed: int) -> Counter:
+                        draft_params: SamplingParams, policy, seed: int, wire: bool = False) -> Counter:
+    """``wire``: draft as the draft worker does (float32 q, ``sample_draft_q``) and send q through the codec."""
     gen = torch.Generator().manual_seed(seed)
     counts: Counter = Counter()
+    draw = sample_draft_q if wire else sample_draft
     for _ in range(samples):
         out: list[int] = []
         while len(out) < n_tokens:
             drafts, q_ids, q_probs = [], [], []
             for _j in range(gamma):
-                tok, ids, probs = sample_draft(draft_logits(out + drafts), draft_params.temperature,
-                                               draft_params.top_p, draft_params.top_k, gen)
+                tok, ids, probs = draw(draft_logits(out + drafts), draft_params.temperature,
+                                       draft_params.top_p, draft_params.top_k, gen)
                 drafts.append(tok)
                 q_ids.append(ids)
                 q_probs.append(probs)
+            if wire:
+                chunk = DraftChunk(drafts, q_ids, q_probs)
+                msg = decode(encode(Verify(session="s", seq=0, pos=0, tokens=drafts, **chunk.q_wire())))
+                q_ids, q_probs = q_from_wire(gamma, msg.q_ids, msg.q_probs, msg.q_lens)
             logits = torch.stack([target_logits(out + drafts[:i]) for i in range(gamma + 1)])
             res = accept(policy, logits, drafts, q_ids, q_probs, params, gen)
             assert len(res.tokens) == res.accepted + 1 and res.tokens[:res.accepted] == drafts[:res.accepted]
@@ -107,6 +117,18 @@ def total_variation(counts: Counter, expected: dict, samples: int) -> float:
 def test_rejection_sampling_matches_target_distribution(params, draft_params, gamma):
     samples = 3000
     counts = speculative_samples(2, samples, gamma, params, draft_params, "exact", seed=1234)
+    expected = exact_distribution(2, params)
+    assert chi_square_p(counts, expected, samples) > 1e-3
+    assert total_variation(counts, expected, samples) < 0.06
+
+
+@pytest.mark.parametrize("draft_params", [SamplingParams(temperature=1.0), SamplingParams(temperature=1.2, top_k=3)],
+                         ids=["dense-q", "sparse-q"])
+def test_rejection_sampling_through_the_wire_matches_target_distribution(draft_params):
+    """q drawn in float32, packed, encoded, decoded and unpacked: still exactly the target's distribution."""
+    params = SamplingParams(temperature=0.8)
+    samples = 3000
+    counts = speculative_samples(2, samples, 3, params, draft_params, "exact", seed=4321, wire=True)
     expected = exact_distribution(2, params)
     assert chi_square_p(counts, expected, samples) > 1e-3
     assert total_variation(counts, expected, samples) < 0.06

@@ -14,7 +14,6 @@ import pytest
 import zmq
 
 from broker.client import BrokerClient, wait_for
-from broker.echo_worker import answer
 from broker.routing import ROUTERS
 from conftest import free_port, run_async
 from protocol import errors as E
@@ -36,6 +35,7 @@ from protocol.messages import (
     Tokens,
     Verify,
 )
+from workers.echo_worker import answer
 from workers.link import WorkerLink
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -48,6 +48,7 @@ class Worker:
                  vocab_size: int = 1000) -> None:
         ready = Ready(kind=kind, model="echo", capacity=credit or 8, vocab_size=vocab_size, worker=name, max_gamma=8)
         self.name, self.auto = name, auto
+        self.hold: tuple[type, ...] = ()  # request types recorded but never answered (a slow target)
         self.link = WorkerLink(backend, ready, heartbeat_interval=0.1, liveness=10, initial_credit=credit)
         self.seen: list = []
         self.task: asyncio.Task | None = None
@@ -64,7 +65,7 @@ class Worker:
         while True:
             for msg in await self.link.recv_batch():
                 self.seen.append(msg)
-                if self.auto and not isinstance(msg, Disconnect):
+                if self.auto and not isinstance(msg, (Disconnect, *self.hold)):
                     for reply in answer(msg, self.name):
                         await self.link.send(reply)
                     self.link.grant(1)
@@ -156,6 +157,40 @@ def test_each_routing_policy_places_sessions(make_broker, policy):
             snap = broker.snapshot()
             assert snap["counters"]["sessions_placed"] == 8
             assert sum(w["sessions"] for w in snap["workers"].values()) == 8
+
+    run_async(main())
+
+
+@pytest.mark.parametrize("skew", ["slow", "crowded"])
+@pytest.mark.parametrize("policy", ["least_loaded", "jsq2", "random"])
+def test_load_aware_policies_steer_new_sessions_off_a_loaded_target(make_broker, policy, skew):
+    """Target a joins first and is loaded before b joins: ``slow`` holds 4 sessions whose 16 pipelined chunks it has
+    not answered (its credit is generous, so the broker's own verify queue for it stays empty), ``crowded`` holds 16
+    answered sessions. Of 12 new sessions, the load-aware policies give a none; seeded random gives it its share."""
+    broker = make_broker(router=policy, seed=0)
+    held = 4 if skew == "slow" else 16
+
+    async def main():
+        async with Worker(broker.backend, "a", credit=64) as a, BrokerClient(broker.frontend) as c:
+            await registered(broker, 1)
+            for i in range(held):
+                assert (await c.request(SessionOpen(session=f"old{i}", prompt_ids=[1]))).worker == "a"
+            if skew == "slow":
+                a.hold = (Verify,)  # a stops answering chunks (opens still): every chunk stays outstanding
+                for i in range(held):
+                    for seq in range(4):
+                        await c.send(Verify(session=f"old{i}", seq=seq, pos=1 + seq, tokens=[3]))
+                assert await wait_for(lambda: len(a.of_type(Verify)) == 16, 5)
+                assert broker.snapshot()["queues"]["verify:a"] == {"depth": 0, "inflight": 16}
+            async with Worker(broker.backend, "b", credit=64):
+                await registered(broker, 2)
+                opened = [await c.request(SessionOpen(session=f"new{i}", prompt_ids=[1])) for i in range(12)]
+                assert all(isinstance(o, SessionOpened) for o in opened), opened
+                on_a = sum(o.worker == "a" for o in opened)
+                if policy == "random":
+                    assert 3 <= on_a <= 9, on_a
+                else:
+                    assert on_a == 0
 
     run_async(main())
 
@@ -335,6 +370,7 @@ def test_shutdown_drains_inflight_and_refuses_new_work(make_broker):
     assert not broker._thread.is_alive()
 
 
+@pytest.mark.slow
 def test_cli_broker_exits_0_on_sigterm():
     fe, be = free_port(), free_port()
     env = dict(os.environ, PYTHONPATH=str(ROOT))
@@ -357,8 +393,9 @@ def test_cli_broker_exits_0_on_sigterm():
             proc.wait()
 
 
+@pytest.mark.slow
 def test_broker_never_imports_torch():
-    code = "import sys, broker.broker, broker.cli, broker.client, workers.link, broker.echo_worker; " \
+    code = "import sys, broker.broker, specmq.commands.broker, broker.client, workers.link, workers.echo_worker; " \
            "print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert out.stdout.strip() == "False", out.stderr
@@ -410,18 +447,19 @@ def test_idle_session_of_a_silent_client_is_closed_on_its_target(make_broker):
             await registered(broker, 1)
             assert isinstance(await c.request(SessionOpen(session="busy", prompt_ids=[1, 2])), SessionOpened)
             assert isinstance(await c.request(SessionOpen(session="gone", prompt_ids=[1, 2])), SessionOpened)
-            pos = 2
-            for seq in range(8):  # "busy" keeps talking for longer than the idle limit; "gone" stays silent
+            pos, seq, deadline = 2, 0, time.monotonic() + 5
+            while not broker.snapshot()["counters"]["sessions_expired"]:  # "busy" talks until silent "gone" expires
+                assert time.monotonic() < deadline, "the silent session was never expired"
                 r = await c.request(Verify(session="busy", seq=seq, pos=pos, tokens=[5]))
                 assert isinstance(r, Result)
-                pos = r.pos
-                await asyncio.sleep(0.1)
-            assert await wait_for(lambda: broker.snapshot()["counters"]["sessions_expired"] == 1, 5)
+                pos, seq = r.pos, seq + 1
+            assert broker.snapshot()["counters"]["sessions_expired"] == 1
+            assert await wait_for(lambda: a.of_type(SessionClose), 5)
             closed = [m.session.split("/", 1)[1] for m in a.of_type(SessionClose)]
             assert closed == ["gone"]  # its target got the close (slot freed); the active session was kept
             late = await c.request(Verify(session="gone", seq=0, pos=2, tokens=[5]))
             assert isinstance(late, Error) and late.code == E.UNKNOWN_SESSION  # the drafter re-opens on this
-            r = await c.request(Verify(session="busy", seq=8, pos=pos, tokens=[5]))
+            r = await c.request(Verify(session="busy", seq=seq, pos=pos, tokens=[5]))
             assert isinstance(r, Result)
 
     run_async(main())

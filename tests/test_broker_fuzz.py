@@ -9,9 +9,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from broker.client import BrokerClient, wait_for
-from broker.echo_worker import serve_echo
-from conftest import run_async
+from conftest import run_async, wait_until
 from protocol.messages import MESSAGE_TYPES, Result, SessionOpen, SessionOpened, Verify
+from workers.echo_worker import serve_echo
 
 FIELD_NAMES = sorted({f for cls in MESSAGE_TYPES.values() for f in cls.__dataclass_fields__} | {"bogus"})
 scalars = (st.none() | st.booleans() | st.integers(-(2 ** 63), 2 ** 64 - 1) | st.floats(allow_nan=True)
@@ -49,7 +49,7 @@ def test_fuzzed_frames_then_a_session_completes(broker):
     try:
         fuzz()
         # everything sent was read and answered or counted before we go on
-        assert wait_for_sync(lambda: sum(broker.snapshot()["counters"]["msgs_in"].values()) >= sent["n"], 30)
+        assert wait_until(lambda: sum(broker.snapshot()["counters"]["msgs_in"].values()) >= sent["n"], 30)
     finally:
         for s in socks.values():
             s.close()
@@ -79,14 +79,3 @@ def test_fuzzed_frames_then_a_session_completes(broker):
             await asyncio.wait_for(worker, 5)
 
     run_async(session(), 30)
-
-
-def wait_for_sync(pred, timeout: float) -> bool:
-    import time
-
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if pred():
-            return True
-        time.sleep(0.02)
-    return pred()

@@ -1,7 +1,6 @@
 """Capture files: the broker records every frame; the reader survives truncation, corruption and rotation."""
 from __future__ import annotations
 
-import asyncio
 import subprocess
 import sys
 import json
@@ -14,7 +13,7 @@ from broker.client import BrokerClient
 from protocol.codec import encode
 from protocol.messages import SessionOpen, Verify
 from tests.conftest import run_async
-from tests.ops_helpers import drive, echo_workers, wait_workers
+from tests.ops_helpers import drive, echo_workers, wait_settled, wait_workers
 
 
 def _write(path, n: int = 10, max_bytes: int = 0) -> CaptureWriter:
@@ -44,6 +43,18 @@ def test_rotation_by_size_is_read_as_one_capture(tmp_path):
     assert w.part >= 2 and (tmp_path / "c.capture.1").exists()
     s = summarize(path)
     assert s["sessions"] == 200 and s["records"] == 600 and len(s["parts"]) == w.part + 1
+
+
+def test_the_simulator_reads_a_rotated_capture_whole(tmp_path):
+    """The simulator's workload loader reads through the same reader: every part, not just the first file."""
+    from simulator.workload import KIND_SPEC, load_capture
+
+    path = tmp_path / "c.capture"
+    w = _write(path, 200, max_bytes=4000)
+    assert w.part >= 2
+    reqs = load_capture(path)
+    assert len(reqs) == 200 and {r.kind for r in reqs} == {KIND_SPEC}
+    assert all(r.prompt_tokens == 2 for r in reqs)
 
 
 def test_truncated_tail_is_skipped_with_offset(tmp_path):
@@ -81,6 +92,7 @@ def test_unreadable_header_is_an_error(tmp_path):
         summarize(tmp_path / "missing")
 
 
+@pytest.mark.slow
 def test_inspect_cli_exit_codes(tmp_path):
     path = tmp_path / "c.capture"
     _write(path, 3)
@@ -106,7 +118,7 @@ def test_broker_captures_every_frame_and_the_simulator_reads_it(make_broker, tmp
             await wait_workers(b, 2)
             async with BrokerClient(b.frontend, timeout=5) as client:
                 await drive(client, sessions=3, chunks=4, jobs=2)
-                await asyncio.sleep(0.2)  # the last closes land
+                await wait_settled(b)  # the last closes land
             snap = b.snapshot()
             assert snap["capture"]["records"] > 0
 

@@ -2,7 +2,9 @@
 
 On CPU the same static forward runs without graphs (padding rows, padding slot, scratch column, span buckets and
 GQA grouping all exercised); on a CUDA device the graphed bf16 engine is checked against the float32 CPU reference
-(relative error within bf16 expectations). CI has no CUDA: the GPU tests skip.
+(relative error within bf16 expectations), on its fused path and on its portable fallback. Where triton is
+installed without a GPU, the fused path's ops run under triton's CPU interpreter against the portable ops. CI has
+no CUDA and no triton: those tests skip.
 """
 from __future__ import annotations
 
@@ -12,20 +14,25 @@ import random
 import pytest
 import torch
 
+from tests.triton_interp import interpreter_only, run_interpreted
 from workers.engine.base import EngineError, EngineInfo
-from workers.engine.cuda_engine import CudaGraphEngine, make_engine, span_buckets
+from workers.engine.cuda_engine import CudaGraphEngine, FusedOps, PortableOps, make_engine, span_buckets
 from workers.engine.cuda_shapes import random_model
-from workers.engine.llama import ModelArgs
+from workers.engine.llama import ModelArgs, static_forward
 from workers.engine.torch_engine import TorchEngine
 
 ARGS = ModelArgs(vocab_size=256, dim=64, intermediate_size=128, n_layer=2, n_head=4, n_kv_head=2, head_dim=16,
                  rope_theta=10000.0, max_position_embeddings=128)
 SLOTS, CTX = 4, 64
+LLAMA8B_HEADS = ModelArgs(vocab_size=512, dim=512, intermediate_size=1024, n_layer=2, n_head=4, n_kv_head=1,
+                          head_dim=128, rope_theta=500000.0, max_position_embeddings=4096,
+                          rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                        "high_freq_factor": 4.0, "original_max_position_embeddings": 8192})
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
 
-def info(device: str, dtype: str) -> EngineInfo:
-    return EngineInfo(model_id="rand", vocab_size=ARGS.vocab_size, max_context=CTX, num_slots=SLOTS,
+def info(device: str, dtype: str, vocab: int = ARGS.vocab_size) -> EngineInfo:
+    return EngineInfo(model_id="rand", vocab_size=vocab, max_context=CTX, num_slots=SLOTS,
                       eos_token_id=None, dtype=dtype, device=device)
 
 
@@ -34,9 +41,9 @@ def engines(device: str = "cpu", dtype: torch.dtype = torch.float32, graphs: boo
     base = random_model(args, "cpu", torch.float32, seed=3)
     ref_model = copy.deepcopy(base)
     ref_model.setup_caches(SLOTS, CTX)
-    ref = TorchEngine(ref_model, info("cpu", "float32"))
-    fast = make_engine(copy.deepcopy(base).to(device=device, dtype=dtype), info(device, str(dtype)), graphs=graphs,
-                       batch_buckets=(1, 2, 4), token_buckets=(1, 4, 8), span_step=16, **kw)
+    ref = TorchEngine(ref_model, info("cpu", "float32", args.vocab_size))
+    fast = make_engine(copy.deepcopy(base).to(device=device, dtype=dtype), info(device, str(dtype), args.vocab_size),
+                       graphs=graphs, batch_buckets=(1, 2, 4), token_buckets=(1, 4, 8), span_step=16, **kw)
     return ref, fast
 
 
@@ -44,10 +51,10 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a.float().cpu() - b.float().cpu()).norm() / b.float().norm())
 
 
-def script(seed: int) -> list[tuple[str, object]]:
+def script(seed: int, vocab: int = ARGS.vocab_size) -> list[tuple[str, object]]:
     """A verify-like session: ragged prefill, batched drafts of different lengths, rollbacks, re-forwards."""
     rng = random.Random(seed)
-    tok = lambda n: [rng.randrange(ARGS.vocab_size) for _ in range(n)]  # noqa: E731
+    tok = lambda n: [rng.randrange(vocab) for _ in range(n)]  # noqa: E731
     steps: list[tuple[str, object]] = [("fwd", ([(0, tok(5)), (1, tok(17)), (2, tok(1))], [True, False, True]))]
     for _ in range(6):
         rows = [(s, tok(rng.randint(1, 6))) for s in rng.sample(range(3), rng.randint(1, 3))]
@@ -114,25 +121,61 @@ def test_shapes_and_errors():
     assert fast.length(s) == 0
     with pytest.raises(EngineError, match="CUDA"):
         make_engine(random_model(ARGS, "cpu", torch.float32), info("cpu", "float32"), graphs=True)
-    assert fast.attn == "sdpa"
-    with pytest.raises(EngineError, match="fuse"):
-        engines(fuse="bogus")
-    with pytest.raises(EngineError, match="verify_attn"):
-        engines(verify_attn="bogus")
+    assert fast.path == "portable" and fast.flash_layout is None and "needs CUDA" in fast.why_portable
+    assert fast.attention_for(1) == fast.attention_for(12) == "sdpa"
 
 
-def test_graph_shapes_ignore_the_span_on_flash_paths():
+def test_graph_shapes_ignore_the_span_on_the_fused_path():
     """Flash and the split kernel read each row's length at run time: one graph per (B, T), captured up front,
     serves every context; the gather + SDPA path needs one per span too."""
     _, fast = engines()
     n_bt = len([b for b in fast.batch_buckets if b <= SLOTS]) * len(fast.token_buckets)
     assert not fast.span_free and len(fast.default_shapes()) == n_bt * len(fast.spans)
-    fast.attn = "offsets"  # as on a CUDA device with flash (only the shape logic is exercised here)
+    fast.path = "fused"  # as on a CUDA device where its kernels check out (only the shape logic is exercised here)
     assert fast.span_free
+    assert fast.attention_for(1) == fast.attention_for(8) == "split"  # verify rows, up to the largest token bucket
+    assert fast.attention_for(9) == "flash"  # prefill rows
     assert fast.shape_for(3, 2, 20)[:3] == fast.shape_for(3, 2, 60)[:3] == (4, 4, fast.spans[-1])
     assert sorted(fast.default_shapes()) == sorted((b, t, fast.spans[-1]) for b in (1, 2, 4)
                                                    for t in fast.token_buckets)
     assert fast.capture() == 0  # no graphs on CPU: nothing to capture
+
+
+def fused_vs_portable() -> tuple[float, float]:
+    """(logits, cache) largest relative difference between the fused path's ops (Triton glue, split-KV attention)
+    and the portable ops, through ``static_forward`` from the same cache: verify steps of T = 1 and 4, rows at
+    different lengths in shuffled slots, a dummy row on the padding slot. Float32; runs wherever triton does."""
+    _, fast = engines()
+    for _ in range(SLOTS):
+        fast.allocate()
+    fast.forward([(0, list(range(1, 20))), (1, list(range(5, 12))), (2, [3]), (3, list(range(30, 60)))])
+    n_slots, cols = fast.kv[0][0].shape[:2]
+    a, g = fast.model.args, torch.Generator().manual_seed(0)
+    worst_logits = worst_cache = 0.0
+    for T in (1, 4):
+        slots = torch.tensor([2, 0, 3, SLOTS])
+        start = torch.tensor([fast.length(2), fast.length(0), fast.length(3), 0])
+        tokens = torch.randint(0, a.vocab_size, (4, T), generator=g)
+        span = fast.shape_for(4, T, int(start.max()) + T)[2]
+        caches = [[tuple(t.clone() for t in kv) for kv in fast.kv] for _ in range(2)]
+        with torch.inference_mode():
+            want = static_forward(fast.model, caches[0], tokens, PortableOps(fast.rope, slots, start, T, span, cols,
+                                                                              a.n_head, a.n_kv_head, torch.float32))
+            got = static_forward(fast.model, caches[1], tokens, FusedOps(fast.rope, slots, start, T, a.n_head, span,
+                                                                          None, cols, n_slots))
+        worst_logits = max(worst_logits, float((got - want).norm() / want.norm()))
+        for (k0, v0), (k1, v1) in zip(*caches):
+            worst_cache = max(worst_cache, float((k1 - k0).norm() / k0.norm()), float((v1 - v0).norm() / v0.norm()))
+    return worst_logits, worst_cache
+
+
+@interpreter_only
+def test_fused_ops_match_portable_ops_in_triton_interpreter():
+    """The fused path's wiring (rope + cache writes, add + norm, silu * up, split attention) computes what the
+    portable path computes, through the one static forward."""
+    out = run_interpreted("from test_cuda_engine import fused_vs_portable\nprint(*fused_vs_portable())\n")
+    logits_err, cache_err = map(float, out.split()[-2:])
+    assert logits_err < 1e-5 and cache_err < 1e-5, (logits_err, cache_err)
 
 
 def test_load_engine_cuda_backend_from_hf_dir(tmp_path):
@@ -163,50 +206,29 @@ def test_cuda_graphs_bf16_match_float32_cpu_reference():
 
 
 @cuda
-@pytest.mark.parametrize("fuse,verify_attn", [("triton", "split"), ("triton", "flash"),
-                                               ("hoist", "flash"), ("off", "flash")])
-def test_cuda_graphs_llama8b_head_layout_flash_match_reference(fuse, verify_attn):
-    """Llama-3-8B head grouping (G=4, head_dim 128) and rope scaling, few layers: bf16 graphs on the paged flash
-    path against the float32 CPU reference, with each glue variant (fused Triton kernels, unfused) and each
-    attention kernel (Triton split-KV, flash)."""
-    global ARGS
-    saved = ARGS
-    ARGS = ModelArgs(vocab_size=512, dim=512, intermediate_size=1024, n_layer=2, n_head=4, n_kv_head=1,
-                     head_dim=128, rope_theta=500000.0, max_position_embeddings=4096,
-                     rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
-                                   "high_freq_factor": 4.0, "original_max_position_embeddings": 8192})
-    try:
-        ref, fast = engines("cuda", torch.bfloat16, graphs=True, args=ARGS, fuse=fuse, verify_attn=verify_attn)
-        from workers.engine.cuda_engine import FLASH_ERRORS
-        assert fast.attn in ("paged", "offsets"), FLASH_ERRORS
-        assert fast.fuse == fuse, FLASH_ERRORS
-        assert fast.verify_attn == (verify_attn if fuse == "triton" else "flash"), FLASH_ERRORS
-        assert fast.use_split(2, 4) == fast.use_split(2, 1) == (fast.verify_attn == "split")
-        assert fast.token_rows or fuse == "off", FLASH_ERRORS
-        play(ref, fast, script(2), tol=3e-2)
-    finally:
-        ARGS = saved
+def test_cuda_graphs_llama8b_head_layout_fused_path_match_reference():
+    """Llama-3-8B head grouping (G=4, head_dim 128) and rope scaling, few layers: bf16 graphs on the fused path
+    (Triton glue, split-KV attention for verify rows, flash for the longer rows) against the float32 CPU
+    reference."""
+    ref, fast = engines("cuda", torch.bfloat16, graphs=True, args=LLAMA8B_HEADS)
+    assert fast.path == "fused" and fast.flash_layout in ("paged", "offsets"), fast.why_portable
+    play(ref, fast, script(2, LLAMA8B_HEADS.vocab_size), tol=3e-2)
+
+
+@cuda
+def test_cuda_bf16_falls_back_to_the_portable_path_when_a_kernel_fails_its_check(monkeypatch):
+    """A fused-path kernel that disagrees with plain math at engine start sends the engine to the portable path
+    (torch glue, gather + SDPA), which still matches the reference."""
+    from workers.engine import cuda_fused
+
+    monkeypatch.setattr(cuda_fused, "self_check", lambda *a, **k: "mismatch (forced)")
+    ref, fast = engines("cuda", torch.bfloat16, graphs=True, args=LLAMA8B_HEADS)
+    assert fast.path == "portable" and fast.why_portable == "fused glue: mismatch (forced)"
+    play(ref, fast, script(4, LLAMA8B_HEADS.vocab_size), tol=3e-2)
 
 
 @cuda
 def test_cuda_float32_uses_portable_path():
     ref, fast = engines("cuda", torch.float32, graphs=True)
-    assert fast.attn == "sdpa"
+    assert fast.path == "portable" and "bf16/fp16" in fast.why_portable
     play(ref, fast, script(3), tol=2e-3)  # TF32 may be on for float32 matmuls
-
-
-@cuda
-def test_skinny_gemm_matches_cublas():
-    from workers.engine.cuda_gemm import CONFIGS, SkinnyLinear, skinny_linear
-
-    g = torch.Generator(device="cuda").manual_seed(0)
-    w = torch.randn((1000, 512), generator=g, device="cuda").to(torch.bfloat16)
-    for M in (2, 5, 17, 64):
-        x = torch.randn((M, 512), generator=g, device="cuda").to(torch.bfloat16)
-        ref = torch.nn.functional.linear(x.float(), w.float())
-        for cfg in CONFIGS:
-            assert rel_err(skinny_linear(x, w, cfg), ref) < 1e-2
-    lin = torch.nn.Linear(512, 1000, bias=False, device="cuda", dtype=torch.bfloat16)
-    sk = SkinnyLinear()
-    x = torch.randn((3, 4, 512), generator=g, device="cuda").to(torch.bfloat16)
-    assert rel_err(sk(x, lin), lin(x).float()) < 1e-2 and sk.log and sk.log[0]["M"] == 12

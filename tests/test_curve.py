@@ -8,8 +8,7 @@ import time
 import pytest
 
 from broker.client import BrokerClient
-from broker.curve import CurveError, load_keypair
-from broker.keys_cli import generate
+from broker.curve import CurveError, generate_keypair, load_keypair
 from protocol.messages import Result, SessionOpen, SessionOpened, Verify
 from tests.conftest import run_async
 from tests.ops_helpers import echo_workers, wait_workers
@@ -17,10 +16,10 @@ from tests.ops_helpers import echo_workers, wait_workers
 
 @pytest.fixture
 def keys(tmp_path):
-    server_pub, server_sec = generate(tmp_path / "server", "broker")
-    allowed_pub, allowed_sec = generate(tmp_path / "allow", "laptop")
-    _, stranger_sec = generate(tmp_path / "other", "stranger")
-    _, impostor_sec = generate(tmp_path / "impostor", "fake-broker")
+    server_pub, server_sec = generate_keypair(tmp_path / "server", "broker")
+    allowed_pub, allowed_sec = generate_keypair(tmp_path / "allow", "laptop")
+    _, stranger_sec = generate_keypair(tmp_path / "other", "stranger")
+    _, impostor_sec = generate_keypair(tmp_path / "impostor", "fake-broker")
     return {"server_pub": str(server_pub), "server_sec": str(server_sec), "allow": str(tmp_path / "allow"),
             "client_sec": str(allowed_sec), "client_pub": str(allowed_pub), "stranger_sec": str(stranger_sec),
             "impostor_pub": str(impostor_sec).replace(".key_secret", ".key")}
@@ -60,6 +59,7 @@ def test_allowed_client_works_and_strangers_are_refused_and_counted(make_broker,
     assert float(line.split()[-1]) >= 1
 
 
+@pytest.mark.slow
 def test_key_file_errors_are_clear(keys, tmp_path):
     with pytest.raises(CurveError, match="not found"):
         load_keypair(tmp_path / "nope.key_secret")
@@ -115,6 +115,7 @@ def test_draft_and_generate_clients_carry_curve_keys(make_broker, keys):
 
 
 @pytest.mark.parametrize("cmd", ["draft", "generate"])
+@pytest.mark.slow
 def test_client_clis_refuse_half_configured_curve(cmd, keys):
     proc = subprocess.run([sys.executable, "-m", "specmq.cli", cmd, "--prompt", "x", "--curve-secret",
                            keys["client_sec"]], capture_output=True, text=True, timeout=60)

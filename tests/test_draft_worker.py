@@ -5,10 +5,8 @@ Every process is a subprocess with bounded waits and is killed in teardown. The 
 """
 from __future__ import annotations
 
-import asyncio
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -18,6 +16,9 @@ import pytest
 
 from tests.conftest import free_port
 from tests.model_fixtures import tiny_pair, train_tokenizer  # noqa: F401  (fixture)
+from workers.local_cluster import ClusterError, LocalCluster
+
+pytestmark = pytest.mark.slow  # real processes
 
 PY = sys.executable
 ROOT = Path(__file__).resolve().parents[1]
@@ -37,74 +38,33 @@ def specmq(*args: str) -> list[str]:
     return [PY, "-m", "specmq.cli", *args]
 
 
-class Cluster:
-    """A broker subprocess plus workers; ``close()`` kills whatever is still running."""
+class Cluster(LocalCluster):
+    """A broker subprocess plus workers (``workers.local_cluster``) with fast heartbeats; ``close()`` stops them."""
+
+    HB = ("--heartbeat-interval", "0.1", "--liveness", "5")
 
     def __init__(self, tmp: Path) -> None:
+        super().__init__(logdir=tmp, env=_env(), cwd=ROOT)
         self.tmp = tmp
-        self.procs: dict[str, subprocess.Popen] = {}
-        fp, bp = free_port(), free_port()
-        self.frontend, self.backend = f"tcp://127.0.0.1:{fp}", f"tcp://127.0.0.1:{bp}"
-        self.spawn("broker", "broker", "--frontend", self.frontend, "--backend", self.backend,
-                   "--heartbeat-interval", "0.1", "--liveness", "5", "--grace-s", "0.5")
-
-    def spawn(self, name: str, *args: str) -> subprocess.Popen:
-        log = open(self.tmp / f"{name}.log", "w")
-        p = subprocess.Popen(specmq(*args), stdout=log, stderr=subprocess.STDOUT, env=_env(), cwd=ROOT)
-        self.procs[name] = p
-        return p
+        self.start_broker(*self.HB, "--grace-s", "0.5")
 
     def target(self, name: str, model: Path, slots: int = 8) -> None:
-        self.spawn(name, "target", "--broker", self.backend, "--model", str(model), "--slots", str(slots),
-                   "--heartbeat-interval", "0.1", "--liveness", "5", "--name", name)
+        self.start_worker("target", name, "--model", str(model), "--slots", str(slots), *self.HB)
 
     def fused(self, name: str, target: Path, draft: Path, jobs: int = 4) -> None:
-        self.spawn(name, "fused", "--broker", self.backend, "--target-model", str(target), "--draft-model",
-                   str(draft), "--jobs", str(jobs), "--heartbeat-interval", "0.1", "--liveness", "5",
-                   "--name", name)
-
-    def snapshot(self, timeout: float = 2.0) -> dict | None:
-        from broker.client import BrokerClient
-        from protocol.messages import StatsRequest
-
-        async def ask() -> dict | None:
-            async with BrokerClient(self.frontend, timeout=timeout) as c:
-                try:
-                    reply = await c.request(StatsRequest(), timeout=timeout, retries=0)
-                except TimeoutError:
-                    return None
-                return getattr(reply, "snapshot", None)
-
-        return asyncio.run(ask())
+        self.start_worker("fused", name, "--target-model", str(target), "--draft-model", str(draft), "--jobs",
+                          str(jobs), *self.HB)
 
     def wait_workers(self, names: set[str], timeout: float = 60.0) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            for n, p in self.procs.items():
-                if p.poll() is not None:
-                    raise RuntimeError(f"{n} exited: {(self.tmp / f'{n}.log').read_text()[-2000:]}")
-            snap = self.snapshot(1.0)
-            if snap and names <= set(snap.get("workers", {})):
-                return
-            time.sleep(0.2)
-        raise TimeoutError(f"workers {names} did not register within {timeout}s")
-
-    def kill(self, name: str) -> None:
-        p = self.procs[name]
-        if p.poll() is None:
-            p.send_signal(signal.SIGKILL)
-            p.wait(10)
+        try:
+            self.wait_registered(names, timeout_s=timeout)
+        except ClusterError as exc:
+            dead = self.exited()
+            tail = dead.log.read_text()[-2000:] if dead is not None and dead.log is not None else ""
+            raise RuntimeError(f"{exc}\n{tail}") from None
 
     def close(self) -> None:
-        for name, p in reversed(list(self.procs.items())):
-            if p.poll() is None:
-                p.send_signal(signal.SIGTERM)
-        for p in self.procs.values():
-            try:
-                p.wait(10)
-            except subprocess.TimeoutExpired:
-                p.kill()
-                p.wait(5)
+        self.stop(grace_s=10.0)
 
 
 def run_cli(*args: str, timeout: float = 120.0) -> subprocess.CompletedProcess:

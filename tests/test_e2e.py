@@ -12,6 +12,7 @@ import pytest
 from tests.model_fixtures import tiny_pair  # noqa: F401  (fixture)
 from tests.test_draft_worker import KEYS, PROMPTS, Cluster, free_port, json_lines, run_cli, target_only
 
+pytestmark = pytest.mark.slow  # real processes
 MAX_NEW = 12
 
 

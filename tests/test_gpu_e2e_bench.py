@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from tests.test_draft_worker import run_cli
+
+pytestmark = pytest.mark.slow  # a benchmark run end to end in real processes
 
 
 def test_gpu_e2e_on_cpu():

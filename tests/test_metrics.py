@@ -8,11 +8,12 @@ import sys
 import time
 import urllib.request
 
+import pytest
 import zmq
 from prometheus_client.parser import text_string_to_metric_families
 
 from broker.client import BrokerClient
-from broker.metrics import stats_pub_address
+from broker.ops import stats_pub_address
 from protocol.codec import decode, encode
 from protocol.messages import Heartbeat, Ready
 from tests.conftest import run_async
@@ -35,6 +36,7 @@ def test_stats_pub_address_defaults_to_frontend_port_plus_two():
     assert stats_pub_address("tcp://127.0.0.1:5555", "") == ""
 
 
+@pytest.mark.slow
 def test_metrics_pub_and_monitor_agree_with_broker_under_load(make_broker):
     b = make_broker(metrics_port=0)
 
@@ -136,6 +138,7 @@ def test_worker_heartbeat_figures_become_gauges(make_broker):
         w.close()
 
 
+@pytest.mark.slow
 def test_monitor_fails_clearly_when_broker_is_silent():
     from tests.conftest import free_endpoint
 
@@ -152,7 +155,7 @@ def test_monitor_rates_and_rows_from_two_snapshots():
 
     from rich.console import Console
 
-    from broker.monitor_cli import rates, render, sparkline, worker_rows
+    from broker.monitor import rates, render, sparkline, worker_rows
 
     stats0 = {"ticks": 5, "drafted": 10, "accepted": 5, "tick_ms": 3.2, "batch_rows": 4, "slots_used": 2,
               "slots_total": 8}

@@ -14,6 +14,7 @@ import textwrap
 
 import pytest
 
+pytestmark = pytest.mark.slow  # real processes in network namespaces
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -44,9 +45,7 @@ CLIENT = textwrap.dedent("""
             deadline = time.monotonic() + 30
             while True:  # wait for the broker and its target
                 try:
-                    snap = await c.request(__import__("protocol.messages").messages.StatsRequest(), timeout=1,
-                                           retries=0)
-                    if snap.snapshot["workers"]:
+                    if (await c.stats(timeout=1, retries=0))["workers"]:
                         break
                 except TimeoutError:
                     pass

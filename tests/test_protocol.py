@@ -4,14 +4,15 @@ from __future__ import annotations
 import msgpack
 import pytest
 
-from broker.frames import check_vocab, parse
 from protocol import errors as E
-from protocol.codec import check_tokens, decode, encode
+from protocol.codec import check_tokens, decode, encode, pack_q
 from protocol.errors import ProtocolError
+from protocol.frames import check_vocab, parse
 from protocol.messages import (
     MESSAGE_TYPES,
     VERSION,
     Busy,
+    Cancel,
     Credit,
     Disconnect,
     Done,
@@ -33,7 +34,9 @@ from protocol.messages import (
 SAMPLES = [
     SessionOpen(session="s", prompt_ids=[1, 2, 3], max_new_tokens=8, temperature=0.7, top_p=0.9, seed=3,
                 tokenizer="fp", policy="exact", policy_args={"k": 2}, model="m"),
-    Verify(session="s", seq=2, pos=5, tokens=[4, 5], q_ids=[[4, 9], [5]], q_probs=[[0.5, 0.5], [1.0]], sent_at=1.5),
+    Verify(session="s", seq=2, pos=5, tokens=[4, 5], **dict(zip(("q_ids", "q_probs", "q_lens"), pack_q(
+        [([4, 9], [0.5, 0.5]), ([5], [1.0])]))), sent_at=1.5),
+    Verify(session="s", seq=2, pos=5, tokens=[1, 0], q_probs=pack_q([(None, [0.0, 1.0]), (None, [0.5, 0.5])])[1]),
     Verify(session="s", seq=0, pos=3, tokens=[7]),
     Result(session="s", seq=2, accepted=1, tokens=[4, 6], pos=7, finished=True, sent_at=1.5, verify_ms=2.0),
     SessionOpened(session="s", pos=3, worker="w", token=11),
@@ -43,6 +46,7 @@ SAMPLES = [
     Generate(job="j", prompt_ids=[1, 2]),
     Tokens(job="j", tokens=[1], text="a", index=0),
     Done(job="j", token_ids=[1, 2], text="ab", finish_reason="eos", stats={"x": 1}),
+    Cancel(job="j", reason="client gone"),
     Ready(kind="target", model="m", capacity=8, vocab_size=100, tokenizer="fp", max_gamma=8, max_context=512,
           worker="w"),
     Heartbeat(stats={"tick_ms": 1.0}),

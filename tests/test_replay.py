@@ -12,7 +12,7 @@ from broker.capture import summarize
 from broker.client import BrokerClient
 from broker.replay import ReplayError, load_plan, replay
 from tests.conftest import free_endpoint, run_async
-from tests.ops_helpers import drive, echo_workers, wait_workers
+from tests.ops_helpers import drive, echo_workers, wait_settled, wait_workers
 
 
 def _client_side(summary: dict) -> dict:
@@ -29,7 +29,7 @@ def test_replay_reproduces_the_captured_client_traffic(make_broker, tmp_path):
             await wait_workers(a, 2)
             async with BrokerClient(a.frontend, timeout=5) as client:
                 await drive(client, sessions=4, chunks=5, jobs=3, gap_s=0.005)
-                await asyncio.sleep(0.1)
+                await wait_settled(a)  # the last closes land
 
     run_async(record(), timeout=60)
     a.stop()
@@ -82,6 +82,7 @@ def test_replay_loops_and_filters(make_broker, tmp_path):
     assert report["errors"] == 0
 
 
+@pytest.mark.slow
 def test_replay_against_a_dead_broker_fails_fast(tmp_path):
     original = tmp_path / "a.capture"
     from broker.capture import CaptureWriter

@@ -166,3 +166,34 @@ def test_closed_loop_users_scale_load_with_drafts():
         res[n] = simulate(cfg)
         assert res[n]["requests"] > 0 and res[n]["draft_queue_mean"] == 0
     assert res[12]["throughput_tok_s"] > 3 * res[2]["throughput_tok_s"]
+
+
+class _Perfect:
+    """Every draft token accepted."""
+
+    def draw(self, gamma: int, rng) -> int:
+        return gamma
+
+
+@pytest.mark.parametrize("tick_ms", [0.0, 20.0])
+def test_fused_worker_ticks_like_the_real_one(tick_ms):
+    """One job, prompt 129 (128 cached in two 64-token chunks), 9 tokens at γ 4: prefill, prefill, a round of
+    γ 4 (first tokens), a round of γ 3 (clipped to the 4 tokens left); an idle worker first waits tick_ms."""
+    from simulator.entities.fused import FusedWorker
+    from simulator.entities.generate_queue import GenerateQueue
+
+    env = simpy.Environment()
+    metrics = Metrics(start=0.0, end=math.inf)
+    queue = GenerateQueue(8)
+    limits = BatchLimits(max_batch_tokens=512, max_batch_rows=8, prefill_chunk=64, tick_ms=tick_ms)
+    worker = FusedWorker(env, "f0", queue, limits, 4, 4, ConstantCost(10.0, draft_ms=1.0), random.Random(0),
+                         metrics, Link("local", 0.0), lambda kind, name: _Perfect())
+    req = Request(0, 0.0, 129, 9)
+    queue.put(req)
+    env.run(until=1.0)
+    prefill_tick, wait = 10.0 + 1.0, tick_ms  # target forward + the draft forward the chunk rides in
+    first = wait + 2 * prefill_tick + 10.0 + 4 * 1.0
+    assert req.first_token * 1000 == pytest.approx(first, abs=0.01)  # + the local link's bytes
+    assert req.finished * 1000 == pytest.approx(first + 10.0 + 3 * 1.0, abs=0.01)
+    assert (metrics.rounds, metrics.drafted, req.committed) == (2, 7, 9)
+    assert worker.stats.ticks == 4 and worker.stats.tokens == 64 + 64 + 5 + 4 and not worker.jobs

@@ -5,6 +5,7 @@ import json
 import math
 import random
 import statistics
+from pathlib import Path
 
 import msgpack
 import pytest
@@ -13,11 +14,12 @@ from protocol.codec import encode
 from protocol.messages import Generate, SessionOpen, Verify
 from simulator.acceptance import AcceptanceError, EmpiricalAcceptance, load_rounds, make_acceptance
 from simulator.config import ConfigError, load_config
-from simulator.costs import CostTableError, load_table, write_table
+from simulator.costs import load_table
 from simulator.sweep import parse_vary
 from simulator.workload import (KIND_GENERATE, KIND_SPEC, WorkloadError, interarrivals, load_capture, load_trace,
                                 synthetic)
 from specmq.cli import main
+from workers.cost_table import CostTableError, read_table, write_table
 
 
 def _table(tmp_path, **kw):
@@ -25,15 +27,16 @@ def _table(tmp_path, **kw):
     b, t, c = [1, 4, 16], [1, 8, 64], [0, 100, 1000]
     target = [[[1 + 2 * x + 0.5 * y + 0.01 * z for z in c] for y in t] for x in b]
     draft = [[0.5 + 0.1 * x + 0.001 * z for z in c] for x in b]
-    return write_table(tmp_path / "t.yaml", model="m", device="cpu", dtype="float32", hardware="test",
-                       target_axes={"batch": b, "tokens": t, "context": c}, target_latency_ms=target,
-                       draft_axes={"batch": b, "context": c}, draft_latency_ms=draft, **kw)
+    written = write_table(tmp_path / "t.yaml", model="m", device="cpu", dtype="float32", hardware="test",
+                          target_axes={"batch": b, "tokens": t, "context": c}, target_latency_ms=target,
+                          draft_axes={"batch": b, "context": c}, draft_latency_ms=draft, **kw)
+    assert written == read_table(tmp_path / "t.yaml")  # the format round-trips
+    return load_table(tmp_path / "t.yaml")
 
 
 def test_cost_table_round_trip_interpolation_and_edges(tmp_path):
     tab = _table(tmp_path)
-    again = load_table(tmp_path / "t.yaml")
-    assert again.model == "m" and again.hardware == "test" and not again.synthetic
+    assert tab.model == "m" and tab.hardware == "test" and not tab.synthetic
     f = lambda x, y, z: 1 + 2 * x + 0.5 * y + 0.01 * z  # noqa: E731
     assert tab.verify_ms(4, 8, 100) == pytest.approx(f(4, 8, 100))  # grid point
     assert tab.verify_ms(10, 30, 550) == pytest.approx(f(10, 30, 550))  # inside: multilinear
@@ -178,6 +181,62 @@ def test_cli_sweep_writes_csv_json_and_plots(capsys, tmp_path):
     assert [(r["drafts"], r["router"]) for r in res["results"]] == [(4, "rr"), (4, "jsq2"), (16, "rr"), (16, "jsq2")]
     for name in ("sweep.csv", "sweep.json", "throughput.png", "latency.png", "queue_depth.png"):
         assert (out / name).stat().st_size > 0
+    assert res["synthetic"] is False and json.loads((out / "sweep.json").read_text())["synthetic"] is False
+    assert all(r["cost_tables"] == ["configs/profiles/cpu-tiny-pair.yaml"] for r in res["results"])
+
+
+SYNTHETIC_TABLE = "configs/profiles/example-cpu.yaml"
+SHORT = ["--set", "duration_s=2", "--set", "burn_in_s=0.5", "--log-level", "error"]
+
+
+def test_results_say_whether_their_costs_were_synthetic(capsys, tmp_path):
+    from simulator.costs import ConstantCost
+    from simulator.simulation import simulate
+
+    short = {"duration_s": 2.0, "burn_in_s": 0.5}
+    measured = simulate(load_config("configs/sim/default.yaml", short))
+    assert measured["synthetic"] is False and measured["cost_tables"] == ["configs/profiles/cpu-tiny-pair.yaml"]
+    fake = simulate(load_config("configs/sim/default.yaml", dict(short, costs=SYNTHETIC_TABLE)))
+    assert fake["synthetic"] is True and fake["cost_tables"] == [SYNTHETIC_TABLE]
+    one_group = load_config("configs/sim/scale-1000.yaml", {"duration_s": 1.0, "burn_in_s": 0.0, "drain_s": 0.0,
+                                                            "drafts": 20, "targets.1.costs": SYNTHETIC_TABLE})
+    assert simulate(one_group)["synthetic"] is True  # one synthetic group taints the run
+    assert simulate(load_config(None, short), costs=ConstantCost(5.0))["synthetic"] is True  # a formula
+
+    assert main(["simulate", "--config", "configs/sim/default.yaml", "--set", f"costs={SYNTHETIC_TABLE}",
+                 *SHORT]) == 0
+    summary = dict(line.split(None, 1) for line in capsys.readouterr().out.splitlines() if line.strip())
+    assert summary["synthetic"] == "true" and summary["cost_tables"] == SYNTHETIC_TABLE
+    assert main(["simulate", "sweep", "--config", "configs/sim/default.yaml", "--set", f"costs={SYNTHETIC_TABLE}",
+                 "--vary", "router=rr,jsq2", "--no-progress", "--out", str(tmp_path / "s"), *SHORT]) == 0
+    assert f"costs: SYNTHETIC (not measured): {SYNTHETIC_TABLE}" in capsys.readouterr().out.splitlines()
+    assert main(["simulate", "sweep", "--config", "configs/sim/default.yaml", "--vary", "router=rr",
+                 "--no-progress", "--out", str(tmp_path / "m"), *SHORT]) == 0
+    assert "costs: measured: configs/profiles/cpu-tiny-pair.yaml" in capsys.readouterr().out.splitlines()
+
+
+def test_simulator_benchmark_reports_synthetic_costs(tmp_path):
+    from benchmarks.simulator import bench_scenario
+
+    cfg = tmp_path / "tiny.yaml"
+    cfg.write_text(f"duration_s: 1\nburn_in_s: 0\ndrain_s: 0\ncosts: {SYNTHETIC_TABLE}\n")
+    row = bench_scenario(str(cfg))
+    assert row["synthetic"] is True and row["cost_tables"] == [SYNTHETIC_TABLE]
+
+
+def _tables_of(cfg: dict) -> set[str]:
+    groups = [cfg] + list(cfg["targets"]) + [cfg["fused"]]
+    return {g["costs"] for g in groups if g.get("costs")}
+
+
+@pytest.mark.parametrize("path", sorted(str(p) for p in Path("configs/sim").glob("*.yaml")))
+def test_shipped_sim_configs_use_measured_tables_or_say_synthetic(path):
+    """A shipped config priced by a synthetic table says so in its header comment, and only such a config does."""
+    tables = _tables_of(load_config(path))
+    synthetic = sorted(t for t in tables if read_table(t).synthetic)
+    header = "".join(line for line in Path(path).read_text().splitlines(keepends=True) if line.startswith("#"))
+    assert tables
+    assert ("SYNTHETIC" in header) == bool(synthetic), f"{path}: synthetic tables {synthetic}, header: {header!r}"
 
 
 def test_sim_vs_real_calibration_reproduces_measured_rounds(tmp_path):

@@ -16,10 +16,10 @@ from workers.acceptance import Confidence, make_policy
 from workers.adaptive_gamma import AdaptiveGamma, best_gamma, expected_tokens
 from workers.engine.base import Engine, EngineError, EngineInfo, NoFreeSlot
 from workers.sampling import SamplingParams, round_generator
-from workers.speculation import (DraftChunk, apply_result_to_draft, autoregressive_generate, clip_tokens,
-                                 draft_chunk,
-                                 open_target_session, prefill, speculative_generate, speculative_generate_many,
-                                 verify_batch)
+from workers.batching import BatchLimits
+from workers.speculation import (DraftChunk, FusedSession, GammaPolicy, apply_result_to_draft,
+                                 autoregressive_generate, clip_tokens, draft_chunk, open_target_session, prefill,
+                                 speculative_generate, speculative_generate_many, verify_batch)
 
 VOCAB = 96
 PROMPTS = [[1, 5, 9, 13], [2, 40, 7, 7, 7, 30, 11, 3, 60], [50]]
@@ -269,6 +269,52 @@ def test_adaptive_gamma_grows_with_a_perfect_draft(engines):
     assert res.tokens == autoregressive_generate(target, PROMPTS[0], 40, GREEDY).tokens
     res = speculative_generate(draft, target, PROMPTS[0], 2, 40, GREEDY, adaptive=True, max_gamma=6)
     assert res.tokens == autoregressive_generate(target, PROMPTS[0], 40, GREEDY).tokens
+
+
+class DecodeThenDraft(GammaPolicy):
+    """γ = 0 (decode mode) for a session's first rounds, then growing γ: the draft cache must catch up."""
+
+    def __init__(self) -> None:
+        self.seen: list[tuple[str, int, int]] = []
+
+    def choose_gamma(self, session: FusedSession) -> int:
+        r = session.result.rounds
+        return 0 if r < 3 or r % 4 == 0 else r % 4 + 1
+
+    def observe(self, session: FusedSession, accepted: int, drafted: int) -> None:
+        self.seen.append((session.key, accepted, drafted))
+
+
+def test_a_pluggable_gamma_policy_with_decode_mode_stays_lossless(engines):
+    target, draft = engines
+    baseline = [autoregressive_generate(target, p, 20, GREEDY).tokens for p in PROMPTS]
+    policy = DecodeThenDraft()
+    results = speculative_generate_many(draft, target, PROMPTS, 3, 20, GREEDY, gamma_policy=policy)
+    assert [r.tokens for r in results] == baseline
+    for r in results:
+        assert r.gammas[:3] == [0, 0, 0] and max(r.gammas) > 1 and r.drafted == sum(r.gammas)
+    assert len(policy.seen) == sum(r.rounds for r in results)
+    assert all(d == 0 and a == 0 for _, a, d in policy.seen if d == 0)
+
+
+def test_chunked_prefill_in_the_leftover_budget_keeps_the_output(engines):
+    target, draft = engines
+    prompts = PROMPTS + [[7], [9, 8]]
+    baseline = [autoregressive_generate(target, p, 12, GREEDY).tokens for p in prompts]
+    limits = BatchLimits(max_batch_tokens=8, max_batch_rows=64, prefill_chunk=2)
+    results = speculative_generate_many(draft, target, prompts, 2, 12, GREEDY, limits=limits)
+    assert [r.tokens for r in results] == baseline
+
+
+def test_rounds_rotate_when_the_token_budget_binds(engines):
+    target, draft = engines
+    order: list[int] = []
+    limits = BatchLimits(max_batch_tokens=7, prefill_chunk=2)  # two rounds of γ+1 = 3 tokens per tick
+    results = speculative_generate_many(draft, target, [[50], [7], [9]], 2, 12, GREEDY, limits=limits,
+                                        on_tokens=lambda i, toks: order.append(i))
+    assert order[:9] == [0, 1, 2] * 3
+    assert [r.tokens for r in results] == [autoregressive_generate(target, p, 12, GREEDY).tokens
+                                           for p in ([50], [7], [9])]
 
 
 # --------------------------------------------------------------------------- pure helpers

@@ -14,7 +14,7 @@ from tests.conftest import run_async
 from tests.model_fixtures import tiny_pair  # noqa: F401  (fixture)
 from workers.engine import load_engine
 from workers.sampling import SamplingParams
-from workers.speculation import apply_result_to_draft, autoregressive_generate, draft_chunk, prefill
+from workers.speculation import DraftChunk, apply_result_to_draft, autoregressive_generate, draft_chunk, prefill
 from workers.target_worker import TargetConfig, TargetServer, serve_target
 from workers.tokenizer_text import encode, load_tokenizer
 
@@ -205,11 +205,14 @@ def test_server_checks_each_request_itself(tiny_pair, prompts):
     assert len(results) == 1 and results[0].pos == pos + len(results[0].tokens)
     assert server.handle(Verify(session="a", seq=0, pos=pos, tokens=[5, 6])) == results
     assert engine.length(server.sessions["a"].slot) == results[0].pos - 1
-    # a malformed q fails that chunk alone (bad_request), the cache is untouched and the seq can be sent again
+    # a q that does not fit its chunk is refused at once (the codec's verdict), the cache is untouched and the seq
+    # can be sent again (a q that fits but cannot have produced its token fails at the tick: test_speculation)
     pos = results[0].pos
-    server.handle(Verify(session="a", seq=1, pos=pos, tokens=[5], q_ids=[[5], [6]], q_probs=[[1.0], [1.0]]))
-    (bad,) = [m for m in _run_ticks(server) if isinstance(m, Error)]
-    assert bad.code == E.BAD_REQUEST and bad.seq == 1 and engine.length(server.sessions["a"].slot) == pos - 1
+    (bad,) = server.handle(Verify(session="a", seq=1, pos=pos, tokens=[5], **DraftChunk(
+        [5, 6], [torch.tensor([5]), torch.tensor([6])], [torch.ones(1), torch.ones(1)]).q_wire()))
+    assert isinstance(bad, Error) and bad.code == E.BAD_FIELD and "one entry per draft token" in bad.message
+    assert bad.seq == 1 and engine.length(server.sessions["a"].slot) == pos - 1
+    assert not [m for m in _run_ticks(server) if isinstance(m, (Result, Error))]  # nothing was queued
     server.handle(Verify(session="a", seq=1, pos=pos, tokens=[5]))
     assert any(isinstance(m, Result) and m.seq == 1 for m in _run_ticks(server))
     _run_ticks(server)  # c's prompt
@@ -264,8 +267,7 @@ def test_sampled_chunks_with_q_are_reproducible_and_reset_frees_every_slot(tiny_
         server = TargetServer(engine)
         server.handle(SessionOpen(session="s", prompt_ids=prompts[2], max_new_tokens=16, temperature=0.8, seed=7))
         _run_ticks(server)
-        server.handle(Verify(session="s", seq=0, pos=len(prompts[2]), tokens=chunk.tokens, q_ids=chunk.q_ids,
-                             q_probs=chunk.q_probs))
+        server.handle(Verify(session="s", seq=0, pos=len(prompts[2]), tokens=chunk.tokens, **chunk.q_wire()))
         (res,) = _run_ticks(server)
         assert isinstance(res, Result) and len(res.tokens) == res.accepted + 1
         results.append(res)

@@ -10,11 +10,14 @@ import threading
 import time
 from pathlib import Path
 
+import pytest
+
 from broker.client import BrokerClient
 from protocol.messages import Done, Generate, SessionOpen, SessionOpened
 from tests.conftest import free_endpoint, run_async
 from tests.model_fixtures import tiny_pair  # noqa: F401  (fixture)
 
+pytestmark = pytest.mark.slow  # real processes
 ROOT = Path(__file__).resolve().parents[1]
 
 

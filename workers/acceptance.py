@@ -1,9 +1,10 @@
 """Acceptance policies: which draft tokens the target keeps, and which token it appends. Pure functions on tensors.
 
 Every policy takes the target's logits for one verify row, ``[γ+1, V]`` (row i scores the token after input i of
-``[pending, d1..dγ]``), the γ draft tokens and, when the drafter sampled, its sparse distributions ``q``; it
-returns ``AcceptResult(accepted=k, tokens=[d1..dk, t])`` where ``t`` is the target's own token: the correction
-at the first rejection, or the bonus token after all γ were accepted. So ``len(tokens) == k + 1`` always.
+``[pending, d1..dγ]``), the γ draft tokens and, when the drafter sampled, its distributions ``q`` (row i is
+``q_ids[i], q_probs[i]``: sparse ids and their probabilities, or None and a dense vector); it returns
+``AcceptResult(accepted=k, tokens=[d1..dk, t])`` where ``t`` is the target's own token: the correction at the first
+rejection, or the bonus token after all γ were accepted. So ``len(tokens) == k + 1`` always.
 
 - ``exact`` (lossless): greedy exact-match at temperature 0; rejection sampling at temperature > 0 (Leviathan et
   al. 2023, Chen et al. 2023): accept x with probability min(1, p(x)/q(x)), on rejection draw from
@@ -54,35 +55,53 @@ def greedy_match(logits: torch.Tensor, draft_tokens: Sequence[int]) -> AcceptRes
     return AcceptResult(k, [int(t) for t in draft_tokens[:k]] + [target[k]])
 
 
-def _dense_q(i: int, x: int, q_ids: Sequence[Sequence[int]] | None, q_probs: Sequence[Sequence[float]] | None,
-             vocab: int) -> tuple[torch.Tensor, float]:
-    """Row i of q as a dense float64 vector over the target vocabulary, and q(x). Ids past the vocabulary carry
-    mass the target gives probability 0: they can only be rejected, and never appear in max(0, p - q)."""
-    dense = torch.zeros(vocab, dtype=torch.float64)
-    if q_ids is None:
-        if x < vocab:
-            dense[x] = 1.0
-        return dense, 1.0
+def _q_row(i: int, x: int, q_ids: Sequence[Any] | None, q_probs: Sequence[Any] | None,
+           vocab: int) -> tuple[float, Callable[[], torch.Tensor]]:
+    """Validate row i of q; return q(x) and a function that builds the row as a dense float64 vector over the target
+    vocabulary (only a rejected row needs it, so accepted rows cost a few passes over their values).
+
+    A row is ``(ids, probs)`` (sparse: q is zero off ``ids``) or ``(None, probs)`` (dense: ``probs[j]`` is q(j));
+    lists or tensors (float32 tensors are used as they are: the drafter drew from those values). Ids past the
+    vocabulary carry mass the target gives probability 0: they can only be rejected, and never appear in
+    max(0, p - q)."""
+    if q_ids is None:  # no q: the token was drawn from a one-hot
+        def one_hot() -> torch.Tensor:
+            dense = torch.zeros(vocab, dtype=torch.float64)
+            if x < vocab:
+                dense[x] = 1.0
+            return dense
+
+        return 1.0, one_hot
     ids, probs = q_ids[i], q_probs[i]  # type: ignore[index]
-    if len(ids) != len(probs) or not ids:
+    probs_t = probs if isinstance(probs, torch.Tensor) and probs.is_floating_point() else torch.as_tensor(
+        probs, dtype=torch.float64)
+    ids_t = None if ids is None else torch.as_tensor(ids, dtype=torch.long)
+    if probs_t.dim() != 1 or not len(probs_t) or (ids_t is not None and ids_t.shape != probs_t.shape):
         raise AcceptanceError(f"q at draft position {i}: ids and probs must be non-empty and of equal length")
-    ids_t = torch.as_tensor(ids, dtype=torch.long)
-    probs_t = torch.as_tensor(probs, dtype=torch.float64)
-    if not torch.isfinite(probs_t).all() or (probs_t < 0).any():
+    total = float(probs_t.sum(dtype=torch.float64))
+    if not bool((probs_t >= 0).all()) or not math.isfinite(total):  # NaN fails the first test, inf the second
         raise AcceptanceError(f"q at draft position {i}: probabilities must be finite and >= 0")
-    if (ids_t < 0).any():
+    if ids_t is not None and (ids_t < 0).any():
         raise AcceptanceError(f"q at draft position {i}: negative token id")
-    if len(set(ids)) != len(ids):
+    if ids_t is not None and torch.unique(ids_t).numel() != ids_t.numel():
         raise AcceptanceError(f"q at draft position {i}: duplicate token ids")
-    total = float(probs_t.sum())
     if abs(total - 1.0) > 1e-3:
         raise AcceptanceError(f"q at draft position {i}: probabilities sum to {total:.6f}, expected 1")
-    probs_t = probs_t / total
+
+    def dense_row() -> torch.Tensor:
+        dense = torch.zeros(vocab, dtype=torch.float64)
+        if ids_t is None:
+            n = min(vocab, len(probs_t))
+            dense[:n] = probs_t[:n]
+        else:
+            inside = ids_t < vocab
+            dense[ids_t[inside]] = probs_t[inside].to(torch.float64)
+        return dense / total
+
+    if ids_t is None:
+        return (float(probs_t[x]) / total if x < len(probs_t) else 0.0), dense_row
     hit = (ids_t == x).nonzero()
-    qx = float(probs_t[hit[0, 0]]) if len(hit) else 0.0
-    inside = ids_t < vocab
-    dense[ids_t[inside]] = probs_t[inside]
-    return dense, qx
+    return (float(probs_t[hit[0, 0]]) / total if len(hit) else 0.0), dense_row
 
 
 def rejection_sample(p: torch.Tensor | Callable[[int], torch.Tensor], draft_tokens: Sequence[int],
@@ -97,19 +116,19 @@ def rejection_sample(p: torch.Tensor | Callable[[int], torch.Tensor], draft_toke
         vocab, table = p.shape[-1], p
         p = lambda i: table[i]  # noqa: E731
     assert vocab is not None, "vocab is required when p is a function"
-    q = [_dense_q(i, int(x), q_ids, q_probs, vocab) for i, x in enumerate(draft_tokens)]  # validate all rows
-    for i, (x, (_, qx)) in enumerate(zip(draft_tokens, q)):
+    q = [_q_row(i, int(x), q_ids, q_probs, vocab) for i, x in enumerate(draft_tokens)]  # validate all rows
+    for i, (x, (qx, _)) in enumerate(zip(draft_tokens, q)):
         if qx <= 0.0:
             raise AcceptanceError(f"draft token {x} at position {i} has q = 0: it cannot have been sampled from q")
     for i, x in enumerate(draft_tokens):
         x = int(x)
-        q_row, qx = q[i]
+        qx, q_row = q[i]
         p_row = p(i)
         px = float(p_row[x]) if x < vocab else 0.0
         u = float(torch.rand((), generator=generator, dtype=torch.float64))
         if u * qx < px:  # u < p(x)/q(x)
             continue
-        residual = torch.clamp(p_row - q_row, min=0.0)
+        residual = torch.clamp(p_row - q_row(), min=0.0)
         t = sample_from(residual if float(residual.sum()) > 1e-12 else p_row, generator)
         return AcceptResult(i, [int(d) for d in draft_tokens[:i]] + [t])
     k = len(draft_tokens)

@@ -22,12 +22,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
+import structlog
+
 from broker.client import BrokerClient
 from protocol import errors as E
+from protocol.errors import ProtocolError, SpecmqError
 from protocol.messages import Error, Message, Reopen, Result, SessionClose, SessionOpen, SessionOpened, Verify
-from specmq.logs import get_logger
 
-log = get_logger("worker.draft")
+log = structlog.get_logger("draft")
 
 DEFAULT_MODEL = Path(__file__).resolve().parent.parent / "models" / "tiny-draft"
 DEFAULT_BROKER = "tcp://127.0.0.1:5555"
@@ -35,7 +37,7 @@ PROFILE_COLUMNS = ("session", "round", "gamma", "accepted", "draft_ms", "network
                    "batch")
 
 
-class DraftError(Exception):
+class DraftError(SpecmqError):
     """A failure of the whole run (not of one session): unreachable broker, unloadable model."""
 
 
@@ -68,9 +70,11 @@ class DraftConfig:
     broker: str = DEFAULT_BROKER
     model: str | Path = DEFAULT_MODEL
     max_new_tokens: int = 64
-    gamma: int = 4
-    adaptive: bool = False
-    max_gamma: int = 8  # ceiling of adaptive γ
+    gamma: int | str = "auto"  # "auto": the target's goodput controller picks each round's γ; 0: decode mode
+    initial_gamma: int = 4  # the first round's γ under "auto" (before the target has advised)
+    decode_tokens: int = 8  # tokens one decode-mode request asks the target for (γ = 0)
+    adaptive_gamma: bool = False  # choose γ here from acceptance alone (AdaptiveGamma) instead of following the target
+    max_gamma: int = 8  # ceiling of adaptive and auto γ
     temperature: float = 0.0
     top_p: float = 1.0
     top_k: int = 0
@@ -182,10 +186,10 @@ async def probe_broker(client: BrokerClient, address: str, timeout: float) -> di
 
 
 async def _stats_once(client: BrokerClient, timeout: float) -> dict:
-    from protocol.messages import Stats, StatsRequest
-
-    reply = await client.request(StatsRequest(), timeout=timeout, retries=0)
-    return reply.snapshot if isinstance(reply, Stats) else {}
+    try:
+        return await client.stats(timeout=timeout, retries=0)
+    except ProtocolError:  # something else than stats came back: the broker is there all the same
+        return {}
 
 
 # --------------------------------------------------------------------------- batched drafting
@@ -262,7 +266,8 @@ class DraftWorker:
             import torch
 
             torch.set_num_threads(cfg.threads)
-        need = max((len(p) for p in prompts_ids), default=1) + cfg.max_new_tokens + max(cfg.gamma, cfg.max_gamma) + 8
+        need = (max((len(p) for p in prompts_ids), default=1) + cfg.max_new_tokens
+                + max(cfg.initial_gamma, cfg.max_gamma, cfg.gamma if isinstance(cfg.gamma, int) else 0) + 8)
         slots = max(1, min(cfg.concurrency, len(prompts_ids)))
         try:
             self.engine = load_engine(cfg.model, slots=slots, max_context=need)
@@ -341,7 +346,7 @@ class DraftWorker:
     async def _session(self, client: BrokerClient, batcher: DraftBatcher, res: PromptResult, sid: str) -> None:
         from workers.adaptive_gamma import AdaptiveGamma
         from workers.sampling import STREAM_DRAFT, SamplingParams, round_generator
-        from workers.speculation import DraftRequest, apply_result_to_draft
+        from workers.speculation import DraftChunk, DraftRequest, apply_result_to_draft
 
         cfg = self.config
         t_start = time.perf_counter()
@@ -349,7 +354,10 @@ class DraftWorker:
             res.finished = True
             return
         sampling = SamplingParams(cfg.temperature, cfg.top_p, cfg.top_k, cfg.seed + res.index)
-        controller = AdaptiveGamma(cfg.max_gamma) if cfg.adaptive else None
+        controller = AdaptiveGamma(cfg.max_gamma) if cfg.adaptive_gamma else None
+        auto = cfg.gamma == "auto"
+        advised = cfg.initial_gamma if auto else int(cfg.gamma)  # auto: what the target said last
+        path_ms = 0.0
         slot = self.engine.allocate()
         batcher.active += 1
         opened = False
@@ -363,32 +371,46 @@ class DraftWorker:
                 if remaining <= 0:
                     res.finished = True
                     break
-                g = controller.next_gamma() if controller else cfg.gamma
-                g = max(1, min(g, remaining - 1))
+                g = controller.next_gamma() if controller else min(advised, cfg.max_gamma) if auto else advised
                 pos = len(res.prompt_ids) + len(res.token_ids)
-                gen = None if sampling.greedy else round_generator(sampling.seed, pos, STREAM_DRAFT)
-                chunk, draft_ms, bsize = await batcher.draft(DraftRequest(slot, uncached, g, sampling, gen))
-                reply, seq, rtt_ms = await self._verify(client, res, sid, seq, pos, chunk)
+                if g <= 0:  # decode mode: the target decodes the next tokens itself, the draft cache catches up
+                    chunk, draft_ms, bsize = DraftChunk([]), 0.0, 0
+                    decode = min(cfg.decode_tokens, remaining)
+                else:
+                    g, decode = max(1, min(g, remaining - 1)), 0
+                    gen = None if sampling.greedy else round_generator(sampling.seed, pos, STREAM_DRAFT)
+                    chunk, draft_ms, bsize = await batcher.draft(DraftRequest(slot, uncached, g, sampling, gen))
+                reply, seq, rtt_ms = await self._verify(client, res, sid, seq, pos, chunk, decode=decode,
+                                                        draft_ms=draft_ms, path_ms=path_ms)
                 if not isinstance(reply, Result):
                     raise SessionFailed("bad_reply", f"unexpected {reply.TYPE} to verify")
                 k = reply.accepted
-                if not 0 <= k <= g:
+                if not 0 <= k <= max(g, 0):
                     raise SessionFailed(E.BAD_SEQUENCE, f"target accepted {k} of {g} draft tokens")
+                if decode and not reply.finished and len(reply.tokens) != decode:
+                    raise SessionFailed(E.BAD_SEQUENCE, f"asked the target to decode {decode} tokens, got "
+                                        f"{len(reply.tokens)}")
+                path_ms = max(0.0, rtt_ms - reply.verify_ms - reply.queue_ms)
+                if auto and reply.next_gamma >= 0:
+                    advised = reply.next_gamma
                 res.token_ids += list(reply.tokens)
                 res.rounds += 1
-                res.drafted += g
+                res.drafted += max(g, 0)
                 res.accepted += k
                 res.rejections += int(k < g and not reply.finished)
-                res.gammas.append(g)
+                res.gammas.append(max(g, 0))
                 self.rows.append(RoundRow(res.index, res.rounds, g, k, round(draft_ms, 3),
                                           round(max(0.0, rtt_ms - reply.verify_ms), 3), round(reply.verify_ms, 3),
                                           round(reply.queue_ms, 3), bsize))
-                if controller:
+                if controller and g > 0:
                     controller.update(k, g)
                 if reply.finished or len(res.token_ids) >= cfg.max_new_tokens:
                     res.finished = True
                     break
-                uncached = apply_result_to_draft(self.engine, slot, chunk, k, reply.tokens)
+                if decode:
+                    uncached = uncached + [int(t) for t in reply.tokens]
+                else:
+                    uncached = apply_result_to_draft(self.engine, slot, chunk, k, reply.tokens)
                 seq += 1
         except SessionFailed as exc:
             res.error, res.error_code = exc.message, exc.code
@@ -407,16 +429,18 @@ class DraftWorker:
                     pass
 
     async def _verify(self, client: BrokerClient, res: PromptResult, sid: str, seq: int, pos: int,
-                      chunk: Any) -> tuple[Message, int, float]:
+                      chunk: Any, decode: int = 0, draft_ms: float = 0.0, path_ms: float = 0.0
+                      ) -> tuple[Message, int, float]:
         """Send a chunk until it is answered; on Reopen re-open and resend it as seq 0.
 
         Returns (reply, the seq it was answered under, round trip ms).
         """
         cfg = self.config
         used_seq = seq
+        q = chunk.q_wire()  # packed once: resends reuse it
         for _ in range(cfg.max_reopens + 1):
-            msg = Verify(session=sid, seq=used_seq, pos=pos, tokens=list(chunk.tokens), q_ids=chunk.q_ids,
-                         q_probs=chunk.q_probs, sent_at=time.time())
+            msg = Verify(session=sid, seq=used_seq, pos=pos, tokens=list(chunk.tokens), **q, sent_at=time.time(),
+                         decode=decode, draft_ms=round(draft_ms, 3), path_ms=round(path_ms, 3))
             t0 = time.perf_counter()
             try:
                 reply = await client.request(msg, timeout=cfg.timeout, retries=cfg.retries)

@@ -1,6 +1,6 @@
 """The worker side of the specmq protocol: one DEALER to the broker's backend, liveness, credit, reconnects.
 
-Model workers (target, fused) and ``broker.echo_worker`` build on this; it never imports torch.
+Model workers (target, fused) and ``workers.echo_worker`` build on this; it never imports torch.
 
 Usage::
 
@@ -17,7 +17,8 @@ Usage::
                     link.grant(1)                 # one request finished: one more credit
 
 API
-- ``WorkerLink(broker, ready, *, heartbeat_interval=1.0, liveness=3, stats=None, initial_credit=None)``:
+- ``WorkerLink(broker, ready, *, heartbeat_interval=HEARTBEAT_INTERVAL_S, liveness=HEARTBEAT_LIVENESS, stats=None,
+  initial_credit=None)`` (the liveness constants of ``protocol.messages``):
   ``stats`` is a zero-argument callable whose dict goes into every ``Heartbeat.stats`` (``tick_ms``,
   ``batch_rows``, ``slots_used``...). ``initial_credit`` (default: none) is granted after every (re)registration.
 - ``await link.start()`` / ``await link.close()`` (or ``async with``): connect + Ready + heartbeat task /
@@ -41,20 +42,21 @@ import asyncio
 import time
 from typing import Any, Callable
 
+import structlog
 import zmq
 
-from broker.frames import NOBLOCK, parse, raw_recv, raw_send, to_message
 from protocol.codec import encode
 from protocol.errors import ProtocolError
-from protocol.messages import Credit, Disconnect, Heartbeat, Message, Ready
-from specmq.logs import get_logger
+from protocol.frames import NOBLOCK, parse, raw_recv, raw_send, to_message
+from protocol.messages import HEARTBEAT_INTERVAL_S, HEARTBEAT_LIVENESS, Credit, Disconnect, Heartbeat, Message, Ready
 
-log = get_logger("worker.link")
+log = structlog.get_logger("worker.link")
 
 
 class WorkerLink:
-    def __init__(self, broker: str, ready: Ready, *, heartbeat_interval: float = 1.0, liveness: int = 3,
-                 stats: Callable[[], dict] | None = None, initial_credit: int | None = None,
+    def __init__(self, broker: str, ready: Ready, *, heartbeat_interval: float = HEARTBEAT_INTERVAL_S,
+                 liveness: int = HEARTBEAT_LIVENESS, stats: Callable[[], dict] | None = None,
+                 initial_credit: int | None = None,
                  ctx: zmq.Context | None = None, max_frame: int = 1 << 24) -> None:
         self.broker = broker
         self.ready = ready

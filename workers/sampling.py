@@ -136,3 +136,26 @@ def sample_draft(logits: torch.Tensor, temperature: float, top_p: float = 1.0, t
     tok = sample_from(probs, generator)
     ids = torch.nonzero(probs > 0).reshape(-1)
     return tok, ids.tolist(), probs[ids].tolist()
+
+
+def sample_draft_q(logits: torch.Tensor, temperature: float, top_p: float = 1.0, top_k: int = 0,
+                   generator: torch.Generator | None = None) -> tuple[int, torch.Tensor | None, torch.Tensor]:
+    """Draw a draft token from q rounded to float32, the form q travels in: ``(token, ids or None, probs)``.
+
+    ``probs`` (float32) is q on ``ids`` (sparse: q's whole support, ascending), or on the whole vocabulary when
+    ``ids`` is None (dense: chosen once the support covers more than half of it, where ids would cost more than
+    the zeros they skip). The token is drawn from these very float32 values, so the target, which judges with
+    them, judges the exact q the token came from: lossless, with no float64 lists to build or ship.
+    """
+    row = logits.reshape(-1)
+    if temperature == 0.0:
+        tok = int(row.argmax())
+        return tok, torch.tensor([tok]), torch.ones(1, dtype=torch.float32)
+    if generator is None:
+        raise SamplingError("sampling at temperature > 0 needs a generator")
+    q = sampling_probs(row, temperature, top_p, top_k).to(torch.float32)
+    tok = sample_from(q, generator)
+    if 2 * int(torch.count_nonzero(q)) > q.numel():
+        return tok, None, q
+    ids = torch.nonzero(q).reshape(-1)
+    return tok, ids, q[ids]

@@ -9,20 +9,26 @@ Token positions (protocol/FLOW.md): a slot caches every committed token except t
   ``draft_chunk`` feeds them, then drafts γ tokens in γ forwards (the last draft token is never fed), and
   ``apply_result_to_draft`` rolls back the rejected drafts and returns the new uncached tokens.
 
-``speculative_generate`` (fused, in-process) and ``autoregressive_generate`` (target-only baseline) are built from
-these steps; the target, draft and fused workers use the same steps over the network.
+Fused decoding (draft and target engines in one process) runs in *rounds*: ``plan_round`` asks a ``GammaPolicy`` for
+each decoding session's γ and plans the tick with the target's batching policy (``workers.batching.plan_tick``:
+rounds first, chunked prompt prefill in the leftover budget); ``run_round`` drafts, verifies, applies and counts.
+``speculative_generate_many`` (in-process) and the fused worker both call these two, so the lossless tests cover the
+serving code. ``autoregressive_generate`` is the target-only baseline; the target and draft workers use the same
+steps over the network.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable, Collection, Sequence
+from typing import Any, Callable, Collection, Sequence
 
 import torch
 
+from protocol.codec import pack_q, unpack_q
 from workers.acceptance import AcceptanceError, Policy, accept, make_policy
 from workers.adaptive_gamma import AdaptiveGamma
+from workers.batching import BatchLimits, plan_tick
 from workers.engine.base import Engine
-from workers.sampling import (STREAM_DRAFT, STREAM_TARGET, SamplingParams, round_generator, sample_draft,
+from workers.sampling import (STREAM_DRAFT, STREAM_TARGET, SamplingParams, round_generator, sample_draft_q,
                               sample_token)
 
 FINISH_EOS = "eos"
@@ -67,9 +73,29 @@ def clip_tokens(tokens: Sequence[int], eos: Collection[int] | int | None, remain
 # --------------------------------------------------------------------------- draft side
 @dataclass
 class DraftChunk:
+    """γ draft tokens and, when sampled, the q each was drawn from (``sample_draft_q``): row i is ``q_ids[i]``
+    (ids, or None when dense) and ``q_probs[i]`` (float32); both None when greedy."""
+
     tokens: list[int]
-    q_ids: list[list[int]] | None = None  # sparse q per draft token; None when greedy
-    q_probs: list[list[float]] | None = None
+    q_ids: list[torch.Tensor | None] | None = None
+    q_probs: list[torch.Tensor] | None = None
+
+    def q_wire(self) -> dict[str, Any]:
+        """``Verify``'s q fields for this chunk (``protocol.codec.pack_q``); all None when greedy."""
+        if self.q_probs is None or not self.tokens:
+            return {"q_ids": None, "q_probs": None, "q_lens": None}
+        q_ids, q_probs, q_lens = pack_q(list(zip(self.q_ids, self.q_probs)))  # type: ignore[arg-type]
+        return {"q_ids": q_ids, "q_probs": q_probs, "q_lens": q_lens}
+
+
+def q_from_wire(n_tokens: int, q_ids: bytes | None, q_probs: bytes | None, q_lens: list[int] | None
+                ) -> tuple[list[torch.Tensor | None] | None, list[torch.Tensor] | None]:
+    """A ``Verify``'s q as acceptance rows ``(q_ids, q_probs)`` of tensors; raises ``ProtocolError`` when malformed."""
+    rows = unpack_q(n_tokens, q_ids, q_probs, q_lens)
+    if rows is None:
+        return None, None
+    return ([None if ids is None else torch.from_numpy(ids.astype("int64")) for ids, _ in rows],
+            [torch.from_numpy(probs) for _, probs in rows])
 
 
 @dataclass
@@ -81,11 +107,12 @@ class DraftRequest:
     generator: torch.Generator | None = None
 
 
-def draft_batch(engine: Engine, requests: Sequence[DraftRequest]) -> list[DraftChunk]:
+def draft_batch(engine: Engine, requests: Sequence[DraftRequest],
+                prefill_rows: Sequence[tuple[int, Sequence[int]]] = ()) -> list[DraftChunk]:
     """Draft for many sessions at once: step j runs one forward over every session still drafting.
 
     Step 0 feeds each session's uncached tokens, step j feeds its draft token j; the draft cache ends up holding
-    ``uncached + d1..d(γ-1)``.
+    ``uncached + d1..d(γ-1)``. ``prefill_rows`` (slot, prompt chunk) ride along in step 0 (chunked prefill).
     """
     for r in requests:
         if r.gamma < 1 or not r.uncached:
@@ -94,12 +121,17 @@ def draft_batch(engine: Engine, requests: Sequence[DraftRequest]) -> list[DraftC
               for r in requests]
     feeds = [list(r.uncached) for r in requests]
     live = list(range(len(requests)))
+    extra = [(slot, list(toks)) for slot, toks in prefill_rows]
+    if extra and not live:
+        engine.forward(extra, last_only=[True] * len(extra))
     while live:
-        logits = engine.forward([(requests[i].slot, feeds[i]) for i in live], last_only=[True] * len(live))
+        rows = [(requests[i].slot, feeds[i]) for i in live] + extra
+        logits = engine.forward(rows, last_only=[True] * len(rows))[:len(live)]
+        extra = []
         for i, row in zip(live, logits):
             r, c = requests[i], chunks[i]
-            tok, ids, probs = sample_draft(row[-1], r.sampling.temperature, r.sampling.top_p, r.sampling.top_k,
-                                           r.generator)
+            tok, ids, probs = sample_draft_q(row[-1], r.sampling.temperature, r.sampling.top_p, r.sampling.top_k,
+                                             r.generator)
             c.tokens.append(tok)
             if c.q_ids is not None:
                 c.q_ids.append(ids)
@@ -137,8 +169,8 @@ class VerifyItem:
     slot: int
     pending: int
     tokens: list[int]  # draft tokens d1..dγ
-    q_ids: list[list[int]] | None
-    q_probs: list[list[float]] | None
+    q_ids: Sequence[Any] | None  # q rows as acceptance takes them (workers.acceptance); None when greedy
+    q_probs: Sequence[Any] | None
     params: SamplingParams
     policy: Policy
     generator: torch.Generator | None
@@ -197,8 +229,8 @@ class TargetSession:
         """This round's generator, keyed by (seed, pos): a re-placed session draws the same numbers."""
         return None if self.params.greedy else round_generator(self.params.seed, self.pos, STREAM_TARGET)
 
-    def verify_item(self, tokens: Sequence[int], q_ids: list[list[int]] | None = None,
-                    q_probs: list[list[float]] | None = None) -> VerifyItem:
+    def verify_item(self, tokens: Sequence[int], q_ids: Sequence[Any] | None = None,
+                    q_probs: Sequence[Any] | None = None) -> VerifyItem:
         return VerifyItem(self.slot, self.pending, list(tokens), q_ids, q_probs, self.params, self.policy,
                           self.generator())
 
@@ -265,82 +297,282 @@ def autoregressive_generate(engine: Engine, prompt: Sequence[int], max_new: int,
         engine.free(slot)
 
 
-@dataclass
-class _Fused:
+# --------------------------------------------------------------------------- fused rounds (draft + target, one process)
+@dataclass(eq=False)  # identity: sessions are plan keys
+class FusedSession:
+    """One generation on a draft + target engine pair: both slots, the prompt's prefill progress, the counters.
+
+    Both caches are prefilled with ``prompt[:-1]`` a chunk per tick (``prefilled`` counts them); after that every
+    tick that plans the session runs one round.
+    """
+
+    key: str
     target: TargetSession
     draft_slot: int
-    uncached: list[int]
-    result: GenerationResult
-    controller: AdaptiveGamma | None
+    prompt: list[int]
+    draft_params: SamplingParams
+    gamma: int | None = None  # the γ this session asked for; None: the gamma policy decides
+    prefilled: int = 0  # tokens of prompt[:-1] cached in both slots
+    uncached: list[int] = field(default_factory=list)  # committed tokens not in the draft cache (ends with pending)
+    result: GenerationResult = field(default_factory=lambda: GenerationResult([], FINISH_LENGTH))
+    rejections: int = 0  # rounds that ended at a rejected draft token
+    error: str | None = None
+    gamma_state: Any = None  # the gamma policy's own per-session state (e.g. an ``AdaptiveGamma``)
+
+    @property
+    def to_prefill(self) -> int:
+        return len(self.prompt) - 1 - self.prefilled
+
+    @property
+    def done(self) -> bool:
+        return self.error is not None or self.target.finished
+
+    @property
+    def decoding(self) -> bool:
+        return not self.done and self.to_prefill == 0
+
+    @property
+    def remaining(self) -> int:
+        return self.target.max_new_tokens - self.target.generated
 
 
+def open_fused_session(draft_engine: Engine, target_engine: Engine, key: str, prompt_ids: Sequence[int],
+                       max_new_tokens: int, params: SamplingParams, policy: str | Policy = "exact",
+                       gamma: int | None = None, draft_params: SamplingParams | None = None) -> FusedSession:
+    """Allocate a slot on each engine (nothing is prefilled yet: ``run_round`` does it in chunks)."""
+    if not prompt_ids:
+        raise ValueError("prompt_ids must hold at least one token")
+    if gamma is not None and gamma < 0:
+        raise ValueError(f"gamma must be >= 0, got {gamma}")
+    pol = policy if isinstance(policy, Policy) else make_policy(policy)
+    tslot = target_engine.allocate()
+    try:
+        dslot = draft_engine.allocate()
+    except BaseException:
+        target_engine.free(tslot)
+        raise
+    prompt = [int(t) for t in prompt_ids]
+    ts = TargetSession(key, tslot, prompt[-1], len(prompt), params, pol, max_new_tokens)
+    ts.finished = max_new_tokens <= 0
+    return FusedSession(key, ts, dslot, prompt, draft_params or params, gamma, uncached=[prompt[-1]])
+
+
+def close_fused_session(draft_engine: Engine, target_engine: Engine, session: FusedSession) -> None:
+    """Free both slots (once)."""
+    if session.draft_slot >= 0:
+        target_engine.free(session.target.slot)
+        draft_engine.free(session.draft_slot)
+        session.draft_slot = -1
+
+
+class GammaPolicy:
+    """Chooses each decoding session's γ for its next round and learns from the outcomes.
+
+    γ = 0 is decode mode: the session drafts nothing and the target decodes its next token (the draft cache
+    catches up at the session's next drafted round). A policy that needs the whole batch at once (goodput from the
+    target's cost model) overrides ``choose``; one that needs step times uses ``observe_tick``.
+    """
+
+    def choose(self, sessions: Sequence[FusedSession]) -> list[int]:
+        return [self.choose_gamma(s) for s in sessions]
+
+    def choose_gamma(self, session: FusedSession) -> int:
+        raise NotImplementedError
+
+    def observe(self, session: FusedSession, accepted: int, drafted: int) -> None:
+        """One round of ``session``: ``accepted`` of ``drafted`` draft tokens kept."""
+
+    def observe_tick(self, rows: int, tokens: int, context: float, ms: float) -> None:
+        """One measured tick: target forward rows and tokens, mean context, wall time of the whole tick."""
+
+    def forget(self, session: FusedSession) -> None:
+        """``session`` ended."""
+
+
+@dataclass
+class FixedGamma(GammaPolicy):
+    """Every session drafts the γ it asked for, else ``gamma``."""
+
+    gamma: int = 4
+
+    def __post_init__(self) -> None:
+        if self.gamma < 0:
+            raise ValueError(f"gamma must be >= 0, got {self.gamma}")
+
+    def choose_gamma(self, session: FusedSession) -> int:
+        return self.gamma if session.gamma is None else session.gamma
+
+
+@dataclass
+class AdaptiveGammaPolicy(GammaPolicy):
+    """An ``AdaptiveGamma`` per session (acceptance-rate rule, γ in [1, max_gamma]); a session that asked for a γ
+    keeps it."""
+
+    max_gamma: int = 8
+    c_draft: float = 0.1  # one draft forward's cost relative to one verify forward
+    c_verify: float = 1.0
+
+    def __post_init__(self) -> None:
+        AdaptiveGamma(self.max_gamma, self.c_draft, self.c_verify)  # validates
+
+    def controller(self, session: FusedSession) -> AdaptiveGamma:
+        if not isinstance(session.gamma_state, AdaptiveGamma):
+            session.gamma_state = AdaptiveGamma(self.max_gamma, self.c_draft, self.c_verify)
+        return session.gamma_state
+
+    def choose_gamma(self, session: FusedSession) -> int:
+        return session.gamma if session.gamma is not None else self.controller(session).next_gamma()
+
+    def observe(self, session: FusedSession, accepted: int, drafted: int) -> None:
+        if session.gamma is None and drafted > 0:
+            self.controller(session).update(accepted, drafted)
+
+
+def round_gamma(chosen: int, session: FusedSession) -> int:
+    """The γ a round really drafts: 0 stays decode mode, else at least 1 and no more than the budget needs."""
+    if chosen <= 0:
+        return 0
+    return max(1, min(int(chosen), session.remaining - 1))
+
+
+@dataclass
+class RoundPlan:
+    """One fused tick: rounds ``(session, γ)`` (one verify row of γ+1 tokens each) and prefill chunks
+    ``(session, tokens)`` (one row on each engine), as ``plan_tick`` chose them."""
+
+    rounds: list[tuple[FusedSession, int]] = field(default_factory=list)
+    prefills: list[tuple[FusedSession, int]] = field(default_factory=list)
+
+    @property
+    def rows(self) -> int:
+        return len(self.rounds) + len(self.prefills)
+
+    @property
+    def tokens(self) -> int:
+        """Tokens in the target forward."""
+        return sum(g + 1 for _, g in self.rounds) + sum(n for _, n in self.prefills)
+
+    def __bool__(self) -> bool:
+        return bool(self.rounds or self.prefills)
+
+
+def plan_round(sessions: Sequence[FusedSession], gamma_policy: GammaPolicy, limits: BatchLimits) -> RoundPlan:
+    """Choose this tick's work with the target's batching policy (the simulator's fused worker asks the same).
+
+    ``sessions`` in priority order: decoding sessions ask for a round of γ+1 tokens, sessions still prefilling
+    for their remaining prompt tokens; ``plan_tick`` takes rounds first and prefills ``prefill_chunk`` at a time
+    in the leftover token budget, so a long prompt never stalls the running sessions.
+    """
+    decoding = [s for s in sessions if s.decoding]
+    gammas = {s: round_gamma(g, s) for s, g in zip(decoding, gamma_policy.choose(decoding))}
+    prefilling = [(s, s.to_prefill) for s in sessions if not s.done and s.to_prefill > 0]
+    tick = plan_tick([(s, gammas[s] + 1) for s in decoding], prefilling, limits)
+    return RoundPlan([(s, gammas[s]) for s in tick.verify], list(tick.prefill))
+
+
+def run_round(draft_engine: Engine, target_engine: Engine, plan: RoundPlan, gamma_policy: GammaPolicy,
+              eos: Collection[int] | int | None) -> list[list[int]]:
+    """Run one planned tick: draft (one batched pass, prefill chunks riding in its first forward), verify every
+    round in ONE target forward (prefill chunks riding along), accept, roll both caches back, count.
+
+    Returns each round's newly committed tokens, in ``plan.rounds`` order. A malformed round sets its session's
+    ``error``; an engine failure raises and leaves the plan's sessions unusable (the caller ends them).
+    """
+    drafting = [(s, g) for s, g in plan.rounds if g > 0]
+    requests = [DraftRequest(s.draft_slot, s.uncached, g, s.draft_params,
+                             None if s.draft_params.greedy else round_generator(s.draft_params.seed, s.target.pos,
+                                                                                STREAM_DRAFT))
+                for s, g in drafting]
+    chunks = dict(zip((s for s, _ in drafting), draft_batch(
+        draft_engine, requests, [(s.draft_slot, s.prompt[s.prefilled:s.prefilled + n]) for s, n in plan.prefills])))
+    decode = DraftChunk([])  # γ = 0: the target decodes one token
+    items = [s.target.verify_item(c.tokens, c.q_ids, c.q_probs)
+             for s, c in ((s, chunks.get(s, decode)) for s, _ in plan.rounds)]
+    outcomes = verify_batch(target_engine, items,
+                            [(s.target.slot, s.prompt[s.prefilled:s.prefilled + n]) for s, n in plan.prefills])
+    for s, n in plan.prefills:
+        s.prefilled += n
+    fresh: list[list[int]] = []
+    for (s, g), o in zip(plan.rounds, outcomes):
+        if o.error:
+            s.error = o.error
+            fresh.append([])
+            continue
+        if g > 0:
+            s.uncached = apply_result_to_draft(draft_engine, s.draft_slot, chunks[s], o.accepted, o.tokens)
+        else:
+            s.uncached = s.uncached + [int(t) for t in o.tokens]
+        new = s.target.apply(o, eos)
+        r = s.result
+        r.tokens += new
+        r.rounds += 1
+        r.drafted += g
+        r.accepted += o.accepted
+        r.gammas.append(g)
+        s.rejections += int(o.accepted < g and not s.target.finished)
+        gamma_policy.observe(s, o.accepted, g)
+        if s.target.finished:
+            r.finish_reason = FINISH_EOS if new and new[-1] in _stop_set(eos) else FINISH_LENGTH
+        fresh.append(new)
+    return fresh
+
+
+def _stop_set(eos: Collection[int] | int | None) -> Collection[int]:
+    return () if eos is None else (eos,) if isinstance(eos, int) else eos
+
+
+# --------------------------------------------------------------------------- whole generations in-process
 def speculative_generate_many(draft_engine: Engine, target_engine: Engine, prompts: Sequence[Sequence[int]],
                               gamma: int, max_new: int, sampling: SamplingParams, policy: str | Policy = "exact",
                               adaptive: bool = False, draft_sampling: SamplingParams | None = None,
                               prefill_chunk: int = 256, max_gamma: int | None = None,
-                              on_tokens: Callable[[int, list[int]], None] | None = None) -> list[GenerationResult]:
-    """Fused speculative decoding of several prompts at once: batched drafting, one verify forward per round.
+                              on_tokens: Callable[[int, list[int]], None] | None = None,
+                              gamma_policy: GammaPolicy | None = None,
+                              limits: BatchLimits | None = None) -> list[GenerationResult]:
+    """Fused speculative decoding of several prompts at once, tick by tick as the fused worker runs them
+    (``plan_round`` + ``run_round``).
 
     ``draft_sampling`` defaults to the target's sampling; any draft distribution is lossless under ``exact``.
-    ``adaptive`` re-chooses γ per session per round (``AdaptiveGamma``, at most ``max_gamma``, default 2·gamma).
-    ``on_tokens(index, tokens)`` streams each session's newly committed tokens.
+    ``adaptive`` re-chooses γ per session per round (``AdaptiveGammaPolicy``, at most ``max_gamma``, default
+    2·gamma); ``gamma_policy`` replaces both. ``limits`` defaults to the target's batching defaults with
+    ``prefill_chunk``. ``on_tokens(index, tokens)`` streams each session's newly committed tokens.
     """
     if gamma < 1:
         raise ValueError(f"gamma must be >= 1, got {gamma}")
     pol = policy if isinstance(policy, Policy) else make_policy(policy)
-    dparams = draft_sampling or sampling
+    if gamma_policy is None:
+        gamma_policy = AdaptiveGammaPolicy(max_gamma or 2 * gamma) if adaptive else FixedGamma(gamma)
+    limits = limits or BatchLimits(prefill_chunk=prefill_chunk)
     eos = eos_ids(target_engine.info)
-    sessions: list[_Fused] = []
+    sessions: list[FusedSession] = []
     try:
         for i, prompt in enumerate(prompts):
-            ds = draft_engine.allocate()
-            try:
-                ts = open_target_session(target_engine, str(i), prompt, max_new, sampling, pol, chunk=prefill_chunk)
-            except BaseException:
-                draft_engine.free(ds)
-                raise
-            s = _Fused(ts, ds, [], GenerationResult([], FINISH_LENGTH),
-                       AdaptiveGamma(max_gamma or 2 * gamma) if adaptive else None)
-            sessions.append(s)
-            s.uncached = [prefill(draft_engine, ds, prompt, prefill_chunk)]
-            ts.finished = max_new <= 0
+            sessions.append(open_fused_session(draft_engine, target_engine, str(i), prompt, max_new, sampling, pol,
+                                               draft_params=draft_sampling))
+        index = {s: i for i, s in enumerate(sessions)}
+        order = list(sessions)
         while True:
-            live = [s for s in sessions if not s.target.finished]
-            if not live:
+            plan = plan_round(order, gamma_policy, limits)
+            if not plan:
                 break
-            gammas = []
-            for s in live:
-                g = s.controller.next_gamma() if s.controller else gamma
-                gammas.append(max(1, min(g, s.target.max_new_tokens - s.target.generated - 1)))
-            requests = [DraftRequest(s.draft_slot, s.uncached, g, dparams,
-                                     None if dparams.greedy else round_generator(dparams.seed, s.target.pos,
-                                                                                 STREAM_DRAFT))
-                        for s, g in zip(live, gammas)]
-            chunks = draft_batch(draft_engine, requests)
-            items = [s.target.verify_item(c.tokens, c.q_ids, c.q_probs) for s, c in zip(live, chunks)]
-            outcomes = verify_batch(target_engine, items)
-            for s, c, o, g in zip(live, chunks, outcomes, gammas):
-                if o.error:
-                    raise AcceptanceError(o.error)
-                s.uncached = apply_result_to_draft(draft_engine, s.draft_slot, c, o.accepted, o.tokens)
-                new = s.target.apply(o, eos)
-                r = s.result
-                r.tokens += new
-                r.rounds += 1
-                r.drafted += g
-                r.accepted += o.accepted
-                r.gammas.append(g)
-                if s.controller:
-                    s.controller.update(o.accepted, g)
-                if s.target.finished:
-                    r.finish_reason = FINISH_EOS if new and new[-1] in eos else FINISH_LENGTH
+            fresh = run_round(draft_engine, target_engine, plan, gamma_policy, eos)
+            for (s, _), new in zip(plan.rounds, fresh):
+                if s.error:
+                    raise AcceptanceError(s.error)
                 if on_tokens and new:
-                    on_tokens(sessions.index(s), new)
+                    on_tokens(index[s], new)
+            order = next_order(order, plan)
         return [s.result for s in sessions]
     finally:
         for s in sessions:
-            target_engine.free(s.target.slot)
-            draft_engine.free(s.draft_slot)
+            close_fused_session(draft_engine, target_engine, s)
+
+
+def next_order(order: Sequence[FusedSession], plan: RoundPlan) -> list[FusedSession]:
+    """Round-robin: sessions that had a round this tick go behind those that did not (matters when rows or tokens
+    run out), finished ones leave."""
+    served = {s for s, _ in plan.rounds}
+    return [s for s in order if s not in served and not s.done] + [s for s, _ in plan.rounds if not s.done]
 
 
 def speculative_generate(draft_engine: Engine, target_engine: Engine, prompt: Sequence[int], gamma: int,

@@ -24,18 +24,21 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 
+import structlog
+
 from protocol import errors as E
-from protocol.messages import (Busy, Disconnect, Error, Message, Ready, Result, SessionClose, SessionOpen,
-                               SessionOpened, Verify)
-from specmq.logs import get_logger
+from protocol.errors import ProtocolError
+from protocol.messages import (HEARTBEAT_INTERVAL_S, HEARTBEAT_LIVENESS, Busy, Disconnect, Error, Message, Ready,
+                               Result, SessionClose, SessionOpen, SessionOpened, Verify)
 from workers.acceptance import AcceptanceError, Policy, make_policy
 from workers.batching import BatchLimits, TickPlan, plan_tick, tick_due
 from workers.engine.base import Engine, EngineError, NoFreeSlot
+from workers.goodput import ControllerConfig, GoodputController, StepCost
 from workers.link import WorkerLink
 from workers.sampling import SamplingError, SamplingParams
-from workers.speculation import TargetSession, VerifyOutcome, eos_ids, verify_batch
+from workers.speculation import TargetSession, VerifyOutcome, eos_ids, q_from_wire, verify_batch
 
-log = get_logger("target")
+log = structlog.get_logger("target")
 
 IDLE_WAIT_S = 0.1  # longest the loop sleeps with nothing queued (how fast it notices a stop request)
 EWMA = 0.2  # weight of the newest tick in the tick_ms average
@@ -53,6 +56,11 @@ class TargetConfig:
     credit: int | None = None  # requests the broker may forward ahead (default: 2 x slots + max_batch_rows)
     retry_ms: int = 50  # Busy hint when every slot is taken and the open queue is full
     name: str = "target"
+    max_decode: int = 64  # most tokens one decode-mode request (a chunk with no draft tokens) may ask for
+    controller: bool = True  # choose each session's next γ (Result.next_gamma) with the goodput controller
+    auto_max_gamma: int = 8  # the largest γ the controller proposes
+    tpot_slo_ms: float | None = None  # the controller keeps predicted TPOT under this
+    cost_table: str | None = None  # profile table for the controller's step-cost model (None: fitted online)
 
     @property
     def limits(self) -> BatchLimits:
@@ -64,6 +72,13 @@ class TargetConfig:
 class Chunk:
     msg: Verify
     arrived: float
+    decode_left: int = 0  # decode mode: tokens still to decode (one per tick)
+    decoded: list[int] = field(default_factory=list)  # decode mode: tokens committed so far
+    q: tuple = (None, None)  # the draft q as acceptance rows (q_ids, q_probs), unpacked from the wire
+
+    @property
+    def decoding(self) -> bool:
+        return not self.msg.tokens and self.msg.decode > 0
 
 
 @dataclass
@@ -119,6 +134,7 @@ class TargetServer:
         self.tick_ms = 0.0
         self.last_rows = 0
         self.last_tokens = 0
+        self.controller = make_controller(self.config) if self.config.controller else None
 
     @property
     def initial_credit(self) -> int:
@@ -232,6 +248,12 @@ class TargetServer:
             return [self._error(E.BAD_SEQUENCE, f"seq {seq} does not follow {t.last_seq}", key, seq)]
         if msg.pos != t.pos:
             return [self._error(E.BAD_SEQUENCE, f"pos {msg.pos} != committed length {t.pos}", key, seq)]
+        if msg.decode and msg.tokens:
+            return [self._error(E.BAD_REQUEST, f"decode {msg.decode} with {len(msg.tokens)} draft tokens: a "
+                                "decode-mode chunk carries no draft tokens", key, seq)]
+        if not 0 <= msg.decode <= self.config.max_decode:
+            return [self._error(E.BAD_REQUEST, f"decode must be in [0, {self.config.max_decode}], got "
+                                f"{msg.decode}", key, seq)]
         if len(msg.tokens) > self.config.max_gamma:
             return [self._error(E.GAMMA_TOO_LARGE, f"chunk of {len(msg.tokens)} tokens > max_gamma "
                                 f"{self.config.max_gamma}", key, seq)]
@@ -239,16 +261,20 @@ class TargetServer:
         if bad is not None:
             return [self._error(E.TOKEN_OUT_OF_RANGE, f"tokens holds {bad}, outside [0, {self.info.vocab_size})",
                                 key, seq)]
-        if self.engine.length(s.slot) + len(msg.tokens) + 1 > self.info.max_context:
+        if self.engine.length(s.slot) + max(len(msg.tokens) + 1, msg.decode) > self.info.max_context:
             return [self._error(E.CONTEXT_TOO_LONG, f"chunk of {len(msg.tokens)} at pos {t.pos} overflows "
                                 f"max_context {self.info.max_context}", key, seq)]
+        try:  # the packed q, unpacked once here: a malformed one is answered at once
+            q = q_from_wire(len(msg.tokens), msg.q_ids, msg.q_probs, msg.q_lens)
+        except ProtocolError as exc:
+            return [self._error(exc.code, exc.message, key, seq)]
         if t.finished:
             self.credits += 1
             t.last_seq = seq
             t.last_result = Result(session=key, seq=seq, accepted=0, tokens=[], pos=t.pos, finished=True,
                                    sent_at=msg.sent_at)
             return [t.last_result]
-        s.chunk = Chunk(msg, now)
+        s.chunk = Chunk(msg, now, decode_left=msg.decode if not msg.tokens else 0, q=q)
         self.verify_order.append(key)
         return []
 
@@ -256,6 +282,8 @@ class TargetServer:
         s = self.sessions.pop(key, None)
         if s is None:
             return
+        if self.controller is not None:
+            self.controller.forget(key)
         if s.chunk is not None:  # its answer would go nowhere; the broker forgot it
             self.credits += 1
             self.verify_order.remove(key)
@@ -267,6 +295,8 @@ class TargetServer:
     def reset(self) -> None:
         for key in list(self.sessions):
             self.engine.free(self.sessions.pop(key).slot)
+            if self.controller is not None:
+                self.controller.forget(key)
         self.verify_order.clear()
         self.prefill_order.clear()
         self.waiting_opens.clear()
@@ -317,7 +347,7 @@ class TargetServer:
             chunk, s.chunk = s.chunk, None
             self.verify_order.remove(key)
             tick.verify.append((key, chunk))
-            tick.items.append(s.target.verify_item(chunk.msg.tokens, chunk.msg.q_ids, chunk.msg.q_probs))
+            tick.items.append(s.target.verify_item(chunk.msg.tokens, *chunk.q))
         for key, take in plan.prefill:
             s = self.sessions[key]
             tick.prefill.append((key, take))
@@ -341,6 +371,9 @@ class TargetServer:
         if isinstance(outcomes, Exception):
             return self.fail_tick(tick, outcomes)
         out: list[Message] = []
+        if self.controller is not None and tick.verify:
+            ctx = sum(self.sessions[k].target.pos for k, _ in tick.verify) / len(tick.verify)
+            self.controller.observe_tick(tick.plan.rows, tick.tokens, ctx, verify_ms)
         for (key, chunk), o in zip(tick.verify, outcomes):
             s = self.sessions[key]
             m = chunk.msg
@@ -351,10 +384,21 @@ class TargetServer:
             tokens = t.apply(o, self.eos)
             self.counters["drafted"] += len(m.tokens)
             self.counters["accepted"] += o.accepted
+            if chunk.decoding:
+                chunk.decoded += tokens
+                chunk.decode_left -= 1
+                if chunk.decode_left > 0 and not t.finished:  # stays queued: a 1-token row in the next tick too
+                    s.chunk = chunk
+                    self.verify_order.append(key)
+                    continue
+                tokens = chunk.decoded
+            elif self.controller is not None:
+                self.controller.observe_round(key, o.accepted, len(m.tokens), m.draft_ms, m.path_ms, t.pos)
             t.last_seq = m.seq
             t.last_result = Result(session=key, seq=m.seq, accepted=min(o.accepted, len(tokens)), tokens=tokens,
                                    pos=t.pos, finished=t.finished, sent_at=m.sent_at, verify_ms=round(verify_ms, 3),
-                                   queue_ms=round((tick.started - chunk.arrived) * 1000.0, 3))
+                                   queue_ms=round((tick.started - chunk.arrived) * 1000.0, 3),
+                                   next_gamma=self.next_gamma(key, t.pos))
             self.credits += 1
             out.append(t.last_result)
         for key, take in tick.prefill:
@@ -364,6 +408,13 @@ class TargetServer:
                 self.prefill_order.remove(key)
                 out.append(self.opened(s))
         return out
+
+    def next_gamma(self, key: str, pos: int) -> int:
+        """The controller's γ for this session's next chunk (-1 without a controller)."""
+        if self.controller is None:
+            return -1
+        self.controller.track(key, pos)
+        return self.controller.next_gamma(key)
 
     def fail_tick(self, tick: Tick, exc: Exception) -> list[Message]:
         """The forward failed. EngineError is raised before any cache is touched: the sessions stay as they
@@ -397,7 +448,19 @@ class TargetServer:
                 "drafted": c["drafted"], "accepted": c["accepted"],
                 "mean_batch": round(c["rows"] / c["ticks"], 3) if c["ticks"] else 0.0,
                 "max_batch_rows": c["max_rows"], "waiting_opens": len(self.waiting_opens), "errors": c["errors"],
-                "rows": c["rows"], "mid_tick_chunks": c["mid_tick_chunks"], "near_miss_chunks": c["near_miss_chunks"]}
+                "rows": c["rows"], "mid_tick_chunks": c["mid_tick_chunks"], "near_miss_chunks": c["near_miss_chunks"],
+                **(self.controller.stats() if self.controller is not None else {})}
+
+
+def make_controller(config: TargetConfig) -> GoodputController:
+    """The goodput controller over the configured profile table, or over a cost line fitted from measured ticks."""
+    cost: StepCost | None = None
+    if config.cost_table:
+        from workers.cost_table import load_table
+
+        cost = load_table(config.cost_table)
+    return GoodputController(cost, ControllerConfig(max_gamma=min(config.auto_max_gamma, config.max_gamma),
+                                                   tpot_slo_ms=config.tpot_slo_ms))
 
 
 # ---------------------------------------------------------------------- the loop on a WorkerLink
@@ -434,8 +497,8 @@ async def compute_draining(link: WorkerLink, server: TargetServer, tick: Tick
 
 
 async def serve_target(broker: str, engine: Engine, config: TargetConfig | None = None, *,
-                       stop: asyncio.Event | None = None, heartbeat_interval: float = 1.0, liveness: int = 3,
-                       on_server=None) -> None:
+                       stop: asyncio.Event | None = None, heartbeat_interval: float = HEARTBEAT_INTERVAL_S,
+                       liveness: int = HEARTBEAT_LIVENESS, on_server=None) -> None:
     """Serve until ``stop`` is set; Disconnect on the way out. ``on_server(server)`` sees the state (tests)."""
     config = config or TargetConfig()
     server = TargetServer(engine, config)

@@ -1,14 +1,15 @@
 """The broker: places sessions on targets with the real routing policy (``broker.routing``), nothing else.
 
 Its per-message processing cost is a fixed ``overhead_ms`` added to each hop; the broker is not a bottleneck in
-the model (``benchmarks/broker.py`` measures the real one).
+the model (``benchmarks/broker.py`` measures the real one). Placement sees the same load rows as the real broker
+(``broker.routing.worker_load``: sessions placed plus opens and chunks not answered yet).
 """
 from __future__ import annotations
 
 import random
 from typing import Sequence
 
-from broker.routing import WorkerLoad, make_router
+from broker.routing import make_router, worker_load
 
 
 class Broker:
@@ -17,15 +18,16 @@ class Broker:
         self.router = make_router(router)
         self.rng = rng
         self.overhead_s = overhead_ms / 1000.0
-        self.loads: list[WorkerLoad] = [t.load for t in self.targets]
-        self._by_id = {t.load.id: t for t in self.targets}
         self.placed = 0
 
     def place_session(self):
         """Choose a target for a new session (routing policy) and count the session against it."""
-        row = self.router.place(self.loads, self.rng)
+        targets = self.targets
+        loads = [worker_load(t.name, t.slots, t.sessions, t.outstanding) for t in targets]
+        row = self.router.place(loads, self.rng)
         if row is None:
             return None
-        row.sessions += 1
+        target = targets[loads.index(row)]
+        target.sessions += 1
         self.placed += 1
-        return self._by_id[row.id]
+        return target

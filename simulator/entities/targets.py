@@ -15,7 +15,6 @@ from typing import Any, Callable
 
 import simpy
 
-from broker.routing import WorkerLoad
 from simulator.costs import CostModel
 from simulator.metrics import Metrics
 from workers.batching import BatchLimits, plan_tick, tick_due
@@ -68,7 +67,8 @@ class Target:
         self.metrics = metrics
         self.stats = metrics.worker(name, limits.max_batch_rows, limits.max_batch_tokens)
         self.queue_max = queue_max
-        self.load = WorkerLoad(id=name, capacity=slots)
+        self.sessions = 0  # placed on it by the broker and not finished
+        self.outstanding = 0  # opens and chunks accepted and not answered: the broker's view (broker.routing)
         self.verify_q: deque[Chunk] = deque()
         self.verify_tokens = 0
         self.prefill_q: list[Session] = []
@@ -83,6 +83,7 @@ class Target:
     def open_session(self, sess: Session, opened: simpy.Event) -> None:
         """SESSION_OPEN: take a slot (or wait for one), then prefill; ``opened`` fires with the first token."""
         sess.opened = opened
+        self.outstanding += 1
         if self.active < self.slots:
             self._admit(sess)
         else:
@@ -95,7 +96,7 @@ class Target:
             return False
         self.verify_q.append(Chunk(sess, gamma, self.env.now, done))
         self.verify_tokens += gamma + 1
-        self.load.queued = len(self.verify_q)
+        self.outstanding += 1
         self._poke()
         return True
 
@@ -108,7 +109,7 @@ class Target:
 
     def _release(self, sess: Session) -> None:
         self.active -= 1
-        self.load.sessions -= 1
+        self.sessions -= 1
         if self.admit_q:
             self._admit(self.admit_q.popleft())
 
@@ -162,7 +163,6 @@ class Target:
             tokens += c.gamma + 1
             ctx += c.session.context
         self.verify_tokens -= tokens
-        self.load.queued = len(self.verify_q)
         for s, take in plan.prefill:
             tokens += take
             ctx += s.context
@@ -181,6 +181,7 @@ class Target:
         yield env.timeout(service)
         now = env.now
         m = self.metrics
+        self.outstanding -= len(chunks)
         for c in chunks:
             s = c.session
             k = s.acceptance.draw(c.gamma, s.rng)
@@ -200,6 +201,7 @@ class Target:
                 s.enqueued = now
                 if s.prefill_left <= 0:  # prompt done: the target's first token goes back with SESSION_OPENED
                     s.committed = 1
+                    self.outstanding -= 1
                     deliver(env, s.opened, 1, s.link.delay(RESULT_BYTES, s.rng) + s.delay_s)
                     if s.req.output_tokens <= 1:
                         self._release(s)

@@ -3,7 +3,7 @@
 ``load_engine(model_dir, backend="auto")`` picks our compact Llama (``torch_engine``) for ``model_type == "llama"``
 and the recompute engine (``reference``) for anything else transformers can load. ``backend="cuda"`` is the
 CUDA-graph engine (``cuda_engine``: static per-slot cache, (batch, tokens) buckets; on CPU it runs the same
-static-shape forward without graphs).
+static-shape forward without graphs). What a Neuron engine would need is written down in ``docs/backends.md``.
 """
 from __future__ import annotations
 
@@ -13,14 +13,18 @@ from workers.engine.base import Engine, EngineError, EngineInfo, NoFreeSlot
 from workers.engine.model_dir import read_config
 from workers.engine.tokenizer_id import tokenizer_fingerprint
 
-BACKENDS = ("auto", "llama", "cuda", "reference", "neuron")
+BACKENDS = ("auto", "llama", "cuda", "reference")
 
 __all__ = ["Engine", "EngineError", "EngineInfo", "NoFreeSlot", "load_engine", "tokenizer_fingerprint", "BACKENDS"]
 
 
 def load_engine(model_dir: str | Path, device: str = "cpu", dtype: str = "float32", slots: int = 8,
-                max_context: int | None = None, backend: str = "auto") -> Engine:
-    """Load ``model_dir`` with the named backend; errors are ``EngineError`` with a one-line reason."""
+                max_context: int | None = None, backend: str = "auto", grow: str | dict | None = None) -> Engine:
+    """Load ``model_dir`` with the named backend; errors are ``EngineError`` with a one-line reason.
+
+    ``grow``: a shape name (``grow.SHAPES``, e.g. "llama-3.1-8b") or mapping: the model grown in memory to that
+    shape, computing what ``model_dir``'s model computes at the big shape's cost (``grow.py``; llama and cuda).
+    """
     if backend not in BACKENDS:
         raise EngineError(f"backend {backend!r} unknown (choose from {', '.join(BACKENDS)})")
     _, cfg = read_config(model_dir)
@@ -29,12 +33,13 @@ def load_engine(model_dir: str | Path, device: str = "cpu", dtype: str = "float3
         backend = "llama" if cfg.get("model_type") in SUPPORTED_MODEL_TYPES else "reference"
     if backend == "llama":
         from workers.engine.torch_engine import load_torch_engine
-        return load_torch_engine(model_dir, device=device, dtype=dtype, slots=slots, max_context=max_context)
+        return load_torch_engine(model_dir, device=device, dtype=dtype, slots=slots, max_context=max_context,
+                                 grow=grow)
     if backend == "cuda":
         from workers.engine.cuda_engine import load_cuda_engine
-        return load_cuda_engine(model_dir, device=device, dtype=dtype, slots=slots, max_context=max_context)
-    if backend == "reference":
-        from workers.engine.reference import load_reference_engine
-        return load_reference_engine(model_dir, device=device, dtype=dtype, slots=slots, max_context=max_context)
-    from workers.engine.neuron import load_neuron_engine
-    return load_neuron_engine(model_dir, slots=slots, max_context=max_context, dtype=dtype)
+        return load_cuda_engine(model_dir, device=device, dtype=dtype, slots=slots, max_context=max_context,
+                                grow=grow)
+    if grow is not None:
+        raise EngineError(f"grow needs the llama or cuda backend, not {backend!r}")
+    from workers.engine.reference import load_reference_engine
+    return load_reference_engine(model_dir, device=device, dtype=dtype, slots=slots, max_context=max_context)

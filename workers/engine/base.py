@@ -1,9 +1,9 @@
-"""The engine interface every backend implements (torch CPU/CUDA, Neuron). See protocol/FLOW.md "Token positions".
+"""The engine interface every backend implements (torch CPU/CUDA). See protocol/FLOW.md "Token positions".
 
 Slots hold one session's KV cache each. ``forward`` appends tokens to several slots in ONE forward pass (rows of
 different lengths at different positions) and returns their logits; ``rollback`` is a length change, never a copy.
-Compiled backends (CUDA graphs, Neuron) run fixed (batch, tokens) buckets: ``buckets()`` lists them and the caller
-pads a tick's work up to one; eager backends return ``None`` (any shape).
+Compiled backends (CUDA graphs; a Neuron engine, see docs/backends.md) run fixed (batch, tokens) buckets:
+``buckets()`` lists them and the caller pads a tick's work up to one; eager backends return ``None`` (any shape).
 """
 from __future__ import annotations
 

@@ -1,10 +1,14 @@
-"""Split-KV attention for verify steps (Triton): T draft tokens per row, query heads packed by KV head.
+"""The CUDA engine's attention, three ways: split-KV (Triton) for verify rows, FA2's varlen kernel for prefill
+rows, gather + SDPA where neither runs (CPU, float32, a torch without the flash op).
+
+Split-KV attention for verify steps: T draft tokens per row, query heads packed by KV head.
 
 Why: a verify step has T = gamma + 1 queries per row over that row's slot. FA2 (as torch ships it) takes its fast
 split-KV, GQA-packed kernel only for one-query rows; for T > 1 it runs its plain kernel, B x H blocks that each
 stream the row's keys alone, so every key is read H / Hkv times and a small batch fills few SMs (measured on an
-H200: 40-80 us a layer at B=16 T=5 ctx 512 for 32 MB of KV, ~11 us of bandwidth). The ``token_rows`` trick (one
-one-query row per token) wins only up to B x T ~ 20 because it re-reads the keys once per token.
+H200: 40-80 us a layer at B=16 T=5 ctx 512 for 32 MB of KV, ~11 us of bandwidth). Running each token as its own
+one-query row wins only up to B x T ~ 20 because it re-reads the keys once per token
+(``benchmarks/gpu_attention.py`` measures both).
 
 This kernel does what a verify step needs and nothing else:
 
@@ -17,12 +21,16 @@ This kernel does what a verify step needs and nothing else:
 
 The grid depends only on (B, T, span), so a CUDA graph per bucket captures it. Math in float32, output in the
 activation dtype. ``split_attention`` is checked against SDPA at engine start (``self_check``).
+
+Prefill rows (longer than the largest token bucket) take ``flash_attention``: FA2's varlen kernel, made for long
+queries, reading each row's slot in place. Everything here reads the same cache layout and the same causal rule.
 """
 from __future__ import annotations
 
 from typing import Any, Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 _k: dict[str, Any] = {}
@@ -166,8 +174,6 @@ def split_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, slots: Tensor, 
 
 def reference_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, slots: Tensor, start: Tensor, T: int) -> Tensor:
     """The same attention in plain float32 torch (SDPA per row): what ``split_attention`` is checked against."""
-    import torch.nn.functional as F
-
     BT, H, D = q.shape
     B = BT // T
     G = H // k_cache.shape[2]
@@ -214,3 +220,88 @@ def self_check(H: int, Hkv: int, D: int, dtype: torch.dtype, device: torch.devic
         return None if worst < 2e-2 else f"relative error {worst:.3g}"
     except Exception as exc:  # no triton here, or the kernel does not build on this device
         return f"{type(exc).__name__}: {str(exc)[:300]}"
+
+
+# ----------------------------------------------------------------------------------------------- prefill rows: FA2
+PAGE = 256  # FA2's paged-KV page size (it wants a multiple of 256): the engine rounds its cache columns up to it
+FLASH_LAYOUTS = ("paged", "offsets")  # how the cache is handed to FA2; flash_layout() picks the one this torch runs
+
+
+def flash_meta(slots: Tensor, start: Tensor, T: int, cols: int, n_slots: int, layout: str
+               ) -> tuple[Tensor, Tensor, Tensor]:
+    """``(cu_seqlens_q, page table | key offsets, seqused_k)`` of one step: the same for every layer, so the engine
+    builds them once a step. ``seqused_k[b] = start_b + T``: FA2 aligns the causal mask bottom-right, so query t
+    sees keys ``<= start_b + t``."""
+    B = slots.shape[0]
+    cu_q = torch.arange(0, B * T + 1, T, device=slots.device, dtype=torch.int32)
+    if layout == "paged":
+        pps = cols // PAGE
+        table = slots[:, None] * pps + torch.arange(pps, device=slots.device)[None, :]
+    else:
+        table = torch.cat([slots * cols, slots.new_full((1,), n_slots * cols)])
+    return cu_q, table.to(torch.int32), (start + T).to(torch.int32)
+
+
+def flash_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, T: int, layout: str,
+                    meta: tuple[Tensor, Tensor, Tensor]) -> Tensor:
+    """Causal attention of q ``[B*T, H, D]`` over each row's own slot of the cache ``[slots, cols, Hkv, D]``, read
+    in place by FA2's varlen kernel (GQA native). ``layout="paged"``: the cache is a pool of 256-token pages and
+    row b's page table is its slot's pages (torch >= 2.13 takes a ``block_table``). ``layout="offsets"``: the
+    cache is one flat key sequence and row b's keys start at ``slot_b * cols`` (``cu_seqlens_k`` as offsets, the
+    lengths from ``seqused_k``; what torch 2.11 runs). ``meta``: ``flash_meta(...)`` of the step."""
+    n_slots, cols, Hkv, D = k_cache.shape
+    cu_q, table, seqused = meta
+    if layout == "paged":
+        pps = cols // PAGE
+        return torch.ops.aten._flash_attention_forward(
+            q, k_cache.view(n_slots * pps, PAGE, Hkv, D), v_cache.view(n_slots * pps, PAGE, Hkv, D), cu_q, cu_q, T,
+            cols, 0.0, True, False, seqused_k=seqused, block_table=table)[0]
+    return torch.ops.aten._flash_attention_forward(
+        q, k_cache.view(n_slots * cols, Hkv, D), v_cache.view(n_slots * cols, Hkv, D), cu_q, table, T, cols, 0.0,
+        True, False, seqused_k=seqused)[0]
+
+
+def flash_layout(head_dim: int, dtype: torch.dtype, device: torch.device) -> tuple[str | None, str]:
+    """``(layout, "")`` for the first of ``FLASH_LAYOUTS`` that this torch build runs and that agrees with the
+    float32 reference on random data, else ``(None, why not)``."""
+    g = torch.Generator(device=device).manual_seed(0)
+    B, T, H, Hkv, cols = 3, 4, 8, 2, 2 * PAGE
+    q = torch.randn((B * T, H, head_dim), generator=g, device=device).to(dtype)
+    k, v = (torch.randn((B + 1, cols, Hkv, head_dim), generator=g, device=device).to(dtype) for _ in range(2))
+    slots = torch.tensor([2, 0, 3], device=device)
+    start = torch.tensor([0, 300, 17], device=device)
+    ref = reference_attention(q, k, v, slots, start, T)
+    why = []
+    for layout in FLASH_LAYOUTS:
+        try:
+            out = flash_attention(q, k, v, T, layout, flash_meta(slots, start, T, cols, B + 1, layout))
+            err = float((out.float() - ref).norm() / ref.norm())
+            if err < 2e-2:
+                return layout, ""
+            why.append(f"{layout}: relative error {err:.3g}")
+        except Exception as exc:  # the op is missing or rejects these arguments in this build
+            why.append(f"{layout}: {type(exc).__name__}: {str(exc)[:300]}")
+    return None, "; ".join(why)
+
+
+# ----------------------------------------------------------------------------------------------- portable: SDPA
+def gather_mask(positions: Tensor, span: int, group: int) -> Tensor:
+    """``[B, 1, group*T, span]`` mask for ``sdpa_gather_attention``: key j is seen by token t of row b iff
+    ``j <= positions[b, t]``; row ``g*T + t`` of the grouped queries is token t."""
+    mask = torch.arange(span, device=positions.device)[None, None, None, :] <= positions[:, None, :, None]
+    return mask.repeat(1, 1, group, 1)
+
+
+def sdpa_gather_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, slots: Tensor, mask: Tensor, T: int
+                          ) -> Tensor:
+    """The portable attention (CPU, float32, no flash op): gather each row's first ``span`` cache columns and run
+    SDPA with the position mask (``gather_mask``). Query heads are grouped by KV head, so K/V are not expanded."""
+    BT, H, D = q.shape
+    B, span = slots.shape[0], mask.shape[-1]
+    Hkv = k_cache.shape[2]
+    G = H // Hkv
+    keys = k_cache[:, :span].index_select(0, slots).transpose(1, 2)  # [B, Hkv, S, D]
+    values = v_cache[:, :span].index_select(0, slots).transpose(1, 2)
+    qg = q.view(B, T, Hkv, G, D).permute(0, 2, 3, 1, 4).reshape(B, Hkv, G * T, D)
+    y = F.scaled_dot_product_attention(qg, keys, values, attn_mask=mask)  # [B, Hkv, G*T, D]
+    return y.view(B, Hkv, G, T, D).permute(0, 3, 1, 2, 4).reshape(BT, H, D)

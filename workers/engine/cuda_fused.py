@@ -7,11 +7,12 @@ when replayed from a CUDA graph. Three kernels replace most of them:
 * ``add_rms_norm(x, r, w)``: the residual add and the next RMSNorm in one pass (``x + r`` and ``norm(x + r) * w``);
 * ``silu_mul(gu)``: ``silu(gate) * up`` straight from the fused w1|w3 projection output;
 * ``rope_kv(qkv, ...)``: rotary embedding of q and k, the K/V cache writes at ``(slot, min(start + t, cols-1))``
-  and a contiguous q for flash attention, from the fused wqkv projection output (replaces ~7 kernels).
+  and a contiguous q for the attention, from the fused wqkv projection output (replaces ~7 kernels).
 
-Math in float32, one rounding to the activation dtype at the end (the unfused path rounds after every op; both
-are within bf16 error of the float32 reference). The row count is a runtime argument: one compile per dtype and
-width, reused by every (batch, tokens) bucket. Opt-in through ``CudaGraphEngine(fuse=...)``.
+Math in float32, one rounding to the activation dtype at the end (the portable torch glue rounds after every op;
+both are within bf16 error of the float32 reference). The row count is a runtime argument: one compile per dtype
+and width, reused by every (batch, tokens) bucket. The engine's fused path (``cuda_engine.FusedOps``) runs them
+once ``self_check`` passes at engine start.
 """
 from __future__ import annotations
 

@@ -1,8 +1,8 @@
 """A compact Llama forward with a static per-slot KV cache (gpt-fast style), loading HF-format weights.
 
 Read top to bottom: ``ModelArgs`` (from an HF ``config.json``), the rotary helpers (incl. Llama-3 scaling),
-``KVCache``, ``Transformer`` -> ``TransformerBlock`` -> ``Attention`` / ``FeedForward`` / ``RMSNorm``, then
-``load_weights``.
+``KVCache``, ``Transformer`` -> ``TransformerBlock`` -> ``Attention`` / ``FeedForward`` / ``RMSNorm``, the
+static-shape forward (``static_forward``), then ``load_weights``.
 
 One forward runs a batch of rows that belong to different slots, at different positions, with different numbers
 of new tokens. transformers' ``cache_position`` is one vector for the whole batch, so we do our own bookkeeping:
@@ -16,10 +16,10 @@ of new tokens. transformers' ``cache_position`` is one vector for the whole batc
 
 Rollback is therefore a length change held by the engine; nothing here is copied back.
 
-CUDA note: this eager path has data-dependent shapes (``T``, ``L``, the number of valid pairs). The CUDA-graph
-path (later) keeps the same math but fixes shapes per (batch, tokens) bucket: it pads the batch with a dummy slot,
-writes padding into a scratch position past ``max_context`` (the cache gets one spare column) instead of
-filtering, and attends over the full ``max_context`` (or a few context buckets) so that ``L`` is static.
+This eager path has data-dependent shapes (``T``, ``L``, the number of valid pairs); CUDA graphs need fixed ones.
+``static_forward`` is the same math with every shape fixed by (batch, tokens): its caller (``cuda_engine``) owns
+the cache, pads the batch with dummy rows pointing at a padding slot, lets padding tokens write past their row's
+length (harmless, like entries left by a rollback) and brings the glue and the attention as ``ops``.
 """
 from __future__ import annotations
 
@@ -27,7 +27,7 @@ import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Protocol, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -279,6 +279,51 @@ class Transformer(nn.Module):
         return self.output(self.norm(x))
 
 
+# ----------------------------------------------------------------------------------------------- static forward
+class StaticOps(Protocol):
+    """One step's glue for ``static_forward``, built per step with the rows' slots and start positions; its
+    methods run once per layer. The CUDA engine has two: plain torch with gather + SDPA attention, and Triton
+    kernels (``cuda_engine.PortableOps`` / ``cuda_engine.FusedOps``)."""
+
+    def add_rms_norm(self, x: Tensor, r: Tensor | None, norm: RMSNorm) -> tuple[Tensor, Tensor]:
+        """``(x + r, norm(x + r))``; ``r=None``: ``(x, norm(x))``."""
+        ...
+
+    def rope_kv(self, qkv: Tensor, k_cache: Tensor, v_cache: Tensor) -> Tensor:
+        """Rotate q and k of ``qkv [B*T, (H + 2*Hkv) * D]``, write k and v into the layer's cache at each token's
+        position; return q ``[B*T, H, D]``."""
+        ...
+
+    def attention(self, q: Tensor, k_cache: Tensor, v_cache: Tensor) -> Tensor:
+        """Causal attention of q ``[B*T, H, D]`` over each row's slot (the tokens just written included)."""
+        ...
+
+    def silu_mul(self, gu: Tensor) -> Tensor:
+        """``silu(gate) * up`` from the fused w13 output ``[..., gate | up]``."""
+        ...
+
+
+def static_forward(model: Transformer, caches: Sequence[tuple[Tensor, Tensor]], tokens: Tensor, ops: StaticOps
+                   ) -> Tensor:
+    """Logits ``[B*T, vocab]`` for tokens ``[B, T]``: ``Transformer.forward``'s math with every shape fixed by
+    (B, T), so that a CUDA graph can capture it. The caller owns the caches (one ``(k, v)`` per layer, written and
+    read through ``ops``) and drops the logits of its padding tokens. Each residual add is fused into the norm
+    that follows it (``ops.add_rms_norm``)."""
+    B, T = tokens.shape
+    H, D = model.args.n_head, model.args.head_dim
+    layers = list(model.layers)
+    next_norms = [layer.attention_norm for layer in layers[1:]] + [model.norm]
+    x = model.tok_embeddings(tokens).view(B * T, -1)
+    _, h = ops.add_rms_norm(x, None, layers[0].attention_norm)
+    for layer, next_norm, (k_cache, v_cache) in zip(layers, next_norms, caches):
+        a, f = layer.attention, layer.feed_forward
+        q = ops.rope_kv(a.wqkv(h), k_cache, v_cache)
+        y = ops.attention(q, k_cache, v_cache).reshape(B * T, H * D)
+        x, h = ops.add_rms_norm(x, a.wo(y), layer.ffn_norm)
+        x, h = ops.add_rms_norm(x, f.w2(ops.silu_mul(f.w13(h))), next_norm)
+    return model.output(h)
+
+
 # ----------------------------------------------------------------------------------------------- weights
 def weight_files(model_dir: Path) -> list[Path]:
     """The safetensors files of an HF model directory (single file or sharded index)."""
@@ -296,6 +341,25 @@ def weight_files(model_dir: Path) -> list[Path]:
             raise FileNotFoundError(f"{model_dir}: weight shard(s) missing: {', '.join(missing)}")
         return [model_dir / s for s in shards]
     raise FileNotFoundError(f"{model_dir}: no weights (expected model.safetensors or model.safetensors.index.json)")
+
+
+def layer_from_hf(take: Callable[[str], Tensor], i: int, args: ModelArgs) -> dict[str, Tensor]:
+    """Layer ``i`` in our fused layout (keys relative to ``layers.{i}.``) from ``take(HF name)``: shared by the
+    file loader and in-memory growth (``grow.py``)."""
+    p = f"model.layers.{i}."
+    ours = {"attention.wqkv.weight": torch.cat([take(p + f"self_attn.{x}_proj.weight") for x in "qkv"]),
+            "attention.wo.weight": take(p + "self_attn.o_proj.weight")}
+    if args.attention_bias:
+        ours["attention.wqkv.bias"] = torch.cat([take(p + f"self_attn.{x}_proj.bias") for x in "qkv"])
+        ours["attention.wo.bias"] = take(p + "self_attn.o_proj.bias")
+    ours["feed_forward.w13.weight"] = torch.cat([take(p + "mlp.gate_proj.weight"), take(p + "mlp.up_proj.weight")])
+    ours["feed_forward.w2.weight"] = take(p + "mlp.down_proj.weight")
+    if args.mlp_bias:
+        ours["feed_forward.w13.bias"] = torch.cat([take(p + "mlp.gate_proj.bias"), take(p + "mlp.up_proj.bias")])
+        ours["feed_forward.w2.bias"] = take(p + "mlp.down_proj.bias")
+    ours["attention_norm.weight"] = take(p + "input_layernorm.weight")
+    ours["ffn_norm.weight"] = take(p + "post_attention_layernorm.weight")
+    return ours
 
 
 def load_weights(model: Transformer, model_dir: Path) -> None:
@@ -328,21 +392,7 @@ def load_weights(model: Transformer, model_dir: Path) -> None:
     else:
         ours["output.weight"] = take("lm_head.weight")
     for i in range(args.n_layer):
-        p, o = f"model.layers.{i}.", f"layers.{i}."
-        ours[o + "attention.wqkv.weight"] = torch.cat([take(p + f"self_attn.{x}_proj.weight") for x in "qkv"])
-        ours[o + "attention.wo.weight"] = take(p + "self_attn.o_proj.weight")
-        if args.attention_bias:
-            ours[o + "attention.wqkv.bias"] = torch.cat([take(p + f"self_attn.{x}_proj.bias") for x in "qkv"])
-            ours[o + "attention.wo.bias"] = take(p + "self_attn.o_proj.bias")
-        ours[o + "feed_forward.w13.weight"] = torch.cat([take(p + "mlp.gate_proj.weight"),
-                                                         take(p + "mlp.up_proj.weight")])
-        ours[o + "feed_forward.w2.weight"] = take(p + "mlp.down_proj.weight")
-        if args.mlp_bias:
-            ours[o + "feed_forward.w13.bias"] = torch.cat([take(p + "mlp.gate_proj.bias"),
-                                                           take(p + "mlp.up_proj.bias")])
-            ours[o + "feed_forward.w2.bias"] = take(p + "mlp.down_proj.bias")
-        ours[o + "attention_norm.weight"] = take(p + "input_layernorm.weight")
-        ours[o + "ffn_norm.weight"] = take(p + "post_attention_layernorm.weight")
+        ours.update((f"layers.{i}.{k}", t) for k, t in layer_from_hf(take, i, args).items())
     leftover = [k for k in hf if not k.endswith("rotary_emb.inv_freq")]
     if leftover:
         raise ValueError(f"{model_dir}: unexpected tensors for a Llama model: {', '.join(sorted(leftover)[:5])}")

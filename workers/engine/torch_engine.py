@@ -49,9 +49,10 @@ class TorchEngine(SlotTableEngine):
 
 
 def load_llama(model_dir: str | Path, device: str, dtype: str, slots: int, max_context: int | None,
-               backend: str = "llama") -> tuple[Transformer, EngineInfo]:
+               backend: str = "llama", grow: str | dict | None = None) -> tuple[Transformer, EngineInfo]:
     """Read, check and load a Llama HF directory onto ``device`` (no caches yet); shared by the torch and CUDA
-    backends so that both refuse the same bad input with the same one-line errors."""
+    backends so that both refuse the same bad input with the same one-line errors. ``grow``: a shape name or
+    mapping (``grow.py``): the model grown to it in memory, computing what the directory's model computes."""
     path, cfg = read_config(model_dir)
     model_type = cfg.get("model_type")
     if model_type not in SUPPORTED_MODEL_TYPES:
@@ -67,28 +68,36 @@ def load_llama(model_dir: str | Path, device: str, dtype: str, slots: int, max_c
     ctx = max_context if max_context is not None else min(args.max_position_embeddings, DEFAULT_MAX_CONTEXT)
     if not isinstance(ctx, int) or ctx < 1:
         raise EngineError(f"max_context must be a positive integer, got {max_context!r}")
-    with torch.device("meta"):
-        model = Transformer(args)
-    try:
-        load_weights(model, path)
-    except (FileNotFoundError, ValueError) as exc:
-        raise EngineError(str(exc)) from exc
-    model = model.to(device=dev, dtype=dt).eval()
+    model_id = path.resolve().name
+    if grow is not None:
+        from workers.engine.grow import grow_model
+
+        model, report = grow_model(path, grow, dev, dt)
+        model_id = f"{model_id}@{report.shape}"
+    else:
+        with torch.device("meta"):
+            model = Transformer(args)
+        try:
+            load_weights(model, path)
+        except (FileNotFoundError, ValueError) as exc:
+            raise EngineError(str(exc)) from exc
+        model = model.to(device=dev, dtype=dt).eval()
     eos = eos_token_ids(path, cfg)
-    info = EngineInfo(model_id=path.resolve().name, vocab_size=args.vocab_size, max_context=ctx, num_slots=slots,
+    info = EngineInfo(model_id=model_id, vocab_size=args.vocab_size, max_context=ctx, num_slots=slots,
                       eos_token_id=eos[0] if eos else None, dtype=dtype_name(dt), device=str(dev),
                       tokenizer_fingerprint=tokenizer_fingerprint(path), eos_token_ids=eos)
     return model, info
 
 
 def load_torch_engine(model_dir: str | Path, device: str = "cpu", dtype: str = "float32", slots: int = 8,
-                      max_context: int | None = None, packed: bool | None = None) -> TorchEngine:
+                      max_context: int | None = None, packed: bool | None = None,
+                      grow: str | dict | None = None) -> TorchEngine:
     """Load a Llama-family HF directory (config.json + safetensors) into a ``TorchEngine``.
 
     ``packed``: pre-pack the linears for oneDNN (``cpu_packed``); default on for float32 on CPU, where it makes a
-    verify of several tokens cost about what one decode step costs.
+    verify of several tokens cost about what one decode step costs. ``grow``: see ``load_llama``.
     """
-    model, info = load_llama(model_dir, device, dtype, slots, max_context)
+    model, info = load_llama(model_dir, device, dtype, slots, max_context, grow=grow)
     model.setup_caches(slots, info.max_context)
     if packed is None:
         packed = info.device == "cpu" and model.tok_embeddings.weight.dtype == torch.float32

@@ -1,0 +1,145 @@
+"""Sampling at the speed of greedy: one session's round cost, greedy vs temperature > 0, at the same γ.
+
+``specmq broker`` + ``specmq target`` run as subprocesses; the drafter (``workers.draft_worker``) runs in this
+process with one session at a time over held-out prompts (``benchmarks.e2e.heldout_prompts``). The two modes
+alternate ``--repeats`` times so that load drift on a shared machine hits both alike. Per mode, over the rounds
+drafted at the full γ (the last round of a prompt may be shorter): ``draft_ms`` (the draft forwards and sampling),
+``verify_ms`` (the target's tick: forward and acceptance), ``network_ms`` (round trip minus verify: encode, link,
+broker, decode, drafter loop) and their sum ``round_ms``. The goal: a sampled round costs at most ``--goal`` times a
+greedy one (``ratio``). At temperature > 0 without top-k/top-p, each draft token carries a full-vocabulary q.
+
+    specmq bench sampling
+    specmq bench sampling --temperature 0.8 --top-p 0.95 --repeats 3 --json
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import platform
+import statistics
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from benchmarks import BenchmarkError, print_json
+
+HELP = "per-round draft / verify / network ms of one session, greedy vs sampled, at the same gamma"
+DESCRIPTION = __doc__.split("\n\n")[0]
+EXAMPLE = "specmq bench sampling --repeats 2 --json"
+PARTS = ("draft_ms", "verify_ms", "network_ms", "round_ms")
+
+
+def run_mode(frontend: str, prompts: list[str], args: argparse.Namespace, temperature: float) -> dict[str, Any]:
+    """One pass over the prompts, one session at a time; returns the per-round rows at full γ and the totals."""
+    from benchmarks.e2e import DRAFT
+    from workers.draft_worker import DraftConfig, DraftWorker
+
+    sampled = temperature > 0
+    cfg = DraftConfig(broker=frontend, model=DRAFT, max_new_tokens=args.max_new_tokens, gamma=args.gamma,
+                      max_gamma=max(8, args.gamma), concurrency=1, threads=args.threads, timeout=30.0,
+                      temperature=temperature, top_p=args.top_p if sampled else 1.0,
+                      top_k=args.top_k if sampled else 0, seed=args.seed)
+    worker = DraftWorker(cfg)
+    t0 = time.perf_counter()
+    results = asyncio.run(worker.run(prompts))
+    wall = time.perf_counter() - t0
+    failed = [r for r in results if r.error]
+    if failed:
+        raise BenchmarkError(f"{len(failed)} of {len(results)} prompts failed; first: {failed[0].error}")
+    rows = [{"draft_ms": r.draft_ms, "verify_ms": r.verify_ms, "network_ms": r.network_ms,
+             "round_ms": r.draft_ms + r.network_ms + r.verify_ms} for r in worker.rows if r.gamma == args.gamma]
+    return {"rows": rows, "tokens": sum(r.new_tokens for r in results), "wall_s": wall,
+            "drafted": sum(r.drafted for r in results), "accepted": sum(r.accepted for r in results)}
+
+
+def summarise(mode: str, passes: list[dict[str, Any]], gamma: int) -> dict[str, Any]:
+    rows = [r for p in passes for r in p["rows"]]
+    if not rows:
+        raise BenchmarkError(f"{mode}: no round at gamma {gamma} (raise --max-new-tokens)")
+    tokens, wall = sum(p["tokens"] for p in passes), sum(p["wall_s"] for p in passes)
+    drafted, accepted = sum(p["drafted"] for p in passes), sum(p["accepted"] for p in passes)
+    out: dict[str, Any] = {"mode": mode, "gamma": gamma, "rounds": len(rows), "tok_s": round(tokens / wall, 2),
+                           "acceptance": round(accepted / drafted, 3) if drafted else None}
+    for part in PARTS:
+        out[part] = round(statistics.fmean(r[part] for r in rows), 3)
+    out["round_ms_median"] = round(statistics.median(r["round_ms"] for r in rows), 3)
+    return out
+
+
+def compare(greedy: dict[str, Any], sampled: dict[str, Any], goal: float) -> dict[str, Any]:
+    """Sampled over greedy, per part and for the whole round; ``ok`` says the round ratio meets ``goal``."""
+    out: dict[str, Any] = {"mode": "ratio"}
+    for part in PARTS + ("round_ms_median",):
+        out[part] = round(sampled[part] / greedy[part], 3) if greedy[part] > 0 else None
+    out["goal"] = goal
+    out["ok"] = out["round_ms"] is not None and out["round_ms"] <= goal
+    return out
+
+
+COLUMNS = ("mode", "rounds", "tok_s", "acceptance", "draft_ms", "verify_ms", "network_ms", "round_ms",
+           "round_ms_median")
+
+
+def print_rows(rows: list[dict[str, Any]]) -> None:
+    widths = [max(len(c), 9) for c in COLUMNS]
+    print("  ".join(c.rjust(w) for c, w in zip(COLUMNS, widths)))
+    for r in rows:
+        print("  ".join(("-" if r.get(c) is None else str(r[c])).rjust(w) for c, w in zip(COLUMNS, widths)),
+              flush=True)
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+
+    from benchmarks.e2e import Services, heldout_prompts
+
+    if args.gamma < 1 or args.max_new_tokens <= args.gamma or args.prompts < 1 or args.repeats < 1:
+        raise BenchmarkError("need --gamma >= 1, --max-new-tokens > gamma, --prompts >= 1 and --repeats >= 1")
+    if not args.temperature > 0:
+        raise BenchmarkError(f"--temperature must be > 0 (the sampled mode), got {args.temperature}")
+    torch.set_num_threads(args.threads)
+    prompts = heldout_prompts(args.prompts)
+    svc = Services(args.threads, 4, Path(tempfile.mkdtemp(prefix="specmq-sampling-")), fused=False)
+    passes: dict[str, list[dict[str, Any]]] = {"greedy": [], "sampled": []}
+    try:
+        svc.wait_ready()
+        for temp in (0.0, args.temperature):  # warm-up: model load, first ticks, both code paths
+            run_mode(svc.frontend, prompts[:1], argparse.Namespace(**{**vars(args), "max_new_tokens": 16}), temp)
+        for _ in range(args.repeats):
+            passes["greedy"].append(run_mode(svc.frontend, prompts, args, 0.0))
+            passes["sampled"].append(run_mode(svc.frontend, prompts, args, args.temperature))
+    finally:
+        svc.close()
+    greedy, sampled = summarise("greedy", passes["greedy"], args.gamma), summarise("sampled", passes["sampled"],
+                                                                                     args.gamma)
+    ratio = compare(greedy, sampled, args.goal)
+    setup = {"machine": f"{platform.machine()} {platform.processor() or ''}".strip(), "cpus": os.cpu_count(),
+             "torch_threads": args.threads, "gamma": args.gamma, "max_new_tokens": args.max_new_tokens,
+             "prompts": args.prompts, "repeats": args.repeats, "temperature": args.temperature,
+             "top_p": args.top_p, "top_k": args.top_k}
+    if args.json:
+        for row in (greedy, sampled, ratio):
+            print_json(row)
+        print_json({"setup": setup})
+    else:
+        print_rows([greedy, sampled, ratio])
+        verdict = "meets" if ratio["ok"] else "misses"
+        print(f"sampled round / greedy round = {ratio['round_ms']} ({verdict} the goal <= {args.goal}); "
+              f"machine: {setup['machine']}, {setup['cpus']} CPUs, {args.threads} torch thread(s) per process")
+    return 0 if ratio["ok"] or not args.check else 1
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--gamma", type=int, default=4, help="draft tokens per round, both modes (default: 4)")
+    p.add_argument("--max-new-tokens", type=int, default=64, help="tokens per prompt (default: 64)")
+    p.add_argument("--prompts", type=int, default=10, help="held-out prompts, one session at a time (default: 10)")
+    p.add_argument("--temperature", type=float, default=0.8, help="the sampled mode's temperature (default: 0.8)")
+    p.add_argument("--top-p", type=float, default=1.0, help="the sampled mode's top-p (default: 1, off)")
+    p.add_argument("--top-k", type=int, default=0, help="the sampled mode's top-k (default: 0, off)")
+    p.add_argument("--seed", type=int, default=0, help="base seed of the sampled mode (default: 0)")
+    p.add_argument("--repeats", type=int, default=2, help="greedy/sampled passes, alternating (default: 2)")
+    p.add_argument("--threads", type=int, default=1, help="torch threads per process (default: 1)")
+    p.add_argument("--goal", type=float, default=1.15, help="largest sampled/greedy round ratio (default: 1.15)")
+    p.add_argument("--check", action="store_true", help="exit 1 when the round ratio misses --goal")

@@ -1,0 +1,199 @@
+"""The goodput controller: speculation while the verify step is memory-bound and drafts are cheap, decode mode when
+the step turns compute-bound or drafting costs more than it gains, TPOT SLOs respected; and decode mode (γ = 0) on
+the target worker gives target-only output."""
+from __future__ import annotations
+
+import pytest
+
+from protocol import errors as E
+from protocol.messages import Result, SessionOpen, SessionOpened, Verify
+from tests.model_fixtures import tiny_pair  # noqa: F401  (fixture)
+from workers.adaptive_gamma import expected_tokens
+from workers.engine import load_engine
+from workers.goodput import (FUSED, ControllerConfig, GoodputController, OnlineStepCost, SessionCosts, choose_plan,
+                             evaluate_plan)
+from workers.sampling import SamplingParams
+from workers.speculation import autoregressive_generate
+from workers.target_worker import TargetConfig, TargetServer
+from workers.tokenizer_text import encode, load_tokenizer
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
+class Roofline:
+    """A step that reads ``weights_ms`` of weights and computes ``per_token_ms`` per token beyond ``knee`` tokens:
+    memory-bound below the knee (extra tokens are free), compute-bound above it."""
+
+    def __init__(self, weights_ms: float = 5.0, knee: int = 64, per_token_ms: float = 0.08) -> None:
+        self.weights_ms, self.knee, self.per_token_ms = weights_ms, knee, per_token_ms
+
+    def verify_ms(self, batch: int, tokens: int, context: float) -> float:
+        return max(self.weights_ms, tokens * self.per_token_ms) + 0.001 * batch * context / 64
+
+
+def sessions(n: int, alpha: float, draft_ms: float = 0.5, path_ms: float = 0.5) -> list[SessionCosts]:
+    return [SessionCosts(alpha, draft_ms, path_ms, 512) for _ in range(n)]
+
+
+def test_speculates_while_memory_bound_and_decodes_once_compute_bound():
+    cost, cfg = Roofline(), ControllerConfig(max_gamma=8)
+    few = choose_plan(cost, sessions(2, 0.8), cfg)
+    assert min(few.gammas) >= 2  # 2 rows x (γ+1) tokens stay under the knee: drafts are nearly free
+    many = choose_plan(cost, sessions(256, 0.8), cfg)
+    assert set(many.gammas) == {0}  # 256 rows are past the knee already: every draft token costs compute
+    # the choice is the best of the uniform plans by the controller's own model, and beats decoding
+    for plan, n in ((few, 2), (many, 256)):
+        decode = evaluate_plan(cost, sessions(n, 0.8), [0] * n)
+        assert plan.goodput_tok_s >= decode.goodput_tok_s
+
+
+def test_same_acceptance_different_batch_different_choice():
+    """Acceptance alone is the wrong signal: α is the same, the best γ is not."""
+    cost, cfg = Roofline(knee=48), ControllerConfig(max_gamma=8)
+    gammas = [choose_plan(cost, sessions(n, 0.7), cfg).gammas[0] for n in (1, 8, 32, 128)]
+    assert gammas[0] > gammas[-1] and gammas == sorted(gammas, reverse=True)
+
+
+def test_expensive_drafts_and_low_acceptance_choose_decode():
+    cost, cfg = Roofline(), ControllerConfig(max_gamma=8)
+    assert set(choose_plan(cost, sessions(1, 0.3, draft_ms=4.0, path_ms=3.0), cfg).gammas) == {0}
+    assert min(choose_plan(cost, sessions(1, 0.9, draft_ms=0.2, path_ms=0.2), cfg).gammas) >= 4
+
+
+def test_tpot_slo_is_kept_when_a_plan_can_keep_it():
+    cost = Roofline(weights_ms=5.0)
+    ss = sessions(4, 0.6, draft_ms=2.0, path_ms=10.0)  # a slow link: speculation has long rounds
+    free = choose_plan(cost, ss, ControllerConfig(max_gamma=8))
+    slo = choose_plan(cost, ss, ControllerConfig(max_gamma=8, tpot_slo_ms=6.0))
+    assert slo.worst_tpot_ms <= 6.0
+    assert free.worst_tpot_ms >= slo.worst_tpot_ms
+
+
+def test_mixed_acceptance_groups_get_their_own_gamma():
+    cost, cfg = Roofline(weights_ms=5.0, knee=40), ControllerConfig(max_gamma=8)
+    ss = sessions(8, 0.95, draft_ms=0.3) + sessions(8, 0.05, draft_ms=0.3)
+    plan = choose_plan(cost, ss, cfg)
+    assert min(plan.gammas[:8]) > max(plan.gammas[8:])
+
+
+def test_fused_mode_charges_drafting_on_the_same_device():
+    cost = Roofline(weights_ms=5.0)
+    ss = sessions(4, 0.7)
+    cheap = choose_plan(cost, ss, ControllerConfig(mode=FUSED), draft_step_ms=0.3)
+    dear = choose_plan(cost, ss, ControllerConfig(mode=FUSED), draft_step_ms=6.0)
+    assert max(cheap.gammas) > max(dear.gammas)
+    # a round of γ costs τ + γ draft steps and commits E(α, γ) per row
+    g = cheap.gammas[0]
+    assert cheap.goodput_tok_s == pytest.approx(4 * expected_tokens(0.7, g) / (cheap.tick_ms + g * 0.3) * 1000)
+
+
+def test_online_cost_fits_a_line_and_never_decreases():
+    c = OnlineStepCost()
+    assert c.verify_ms(1, 1, 0) == 1.0  # nothing seen yet: a neutral guess
+    for tokens in (8, 16, 32, 64, 128) * 4:
+        c.observe(8, tokens, 100, 2.0 + 0.05 * tokens)
+    assert c.verify_ms(8, 100, 100) == pytest.approx(7.0, rel=0.02)
+    assert c.verify_ms(8, 200, 100) > c.verify_ms(8, 100, 100)
+
+
+def test_controller_tracks_sessions_and_corrects_the_table():
+    ctl = GoodputController(Roofline(weights_ms=5.0), ControllerConfig(max_gamma=6, replan_ms=0.0))
+    for i in range(4):
+        ctl.observe_round(f"s{i}", accepted=4, drafted=4, draft_ms=1.0, path_ms=0.5, context=300)
+    assert all(ctl.next_gamma(f"s{i}") >= 2 for i in range(4))
+    for _ in range(30):  # the device is 3x slower than the table said
+        ctl.observe_tick(4, 20, 300, 15.0)
+    assert ctl.correction == pytest.approx(3.0, rel=0.05)
+    ctl.forget("s0")
+    assert "s0" not in ctl.sessions and ctl.stats()["plan_sessions"] in (3, 4)
+    with pytest.raises(ValueError):
+        ControllerConfig(max_gamma=0)
+
+
+# ---------------------------------------------------------------------- decode mode on the target worker
+def _ticks(server: TargetServer) -> list:
+    out = []
+    while server.oldest() is not None:
+        tick = server.take_tick()
+        out += server.finish(tick, server.compute(tick), 1.0)
+    return out
+
+
+def test_decode_mode_equals_target_only_and_is_checked(tiny_pair):
+    tok = load_tokenizer(tiny_pair.target)
+    prompt = encode(tok, "def parse_args(argv):")
+    engine = load_engine(tiny_pair.target, slots=2, max_context=128)
+    ref = autoregressive_generate(load_engine(tiny_pair.target, slots=1, max_context=128), prompt, 20,
+                                  SamplingParams()).tokens
+    server = TargetServer(engine, TargetConfig(max_decode=16))
+    server.handle(SessionOpen(session="a", prompt_ids=prompt, max_new_tokens=20))
+    (opened,) = _ticks(server)
+    assert isinstance(opened, SessionOpened)
+    pos = len(prompt)
+
+    def code(msg):
+        (reply,) = server.handle(msg)
+        return reply.code
+
+    assert code(Verify(session="a", seq=0, pos=pos, tokens=[1], decode=4)) == E.BAD_REQUEST
+    assert code(Verify(session="a", seq=0, pos=pos, tokens=[], decode=17)) == E.BAD_REQUEST
+    out, seq, ticks = [], 0, 0
+    while True:
+        assert server.handle(Verify(session="a", seq=seq, pos=pos, tokens=[], decode=6)) == []
+        t0 = server.counters["ticks"]
+        replies = _ticks(server)
+        ticks += server.counters["ticks"] - t0
+        (res,) = replies
+        assert isinstance(res, Result) and res.accepted == 0 and res.next_gamma >= 0
+        out += res.tokens
+        pos, seq = res.pos, seq + 1
+        if res.finished:
+            break
+        assert len(res.tokens) == 6  # one token per tick, answered once
+        assert server.handle(Verify(session="a", seq=seq - 1, pos=pos, tokens=[], decode=6)) == [res]  # resend
+    assert out == ref  # decode mode is target-only decoding
+    assert ticks == len(ref)
+
+
+# ---------------------------------------------------------------------- the fused worker under the controller
+class FlatDraft:
+    def __init__(self, ms: float) -> None:
+        self.ms = ms
+
+    def verify_ms(self, batch: int, tokens: int, context: float) -> float:
+        return self.ms
+
+
+@pytest.mark.parametrize("draft_step_ms, decodes", [(0.05, False), (50.0, True)])
+def test_fused_goodput_policy_is_lossless_and_follows_the_draft_cost(tiny_pair, draft_step_ms, decodes):
+    from workers.goodput import GoodputGammaPolicy
+    from workers.speculation import speculative_generate_many
+
+    tok = load_tokenizer(tiny_pair.target)
+    prompts = [encode(tok, t) for t in ("def main():", "import sys\nimport os", "class Queue:")]
+    target = load_engine(tiny_pair.target, slots=3, max_context=128)
+    draft = load_engine(tiny_pair.draft, slots=3, max_context=128)
+    ref = load_engine(tiny_pair.target, slots=1, max_context=128)
+    ctl = GoodputController(Roofline(weights_ms=5.0), ControllerConfig(max_gamma=5, mode=FUSED, replan_ms=0.0),
+                            draft_cost=FlatDraft(draft_step_ms))
+    policy = GoodputGammaPolicy(ctl)
+    out = speculative_generate_many(draft, target, prompts, 4, 24, SamplingParams(), gamma_policy=policy)
+    for p, r in zip(prompts, out):
+        assert r.tokens == autoregressive_generate(ref, p, 24, SamplingParams()).tokens
+    gammas = [g for r in out for g in r.gammas]
+    if decodes:  # a draft step dearer than ten verify steps: drafting never pays
+        assert set(gammas) == {0}
+    else:
+        assert min(gammas[:3]) >= 1 and max(gammas) >= 2
+
+
+def test_fused_worker_auto_uses_the_controller(tiny_pair):
+    from workers.fused_worker import FusedConfig, FusedServer
+    from workers.goodput import GoodputGammaPolicy
+
+    tok = load_tokenizer(tiny_pair.target)
+    target = load_engine(tiny_pair.target, slots=2, max_context=128)
+    draft = load_engine(tiny_pair.draft, slots=2, max_context=128)
+    server = FusedServer(draft, target, tok, FusedConfig(auto=True, cost_table="configs/profiles/cpu-tiny-pair.yaml"))
+    assert isinstance(server.gamma_policy, GoodputGammaPolicy) and server.chooses_gamma
+    assert not server.gamma_policy.controller.online

@@ -1,0 +1,368 @@
+"""The goodput controller: each session's next γ, chosen where the batch is known (target or fused worker).
+
+Why here and not at the drafter: speculation pays while the verify step is memory-bound (a B×(γ+1) verify costs
+about a B×1 decode) and stops paying when the step turns compute-bound, or when drafting and the path outweigh the
+tokens gained. Acceptance alone cannot see that: the same α that makes γ=4 pay at batch 1 loses at batch 64.
+
+Inputs, per session: acceptance α (EWMA of its rounds), the drafter's cost per draft token ``draft_ms`` and the
+round's path ``path_ms`` (link, broker hops, drafter loop; both reported by the drafter in each ``Verify``), and its
+context length. Per worker: a step-cost model ``verify_ms(batch, tokens, context)`` (a profile table from
+``specmq profile``, or a line fitted online) times a correction factor learned from measured ticks.
+
+Rule (distributed, ``mode="distributed"``). A plan gives every session γᵢ ∈ {0, 1..γmax}; γ = 0 is decode mode
+(the target decodes the session itself, one token per tick). With τ the tick time:
+
+- a decode session is a 1-token row in every tick and commits 1 token per τ;
+- a speculative session's round takes Rᵢ = γᵢ·draftᵢ + pathᵢ + w + τ (drafting, the path, on average half a tick
+  of waiting (w = τ/2) when decode rows keep the target ticking back to back, and its tick) and commits
+  E(αᵢ, γᵢ) = (1 − αᵢ^(γᵢ+1)) / (1 − αᵢ) tokens;
+- τ = cost(n, Σ(γᵢ+1), context): every session's row counted in every tick. That is exact when a drafter
+  process drafts its sessions in one batch (they arrive together) and conservative for independent drafters:
+  when unsure, the model charges speculation more, so the controller errs towards decoding.
+
+Goodput is Σ committed tokens per second; TPOTᵢ is τ (decode) or Rᵢ/Eᵢ. The controller takes the plan of highest
+goodput whose worst TPOT meets ``tpot_slo_ms`` (when set; when no plan meets it, the plan with the lowest worst
+TPOT). Candidates: every uniform plan (all sessions at one γ), then a pass over groups of sessions with similar α
+that tries each γ for that group alone. Fused workers (``mode="fused"``) draft and verify in lockstep on one device:
+a round is max γ · draft step + τ with every row in it.
+
+The plan is recomputed at most every ``replan_ms`` (and when the session count changes), so a tick pays a dict
+lookup, not a search.
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Iterable, Protocol, Sequence
+
+from workers.adaptive_gamma import AdaptiveGamma, expected_tokens
+
+DISTRIBUTED = "distributed"
+FUSED = "fused"
+ALPHA_BUCKET = 0.05  # sessions whose α estimates round to the same multiple form one group
+
+
+class StepCost(Protocol):
+    """What the controller asks of a cost model: one forward's latency in ms."""
+
+    def verify_ms(self, batch: int, tokens: int, context: float) -> float: ...
+
+
+@dataclass
+class OnlineStepCost:
+    """τ ≈ a + b·tokens + c·rows, fitted by exponentially forgetting least squares over measured ticks.
+
+    The fallback when a worker has no profile table: before two distinct shapes were seen it predicts the mean
+    measured tick (every shape costs the same: the memory-bound assumption).
+    """
+
+    forget: float = 0.98
+    _n: float = 0.0
+    _sums: dict = field(default_factory=lambda: {k: 0.0 for k in ("t", "r", "y", "tt", "rr", "tr", "ty", "ry")})
+
+    def observe(self, batch: int, tokens: int, context: float, ms: float) -> None:
+        s, f = self._sums, self.forget
+        for k in s:
+            s[k] *= f
+        self._n = self._n * f + 1.0
+        s["t"] += tokens
+        s["r"] += batch
+        s["y"] += ms
+        s["tt"] += tokens * tokens
+        s["rr"] += batch * batch
+        s["tr"] += tokens * batch
+        s["ty"] += tokens * ms
+        s["ry"] += batch * ms
+
+    def verify_ms(self, batch: int, tokens: int, context: float) -> float:
+        if self._n <= 0:
+            return 1.0
+        n, s = self._n, self._sums
+        mt, mr, my = s["t"] / n, s["r"] / n, s["y"] / n
+        vtt, vrr, vtr = s["tt"] / n - mt * mt, s["rr"] / n - mr * mr, s["tr"] / n - mt * mr
+        cty, cry = s["ty"] / n - mt * my, s["ry"] / n - mr * my
+        det = vtt * vrr - vtr * vtr
+        if det > 1e-9 * max(1.0, vtt * vrr):
+            b = (cty * vrr - cry * vtr) / det
+            c = (cry * vtt - cty * vtr) / det
+        elif vtt > 1e-9:
+            b, c = cty / vtt, 0.0
+        else:
+            b = c = 0.0
+        b, c = max(0.0, b), max(0.0, c)  # a bigger step never costs less
+        return max(1e-3, my + b * (tokens - mt) + c * (batch - mr))
+
+
+@dataclass
+class SessionCosts:
+    """What the controller knows about one session. ``draft_ms`` is per draft token."""
+
+    alpha: float
+    draft_ms: float = 0.0
+    path_ms: float = 0.0
+    context: int = 0
+
+
+@dataclass
+class PlanOutcome:
+    gammas: list[int]
+    goodput_tok_s: float
+    tick_ms: float
+    tpot_ms: list[float]
+
+    @property
+    def worst_tpot_ms(self) -> float:
+        return max(self.tpot_ms, default=0.0)
+
+
+@dataclass
+class ControllerConfig:
+    max_gamma: int = 8
+    tpot_slo_ms: float | None = None  # keep every session's predicted TPOT under this (None: goodput only)
+    decode_tokens: int = 8  # tokens a decode-mode request asks the target for
+    replan_ms: float = 50.0
+    correction_weight: float = 0.2  # EWMA weight of each measured tick in the cost correction
+    mode: str = DISTRIBUTED
+
+    def __post_init__(self) -> None:
+        if self.max_gamma < 1:
+            raise ValueError(f"max_gamma must be >= 1, got {self.max_gamma}")
+        if self.decode_tokens < 1:
+            raise ValueError(f"decode_tokens must be >= 1, got {self.decode_tokens}")
+        if self.tpot_slo_ms is not None and self.tpot_slo_ms <= 0:
+            raise ValueError(f"tpot_slo_ms must be > 0, got {self.tpot_slo_ms}")
+        if self.mode not in (DISTRIBUTED, FUSED):
+            raise ValueError(f"mode must be {DISTRIBUTED!r} or {FUSED!r}, got {self.mode!r}")
+
+
+def evaluate_plan(cost: StepCost, sessions: Sequence[SessionCosts], gammas: Sequence[int], mode: str = DISTRIBUTED,
+                  correction: float = 1.0, draft_step_ms: float = 0.0) -> PlanOutcome:
+    """Predicted goodput, tick time and per-session TPOT of one plan (see the module docstring)."""
+    n = len(sessions)
+    if n == 0:
+        return PlanOutcome([], 0.0, 0.0, [])
+    ctx = sum(s.context for s in sessions) / n
+    tau = correction * cost.verify_ms(n, sum(g + 1 for g in gammas), ctx)
+    if mode == FUSED:
+        rnd = tau + max(gammas) * draft_step_ms
+        es = [expected_tokens(s.alpha, g) if g else 1.0 for s, g in zip(sessions, gammas)]
+        return PlanOutcome(list(gammas), sum(es) / rnd * 1000.0, tau, [rnd / e for e in es])
+    wait = 0.5 * tau if any(g == 0 for g in gammas) else 0.0  # decode rows keep the target ticking back to back
+    goodput, tpots = 0.0, []
+    for s, g in zip(sessions, gammas):
+        if g == 0:
+            tpots.append(tau)
+            goodput += 1000.0 / tau
+            continue
+        rnd = g * s.draft_ms + s.path_ms + wait + tau
+        e = expected_tokens(s.alpha, g)
+        tpots.append(rnd / e)
+        goodput += e / rnd * 1000.0
+    return PlanOutcome(list(gammas), goodput, tau, tpots)
+
+
+def _better(a: PlanOutcome, b: PlanOutcome | None, slo: float | None) -> bool:
+    """Is plan ``a`` preferable to ``b``: meets the SLO where ``b`` does not, else more goodput (fewer drafts on
+    a tie within 0.5%), or, when neither meets it, a lower worst TPOT."""
+    if b is None:
+        return True
+    if slo is not None:
+        a_ok, b_ok = a.worst_tpot_ms <= slo, b.worst_tpot_ms <= slo
+        if a_ok != b_ok:
+            return a_ok
+        if not a_ok:
+            return a.worst_tpot_ms < b.worst_tpot_ms * 0.995
+    if a.goodput_tok_s > b.goodput_tok_s * 1.005:
+        return True
+    return a.goodput_tok_s >= b.goodput_tok_s * 0.995 and sum(a.gammas) < sum(b.gammas)
+
+
+def choose_plan(cost: StepCost, sessions: Sequence[SessionCosts], config: ControllerConfig,
+                correction: float = 1.0, draft_step_ms: float = 0.0) -> PlanOutcome:
+    """The best plan: uniform candidates first, then one improvement pass per α group."""
+    cands = range(0, config.max_gamma + 1)
+    best: PlanOutcome | None = None
+    for g in cands:
+        out = evaluate_plan(cost, sessions, [g] * len(sessions), config.mode, correction, draft_step_ms)
+        if _better(out, best, config.tpot_slo_ms):
+            best = out
+    assert best is not None
+    groups: dict[int, list[int]] = {}
+    for i, s in enumerate(sessions):
+        groups.setdefault(int(round(s.alpha / ALPHA_BUCKET)), []).append(i)
+    if len(groups) > 1:
+        for members in groups.values():
+            for g in cands:
+                trial = list(best.gammas)
+                for i in members:
+                    trial[i] = g
+                if trial == best.gammas:
+                    continue
+                out = evaluate_plan(cost, sessions, trial, config.mode, correction, draft_step_ms)
+                if _better(out, best, config.tpot_slo_ms):
+                    best = out
+    return best
+
+
+@dataclass
+class _Tracked:
+    acceptance: AdaptiveGamma
+    draft_ms: float = 0.0
+    path_ms: float = 0.0
+    context: int = 0
+
+
+class GoodputController:
+    """Per-worker state: sessions' estimates, the cost correction, the current plan (by α group)."""
+
+    def __init__(self, cost: StepCost | None = None, config: ControllerConfig | None = None,
+                 draft_cost: StepCost | None = None, clock=time.monotonic) -> None:
+        self.config = config or ControllerConfig()
+        self.online = cost is None
+        self.cost: StepCost = cost if cost is not None else OnlineStepCost()
+        self.draft_cost = draft_cost
+        self.correction = 1.0
+        self.sessions: dict[str, _Tracked] = {}
+        self.plan: PlanOutcome | None = None
+        self._by_key: dict[str, int] = {}
+        self._planned_at = -math.inf
+        self._planned_n = -1
+        self._clock = clock
+
+    # ------------------------------------------------------------------ observations
+    def track(self, key: str, context: int = 0) -> None:
+        if key not in self.sessions:
+            self.sessions[key] = _Tracked(AdaptiveGamma(self.config.max_gamma), context=context)
+
+    def forget(self, key: str) -> None:
+        self.sessions.pop(key, None)
+
+    def observe_round(self, key: str, accepted: int, drafted: int, draft_ms: float = 0.0, path_ms: float = 0.0,
+                      context: int = 0) -> None:
+        """A verified chunk: its acceptance, and the drafter's reported costs (0 = not reported: keep the last)."""
+        self.track(key, context)
+        t = self.sessions[key]
+        if drafted > 0:
+            t.acceptance.update(accepted, drafted)
+            if draft_ms > 0:
+                t.draft_ms = 0.7 * t.draft_ms + 0.3 * (draft_ms / drafted) if t.draft_ms else draft_ms / drafted
+        if path_ms > 0:
+            t.path_ms = 0.7 * t.path_ms + 0.3 * path_ms if t.path_ms else path_ms
+        if context:
+            t.context = context
+
+    def observe_tick(self, rows: int, tokens: int, context: float, ms: float) -> None:
+        """A measured forward: corrects the cost model (online fit, or a ratio over the table)."""
+        if rows <= 0 or ms <= 0:
+            return
+        if isinstance(self.cost, OnlineStepCost):
+            self.cost.observe(rows, tokens, context, ms)
+            return
+        predicted = self.cost.verify_ms(rows, tokens, context)
+        if predicted > 0:
+            w = self.config.correction_weight
+            self.correction = (1 - w) * self.correction + w * (ms / predicted)
+
+    # ------------------------------------------------------------------ decisions
+    def _views(self, keys: Iterable[str]) -> list[SessionCosts]:
+        return [SessionCosts(min(self.sessions[k].acceptance.alpha, 0.999), self.sessions[k].draft_ms,
+                             self.sessions[k].path_ms, self.sessions[k].context) for k in keys]
+
+    def replan(self, force: bool = False) -> PlanOutcome | None:
+        now = self._clock()
+        n = len(self.sessions)
+        if not force and n == self._planned_n and (now - self._planned_at) * 1000.0 < self.config.replan_ms:
+            return self.plan
+        keys = list(self.sessions)
+        if not keys:
+            self.plan, self._by_key = None, {}
+            return None
+        draft_step = 0.0
+        if self.config.mode == FUSED and self.draft_cost is not None:
+            draft_step = self.draft_cost.verify_ms(n, n, sum(s.context for s in self.sessions.values()) / n)
+        self.plan = choose_plan(self.cost, self._views(keys), self.config, self.correction, draft_step)
+        self._by_key = dict(zip(keys, self.plan.gammas))
+        self._planned_at, self._planned_n = now, n
+        return self.plan
+
+    def next_gamma(self, key: str) -> int:
+        """This session's γ for its next round (0: decode mode)."""
+        self.track(key)
+        self.replan()
+        g = self._by_key.get(key)
+        if g is None:
+            self.replan(force=True)
+            g = self._by_key.get(key, 1)
+        return g
+
+    def stats(self) -> dict:
+        p = self.plan
+        if p is None:
+            return {"plan_sessions": 0}
+        gs = p.gammas
+        return {"plan_sessions": len(gs), "plan_decode": sum(1 for g in gs if g == 0),
+                "plan_mean_gamma": round(sum(gs) / len(gs), 3) if gs else 0.0,
+                "plan_goodput_tok_s": round(p.goodput_tok_s, 1), "plan_tick_ms": round(p.tick_ms, 3),
+                "plan_worst_tpot_ms": round(p.worst_tpot_ms, 3), "cost_correction": round(self.correction, 3)}
+
+
+# ---------------------------------------------------------------------- the fused worker's γ policy
+class TableDraftCost:
+    """A cost table's draft grid as a ``StepCost`` (one draft decode step of ``batch`` rows)."""
+
+    def __init__(self, table) -> None:
+        self.table = table
+
+    def verify_ms(self, batch: int, tokens: int, context: float) -> float:
+        return self.table.draft_step_ms(batch, context)
+
+
+class GoodputGammaPolicy:
+    """The controller as a fused worker's ``speculation.GammaPolicy`` (draft and verify in lockstep on one device).
+
+    With a cost table the measured tick, less the predicted drafting, corrects the table's verify cost; without
+    one, the whole tick (drafting included) is fitted online against its rows and tokens.
+    """
+
+    def __init__(self, controller: GoodputController) -> None:
+        if controller.config.mode != FUSED:
+            raise ValueError("a fused worker's controller needs mode='fused'")
+        self.controller = controller
+        self._max_gamma = 0
+
+    def choose(self, sessions) -> list[int]:
+        ctl = self.controller
+        for s in sessions:
+            ctl.track(s.key, s.target.pos)
+        gammas = [s.gamma if s.gamma is not None else ctl.next_gamma(s.key) for s in sessions]
+        self._max_gamma = max(gammas, default=0)
+        return gammas
+
+    def choose_gamma(self, session) -> int:
+        return self.choose([session])[0]
+
+    def observe(self, session, accepted: int, drafted: int) -> None:
+        self.controller.observe_round(session.key, accepted, drafted, context=session.target.pos)
+
+    def observe_tick(self, rows: int, tokens: int, context: float, ms: float) -> None:
+        ctl = self.controller
+        if not ctl.online and ctl.draft_cost is not None:
+            ms -= self._max_gamma * ctl.draft_cost.verify_ms(rows, rows, context)
+        ctl.observe_tick(rows, tokens, context, max(ms, 1e-3))
+
+    def forget(self, session) -> None:
+        self.controller.forget(session.key)
+
+
+def fused_policy(cost_table: str | None = None, max_gamma: int = 8, tpot_slo_ms: float | None = None
+                 ) -> GoodputGammaPolicy:
+    """A fused worker's goodput policy over ``cost_table`` (target and draft grids), or fitted online."""
+    cost = draft = None
+    if cost_table:
+        from workers.cost_table import load_table
+
+        cost = load_table(cost_table)
+        draft = TableDraftCost(cost)
+    return GoodputGammaPolicy(GoodputController(cost, ControllerConfig(max_gamma=max_gamma, tpot_slo_ms=tpot_slo_ms,
+                                                                       mode=FUSED), draft_cost=draft))
