@@ -2,10 +2,11 @@
 # Everything one device call needs: CUDA engine tests, the gpu_engine benchmark, the H100 cost tables,
 # the end-to-end run (gpu_e2e).
 # Run from the repo root on the device with the wheels folder carried:  bash benchmarks/device_run.sh [STAGES]
-# STAGES: comma list of step,test,bench,profile8b,profile1b,e2e (default: all). Results under $OUT (default /tmp/out).
+# STAGES: comma list of step,test,bench,profile8b,profile1b,grow,e2e (default: all).
+# Results under $OUT (default /tmp/out).
 set -u
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
-STAGES=${1:-step,test,bench,profile8b,profile1b,e2e}; shift || true
+STAGES=${1:-step,test,bench,profile8b,profile1b,grow,e2e}; shift || true
 if ls .whl_gpu/*.whl >/dev/null 2>&1; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl_gpu/*.whl \
     && export PYTHONPATH=/tmp/site:$PWD || exit 1
@@ -35,6 +36,10 @@ if has profile1b; then
   timeout 240 python3 -m specmq.cli profile --shape llama-3.2-1b --device cuda --out "$OUT/${GPU_TAG:-gpu}-llama-3.2-1b-bf16.yaml" \
     --batches 1,4,16,32,64 --tokens 1,5,9 --contexts 128,512,2048 --reps 7 2>>"$OUT/bench.log"
   echo "profile1b rc=$?"; tail -2 "$OUT/bench.log"
+fi
+if has grow; then  # the shipped target grown to 8B (same outputs) vs random weights of that shape (grow_cost.py)
+  timeout 240 python3 -m specmq.cli bench grow_cost --json >"$OUT/grow_cost.jsonl" 2>"$OUT/grow_cost.log"
+  echo "grow rc=$?"; grep -v '"event"' "$OUT/grow_cost.log" | tail -10
 fi
 if has e2e; then  # broker + CUDA target worker + 64 draft sessions (4 CPU draft processes) vs target-only (gpu_e2e.py)
   timeout 400 python3 -m specmq.cli bench gpu_e2e --json --gammas 2,4 --fused --logdir /tmp/gpu_e2e_logs \

@@ -61,10 +61,12 @@ async def serve_paced(backend: str, capacity: int, token_ms: float, stop: asynci
                 tok, text = 100 + i % 50, f"{time.monotonic_ns()}|"
                 ids.append(tok)
                 texts.append(text)
-                if not link.send_nowait(Tokens(job=job.job, tokens=[tok], text=text, index=i)):
-                    await link.send(Tokens(job=job.job, tokens=[tok], text=text, index=i))
+                piece = Tokens(job=job.job, tokens=[tok], text=text, index=i, incarnation=job.incarnation)
+                if not link.send_nowait(piece):
+                    await link.send(piece)
             await link.send(Done(job=job.job, token_ids=ids, text="".join(texts), finish_reason="length",
-                                 stats={"delivery": job.delivery, "worker": "paced-echo"}))
+                                 stats={"delivery": job.delivery, "worker": "paced-echo"},
+                                 incarnation=job.incarnation))
         finally:
             running.pop(job.job, None)
             link.grant(1)

@@ -7,6 +7,8 @@ drafted at the full γ (the last round of a prompt may be shorter): ``draft_ms``
 ``verify_ms`` (the target's tick: forward and acceptance), ``network_ms`` (round trip minus verify: encode, link,
 broker, decode, drafter loop) and their sum ``round_ms``. The goal: a sampled round costs at most ``--goal`` times a
 greedy one (``ratio``). At temperature > 0 without top-k/top-p, each draft token carries a full-vocabulary q.
+Wall times on a shared machine move with its load; the CPU time each process spends per round (``cpu_*_ms``, from
+/proc on Linux) does not, and says which process pays for sampling.
 
     specmq bench sampling
     specmq bench sampling --temperature 0.8 --top-p 0.95 --repeats 3 --json
@@ -29,10 +31,22 @@ HELP = "per-round draft / verify / network ms of one session, greedy vs sampled,
 DESCRIPTION = __doc__.split("\n\n")[0]
 EXAMPLE = "specmq bench sampling --repeats 2 --json"
 PARTS = ("draft_ms", "verify_ms", "network_ms", "round_ms")
+CPU_PARTS = ("cpu_drafter_ms", "cpu_broker_ms", "cpu_target_ms")
 
 
-def run_mode(frontend: str, prompts: list[str], args: argparse.Namespace, temperature: float) -> dict[str, Any]:
-    """One pass over the prompts, one session at a time; returns the per-round rows at full γ and the totals."""
+def process_cpu_ms(pid: int) -> float | None:
+    """User + system CPU time of a process so far (Linux /proc), or None where that is not available."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) * 1000.0 / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def run_mode(frontend: str, prompts: list[str], args: argparse.Namespace, temperature: float,
+             pids: dict[str, int] | None = None) -> dict[str, Any]:
+    """One pass over the prompts, one session at a time: the per-round rows at full γ, the totals, and the CPU ms
+    each process (``pids``: broker, target; the drafter is this process) spent."""
     from benchmarks.e2e import DRAFT
     from workers.draft_worker import DraftConfig, DraftWorker
 
@@ -42,16 +56,23 @@ def run_mode(frontend: str, prompts: list[str], args: argparse.Namespace, temper
                       temperature=temperature, top_p=args.top_p if sampled else 1.0,
                       top_k=args.top_k if sampled else 0, seed=args.seed)
     worker = DraftWorker(cfg)
-    t0 = time.perf_counter()
+    pids = pids or {}
+    cpu0 = {name: process_cpu_ms(pid) for name, pid in pids.items()}
+    t0, own0 = time.perf_counter(), time.process_time()
     results = asyncio.run(worker.run(prompts))
-    wall = time.perf_counter() - t0
+    wall, own = time.perf_counter() - t0, (time.process_time() - own0) * 1000.0
+    cpu = {"cpu_drafter_ms": own}
+    for name, pid in pids.items():
+        now = process_cpu_ms(pid)
+        cpu[f"cpu_{name}_ms"] = None if now is None or cpu0[name] is None else now - cpu0[name]
     failed = [r for r in results if r.error]
     if failed:
         raise BenchmarkError(f"{len(failed)} of {len(results)} prompts failed; first: {failed[0].error}")
     rows = [{"draft_ms": r.draft_ms, "verify_ms": r.verify_ms, "network_ms": r.network_ms,
              "round_ms": r.draft_ms + r.network_ms + r.verify_ms} for r in worker.rows if r.gamma == args.gamma]
-    return {"rows": rows, "tokens": sum(r.new_tokens for r in results), "wall_s": wall,
-            "drafted": sum(r.drafted for r in results), "accepted": sum(r.accepted for r in results)}
+    return {"rows": rows, "tokens": sum(r.new_tokens for r in results), "wall_s": wall, "cpu": cpu,
+            "all_rounds": len(worker.rows), "drafted": sum(r.drafted for r in results),
+            "accepted": sum(r.accepted for r in results)}
 
 
 def summarise(mode: str, passes: list[dict[str, Any]], gamma: int) -> dict[str, Any]:
@@ -65,14 +86,18 @@ def summarise(mode: str, passes: list[dict[str, Any]], gamma: int) -> dict[str, 
     for part in PARTS:
         out[part] = round(statistics.fmean(r[part] for r in rows), 3)
     out["round_ms_median"] = round(statistics.median(r["round_ms"] for r in rows), 3)
+    rounds = sum(p["all_rounds"] for p in passes)
+    for part in CPU_PARTS:  # per round, every round (CPU time cannot be split by γ)
+        spent = [p["cpu"].get(part) for p in passes]
+        out[part] = None if None in spent or not rounds else round(sum(spent) / rounds, 3)
     return out
 
 
 def compare(greedy: dict[str, Any], sampled: dict[str, Any], goal: float) -> dict[str, Any]:
     """Sampled over greedy, per part and for the whole round; ``ok`` says the round ratio meets ``goal``."""
     out: dict[str, Any] = {"mode": "ratio"}
-    for part in PARTS + ("round_ms_median",):
-        out[part] = round(sampled[part] / greedy[part], 3) if greedy[part] > 0 else None
+    for part in PARTS + ("round_ms_median",) + CPU_PARTS:
+        out[part] = round(sampled[part] / greedy[part], 3) if greedy.get(part) and sampled.get(part) else None
     out["goal"] = goal
     out["ok"] = out["round_ms"] is not None and out["round_ms"] <= goal
     return out
@@ -82,11 +107,11 @@ COLUMNS = ("mode", "rounds", "tok_s", "acceptance", "draft_ms", "verify_ms", "ne
            "round_ms_median")
 
 
-def print_rows(rows: list[dict[str, Any]]) -> None:
-    widths = [max(len(c), 9) for c in COLUMNS]
-    print("  ".join(c.rjust(w) for c, w in zip(COLUMNS, widths)))
+def print_rows(rows: list[dict[str, Any]], columns: tuple[str, ...]) -> None:
+    widths = [max(len(c), 9) for c in columns]
+    print("  ".join(c.rjust(w) for c, w in zip(columns, widths)))
     for r in rows:
-        print("  ".join(("-" if r.get(c) is None else str(r[c])).rjust(w) for c, w in zip(COLUMNS, widths)),
+        print("  ".join(("-" if r.get(c) is None else str(r[c])).rjust(w) for c, w in zip(columns, widths)),
               flush=True)
 
 
@@ -105,11 +130,12 @@ def run(args: argparse.Namespace) -> int:
     passes: dict[str, list[dict[str, Any]]] = {"greedy": [], "sampled": []}
     try:
         svc.wait_ready()
+        pids = {name: s.proc.pid for name, s in getattr(getattr(svc, "cluster", None), "services", {}).items()}
         for temp in (0.0, args.temperature):  # warm-up: model load, first ticks, both code paths
             run_mode(svc.frontend, prompts[:1], argparse.Namespace(**{**vars(args), "max_new_tokens": 16}), temp)
         for _ in range(args.repeats):
-            passes["greedy"].append(run_mode(svc.frontend, prompts, args, 0.0))
-            passes["sampled"].append(run_mode(svc.frontend, prompts, args, args.temperature))
+            passes["greedy"].append(run_mode(svc.frontend, prompts, args, 0.0, pids))
+            passes["sampled"].append(run_mode(svc.frontend, prompts, args, args.temperature, pids))
     finally:
         svc.close()
     greedy, sampled = summarise("greedy", passes["greedy"], args.gamma), summarise("sampled", passes["sampled"],
@@ -124,7 +150,9 @@ def run(args: argparse.Namespace) -> int:
             print_json(row)
         print_json({"setup": setup})
     else:
-        print_rows([greedy, sampled, ratio])
+        print_rows([greedy, sampled, ratio], COLUMNS)
+        print("CPU ms per round, every process:")
+        print_rows([greedy, sampled, ratio], ("mode",) + CPU_PARTS)
         verdict = "meets" if ratio["ok"] else "misses"
         print(f"sampled round / greedy round = {ratio['round_ms']} ({verdict} the goal <= {args.goal}); "
               f"machine: {setup['machine']}, {setup['cpus']} CPUs, {args.threads} torch thread(s) per process")

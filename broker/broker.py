@@ -14,14 +14,16 @@ import asyncio
 import errno
 import random
 import time
+import uuid
 from typing import Any, Callable
 
 import structlog
 import zmq
 
+from broker.curve import HandshakeWatch
 from broker.ops import Ops
 from broker.routing import make_router
-from broker.state import BrokerConfig, BrokerState, Job, Session, Worker
+from broker.state import BrokerConfig, BrokerState, Job, Session, Waiting, Worker
 from protocol import errors as E
 from protocol.codec import encode
 from protocol.errors import ProtocolError
@@ -64,6 +66,8 @@ class Broker:
 
     def __init__(self, config: BrokerConfig | None = None, ctx: zmq.Context | None = None) -> None:
         self.config = config or BrokerConfig()
+        self.instance = uuid.uuid4().hex[:12]  # on every reply to a client: a new one tells clients we restarted
+        self._beat_reply = encode(Heartbeat(broker=self.instance))  # the answer to a client's heartbeat
         self.state = BrokerState()
         self.counters = self.state.counters
         self.router = make_router(self.config.router)
@@ -82,6 +86,8 @@ class Broker:
         self.backend = self._router_socket(self.config.backend)
         self.frontend_endpoint = self.frontend.getsockopt_string(zmq.LAST_ENDPOINT)
         self.backend_endpoint = self.backend.getsockopt_string(zmq.LAST_ENDPOINT)
+        # every refused frontend handshake (key not allowed, wrong broker key, CURVE on one side only), counted
+        self.handshakes = HandshakeWatch(self.frontend, self.curve is not None, self._handshake_refused)
         self.outbox: list[tuple[zmq.Socket, str, bytes, bytes, str]] = []  # sends held by EAGAIN, in order
         self._deferred: list[tuple[zmq.Socket, str, bytes, bytes, str]] = []  # sends held until the batch ends
         self.accepting = True
@@ -92,6 +98,9 @@ class Broker:
 
     def _auth_refused(self) -> None:
         self.counters.auth_failures += 1  # from the ZAP thread: a lone int increment
+
+    def _handshake_refused(self, reason: str) -> None:
+        self.counters.refused_handshakes += 1  # on the loop thread (HandshakeWatch.drain); logged there
 
     def _router_socket(self, endpoint: str, curve: bool = False) -> zmq.Socket:
         sock = self.ctx.socket(zmq.ROUTER)
@@ -112,6 +121,8 @@ class Broker:
                        frontend=self.frontend_endpoint, taps=self.taps, curve=self.curve)
         for sock in (self.frontend, self.backend):
             self._loop.add_reader(sock.getsockopt(zmq.FD), self.pump)
+        self._loop.add_reader(self.handshakes.fd, self.handshakes.drain)
+        self.handshakes.drain()  # edge-triggered FD: read once so that the next event raises an edge
         self._schedule_beat()
         log.info("broker.started", frontend=self.frontend_endpoint, backend=self.backend_endpoint,
                  router=self.config.router)
@@ -124,6 +135,7 @@ class Broker:
                     self.send_heartbeats()
                     self.purge_workers()
                     self.expire_sessions(now)
+                    self.expire_waiting(now)
                     self._next_beat = now + self.config.heartbeat_interval
                 if self._stop_requested and deadline is None:
                     deadline = self.begin_shutdown()
@@ -258,8 +270,10 @@ class Broker:
             self.worker_dead(self.state.workers[ident], "unreachable")
 
     def reply(self, side: str, ident: bytes, msg: Any) -> bool:
-        sock = self.frontend if side == FRONTEND else self.backend
-        return self._send(sock, side, ident, encode(msg), msg.TYPE)
+        if side == FRONTEND:
+            msg.broker = self.instance  # every reply to a client names this broker instance
+            return self._send(self.frontend, side, ident, encode(msg), msg.TYPE)
+        return self._send(self.backend, side, ident, encode(msg), msg.TYPE)
 
     def error(self, side: str, ident: bytes, code: str, message: str, **about: Any) -> None:
         self.counters.errors[code] += 1
@@ -302,6 +316,8 @@ class Broker:
             self.reply(FRONTEND, ident, Stats(snapshot=self.stats_snapshot()))
         elif mtype == "cancel":  # honoured while shutting down too: it frees a worker sooner
             self.client_cancel(ident, body)
+        elif mtype == "heartbeat":  # answered while draining too: the client learns this instance is still here
+            self._send(self.frontend, FRONTEND, ident, self._beat_reply, "heartbeat")
         elif not self.accepting:
             self.error(FRONTEND, ident, E.SHUTTING_DOWN, "broker is shutting down",
                        session=body.get("session", ""), job=body.get("job", ""))
@@ -313,20 +329,83 @@ class Broker:
             self.client_generate(ident, body)
 
     def client_open(self, ident: bytes, body: dict) -> None:
+        """A session that holds a slot re-opens there at once; a new one (or one whose target died) takes a free
+        slot, or waits its turn in the admission queue (FIFO, ``max_queue`` long, then Busy) until one frees or
+        its deadline passes (``Error(overloaded)``)."""
         sid = body["session"]
         key = _key(ident, sid)
+        now = time.monotonic()
+        sess = self.state.sessions.get(key)
+        if sess is not None:
+            sess.last_active = now
+            worker = self.state.workers.get(sess.worker) if sess.worker else None
+            if worker is not None and sess.opening:  # a resend of the open on its way: its answer is coming
+                self.counters.duplicates += 1
+                return
+            if worker is not None:
+                self.forward_open(sess, worker, body, placed_now=False)
+                return
+        waiting = self.state.admission.get(key)
+        if waiting is not None:  # a resend while it waits: it keeps its place
+            waiting.body = body
+            self.counters.duplicates += 1
+            return
+        model = body.get("model", "")
+        if not any(not model or w.model == model for w in self.state.targets()):
+            if sess is not None and sess.worker is None:
+                del self.state.sessions[key]
+            self.error(FRONTEND, ident, E.NO_WORKERS, "no live target worker can take this session", session=sid)
+            return
+        if not self.state.admission and self._roomy(model):
+            self.admit_open(ident, key, sid, body)
+            return
+        if len(self.state.admission) >= self.config.max_queue:
+            self.busy(ident, "admission", session=sid)
+            return
+        self.state.admission[key] = Waiting(key=key, client=ident, session=sid, body=body,
+                                            deadline=now + self._wait_s(body), since=now)
+        self.admit()  # the queue may hold only opens for other models
+
+    def _wait_s(self, body: dict) -> float:
+        """How long a request may wait for a slot: the client's ``queue_timeout_s``, else the broker's default."""
+        wait = body.get("queue_timeout_s") or 0.0
+        return wait if wait > 0 else self.config.queue_timeout_s
+
+    def _roomy(self, model: str = "") -> list[Worker]:
+        """Targets (of ``model``, when named) with a free session slot."""
+        return [w for w in self.state.targets() if len(w.sessions) < w.capacity and (not model or w.model == model)]
+
+    def admit(self) -> None:
+        """Give free target slots to waiting opens, first come first served (an open for a model with no free
+        slot lets later ones for other models pass)."""
+        queue = self.state.admission
+        while queue:
+            roomy = self._roomy()
+            if not roomy:
+                return
+            models = {w.model for w in roomy}
+            head = next((w for w in queue.values() if not w.body.get("model") or w.body["model"] in models), None)
+            if head is None:
+                return
+            del queue[head.key]
+            self.counters.admitted += 1
+            self.admit_open(head.client, head.key, head.session, head.body)
+
+    def admit_open(self, ident: bytes, key: str, sid: str, body: dict) -> None:
+        """Place a session on a target with a free slot and forward its open."""
         sess = self.state.sessions.get(key)
         if sess is None:
             sess = self.state.sessions[key] = Session(key=key, client=ident, session=sid)
-        sess.last_active = time.monotonic()
-        worker = self.state.workers.get(sess.worker) if sess.worker else None
-        placed_now = worker is None
-        if placed_now:
-            worker = self.place_session(sess, body.get("model", ""))
-            if worker is None:
+        worker = self.place_session(sess, body.get("model", ""))
+        if worker is None:
+            if sess.worker is None and not sess.opening and sess.last_seq < 0:
                 del self.state.sessions[key]
-                self.error(FRONTEND, ident, E.NO_WORKERS, "no live target worker can take this session", session=sid)
-                return
+            self.error(FRONTEND, ident, E.NO_WORKERS, "no live target worker can take this session", session=sid)
+            return
+        self.forward_open(sess, worker, body, placed_now=True)
+
+    def forward_open(self, sess: Session, worker: Worker, body: dict, placed_now: bool) -> None:
+        key, ident, sid = sess.key, sess.client, sess.session
         bad = check_vocab(body, "prompt_ids", worker.vocab_size)
         if bad is not None or len(worker.queue) >= self.config.max_queue:
             if placed_now:  # nothing was sent: forget the placement (and a session that never opened)
@@ -343,8 +422,31 @@ class Broker:
         sess.last_seq, sess.last_result, sess.opening = -1, None, True
         sess.inflight.clear()
         body["session"] = key
-        worker.queue.append((key, -1, pack(body)))
+        self.enqueue(worker, key, -1, body)
         self.dispatch(worker)
+
+    def expire_waiting(self, now: float) -> None:
+        """Refuse opens and queued jobs whose deadline passed: the only way overload fails a request."""
+        late = [w for w in self.state.admission.values() if w.deadline <= now]
+        for w in late:
+            waiting = len(self.state.admission)
+            del self.state.admission[w.key]
+            sess = self.state.sessions.get(w.key)
+            if sess is not None and sess.worker is None and not sess.inflight:
+                del self.state.sessions[w.key]
+            self.counters.overloaded += 1
+            self.error(FRONTEND, w.client, E.OVERLOADED, f"no target slot within {w.deadline - w.since:.3g} s; "
+                       f"{waiting} sessions waiting", session=w.session)
+        queue = self.state.generate_queue
+        if any(job.deadline <= now for job in queue):
+            waiting = len(queue)
+            late_jobs = [job for job in queue if job.deadline <= now]
+            self.state.generate_queue = type(queue)(job for job in queue if job.deadline > now)
+            for job in late_jobs:
+                self.state.jobs.pop(job.key, None)
+                self.counters.overloaded += 1
+                self.error(FRONTEND, job.client, E.OVERLOADED, f"no fused worker slot within "
+                           f"{self._wait_s(job.body):.3g} s; {waiting} jobs waiting", job=job.job)
 
     def client_verify(self, ident: bytes, body: dict) -> None:
         sid, seq = body["session"], body["seq"]
@@ -387,12 +489,14 @@ class Broker:
             return
         body["session"] = sess.key
         sess.inflight.add(seq)
-        worker.queue.append((sess.key, seq, pack(body)))
+        self.enqueue(worker, sess.key, seq, body)
         if worker.credit:
             self.dispatch(worker)
 
     def client_close(self, ident: bytes, body: dict) -> None:
-        sess = self.state.sessions.pop(_key(ident, body["session"]), None)
+        key = _key(ident, body["session"])
+        self.state.admission.pop(key, None)  # given up while waiting for a slot
+        sess = self.state.sessions.pop(key, None)
         if sess is None:
             return  # closing an unknown session is harmless; no answer is expected
         self.close_on_target(sess)
@@ -402,8 +506,9 @@ class Broker:
         worker = self.state.workers.get(sess.worker) if sess.worker else None
         if worker is not None:
             worker.sessions.discard(sess.key)
-            worker.queue.append((sess.key, None, pack({"v": VERSION, "type": "session_close", "session": sess.key})))
+            self.enqueue(worker, sess.key, None, {"v": VERSION, "type": "session_close", "session": sess.key})
             self.dispatch(worker)
+            self.admit()  # its slot goes to the next waiting open (queued behind the close: the slot is free first)
 
     def expire_sessions(self, now: float) -> None:
         """Close sessions whose client went silent (a crashed drafter), so their target slots do not leak.
@@ -437,7 +542,8 @@ class Broker:
             self.busy(ident, "generate", job=jid)
             return
         body["job"] = key
-        job = self.state.jobs[key] = Job(key=key, client=ident, job=jid, body=body)
+        job = self.state.jobs[key] = Job(key=key, client=ident, job=jid, body=body,
+                                         deadline=time.monotonic() + self._wait_s(body))
         self.state.generate_queue.append(job)
         self.dispatch_generate()
 
@@ -456,7 +562,8 @@ class Broker:
             return
         worker.jobs.pop(job.key, None)  # its late Tokens/Done are dropped; the worker returns the credit
         self._send(self.backend, BACKEND, worker.identity,
-                   pack({"v": VERSION, "type": "cancel", "job": job.key, "reason": body.get("reason", "")}), "cancel")
+                   pack({"v": VERSION, "type": "cancel", "job": job.key, "reason": body.get("reason", ""),
+                         "incarnation": worker.incarnation}), "cancel")
 
     def busy(self, ident: bytes, queue: str, **about: Any) -> None:
         self.counters.busy += 1
@@ -485,6 +592,15 @@ class Broker:
         if not sess.opening and sess.last_seq < 0:
             self.state.sessions.pop(sess.key, None)
         sess.worker = None
+        if worker is not None:
+            self.admit()
+
+    def enqueue(self, worker: Worker, key: str, seq: int | None, body: dict) -> None:
+        """Queue a request for target ``worker`` (seq: -1 open, >= 0 verify, None close), stamped with the worker's
+        incarnation: its answer must echo it (fencing, protocol/FLOW.md). Every request for a target goes through here.
+        """
+        body["incarnation"] = worker.incarnation
+        worker.queue.append((key, seq, pack(body)))
 
     def dispatch(self, worker: Worker) -> None:
         """Forward queued requests to a target while it has credit."""
@@ -510,6 +626,7 @@ class Broker:
             worker = max(workers, key=lambda w: w.credit)
             job = queue.popleft()
             job.body["delivery"] = job.deliveries
+            job.body["incarnation"] = worker.incarnation
             if not self._send(self.backend, BACKEND, worker.identity, pack(job.body), "generate"):
                 queue.appendleft(job)
                 continue
@@ -576,14 +693,30 @@ class Broker:
         worker = Worker(identity=ident, kind=body["kind"], model=body["model"], capacity=body["capacity"],
                         vocab_size=body.get("vocab_size", 0), tokenizer=body.get("tokenizer", ""),
                         max_gamma=body.get("max_gamma", 16), max_context=body.get("max_context", 0),
-                        name=body.get("worker", "") or ident.hex())
+                        name=body.get("worker", "") or ident.hex(), incarnation=body.get("incarnation", 0))
         if any(w.name == worker.name for w in self.state.workers.values()):
             worker.name = f"{worker.name}#{ident.hex()[:8]}"
         self.state.workers[ident] = worker
-        log.info("worker.ready", worker=worker.label, kind=worker.kind, model=worker.model, capacity=worker.capacity)
+        log.info("worker.ready", worker=worker.label, kind=worker.kind, model=worker.model, capacity=worker.capacity,
+                 incarnation=worker.incarnation)
+        if worker.kind == "target":
+            self.admit()  # its open requests wait in its queue until its first Credit
+
+    def stale(self, worker: Worker, body: dict) -> bool:
+        """Is this answer from an earlier registration of ``worker`` (a tick that finished after its link reconnected)?
+        Answers must echo the incarnation of the request they answer; the field is removed on the way (clients never
+        see it)."""
+        if body.pop("incarnation", 0) == worker.incarnation:
+            return False
+        self.counters.stale_answers += 1
+        log.info("answer.stale", worker=worker.label, type=body["type"], session=str(body.get("session", ""))[:80],
+                 job=str(body.get("job", ""))[:80], seq=body.get("seq", -1))
+        return True
 
     def worker_answer(self, worker: Worker, body: dict) -> None:
         """Result / SessionOpened / Error / Busy about a session: map the id back and pass it to the client."""
+        if self.stale(worker, body):
+            return
         key = body["session"]
         sess = self.state.sessions.get(key)
         seq = body.get("seq", -1)
@@ -609,6 +742,7 @@ class Broker:
                 body = {"v": VERSION, "type": "error", "code": E.WORKER_ERROR, "seq": seq,
                         "message": f"target answered token id {bad} outside its vocab"}
         body["session"] = sess.session
+        body["broker"] = self.instance
         out = pack(body)
         if body["type"] == "result":
             sess.last_seq, sess.last_result = seq, out
@@ -616,6 +750,8 @@ class Broker:
 
     def worker_job_message(self, worker: Worker, body: dict) -> None:
         """Tokens / Done / Error / Busy about a generate job."""
+        if self.stale(worker, body):
+            return
         job = worker.jobs.get(body["job"])
         if job is None:
             self.counters.dropped += 1
@@ -632,6 +768,7 @@ class Broker:
             del worker.jobs[job.key]
             self.state.jobs.pop(job.key, None)
         body["job"] = job.job
+        body["broker"] = self.instance
         self._send(self.frontend, FRONTEND, job.client, pack(body), mtype)
 
     # ------------------------------------------------------------------ liveness
@@ -670,6 +807,7 @@ class Broker:
                            f"job was handed out {job.deliveries} times and its worker died each time", job=job.job)
             else:
                 self.counters.redeliveries += 1
+                job.deadline = time.monotonic() + self._wait_s(job.body)  # it waits for a slot again
                 self.state.generate_queue.appendleft(job)
         worker.jobs.clear()
         self.dispatch_generate()
@@ -692,6 +830,9 @@ class Broker:
             job = self.state.generate_queue.popleft()
             self.state.jobs.pop(job.key, None)
             self.error(FRONTEND, job.client, E.SHUTTING_DOWN, "broker is shutting down", job=job.job)
+        for w in self.state.admission.values():  # waiting for a slot: try again later (or on the next broker)
+            self.error(FRONTEND, w.client, E.SHUTTING_DOWN, "broker is shutting down", session=w.session)
+        self.state.admission.clear()
         return time.monotonic() + self.config.grace_s
 
     def finish_shutdown(self) -> None:
@@ -708,6 +849,12 @@ class Broker:
                     self._loop.remove_reader(sock.getsockopt(zmq.FD))
                 except Exception:  # loop already closed
                     pass
+            try:
+                self._loop.remove_reader(self.handshakes.fd)
+            except Exception:  # loop already closed
+                pass
+        self.handshakes.drain()
+        self.handshakes.close()
         self.frontend.close(linger=200)
         self.backend.close(linger=200)
         if self.ops is not None:
@@ -721,6 +868,7 @@ class Broker:
         snap = self.state.stats_snapshot()
         snap["router"] = self.config.router
         snap["accepting"] = self.accepting
+        snap["instance"] = self.instance
         if self.ops is not None:
             snap.update(self.ops.extra())
         return snap

@@ -10,6 +10,15 @@
 on timeout (safe: the broker answers a retried chunk from its cache). ``Reopen`` for a session is returned to the
 caller, who re-sends ``SessionOpen`` with every committed token. Replies nobody waits for land in ``recv()``.
 
+Liveness (protocol/FLOW.md, "Clients"): while anything waits for an answer the client heartbeats the broker every
+``heartbeat_interval``; every reply and heartbeat answer carries the broker's instance id (``broker_id``). A new id
+means a restarted broker that knows none of our sessions: every waiting ``Verify`` gets a ``Reopen`` (the caller
+re-opens from its committed tokens) and every other request or job is sent again. Silence for ``liveness`` beats
+marks the broker lost; when the same instance answers again, whatever is in flight is sent again (idempotent).
+With a ``deadline`` (``request``) or ``queue_timeout`` (``generate``), ``Busy`` and transient errors
+(``protocol.errors.RETRYABLE``: a draining or just-restarted broker) are retried with jittered exponential back-off
+until it passes: overload and restarts cost time, only a passed deadline fails a request.
+
 ``request_stats(frontend, timeout_s)`` is the one-shot, synchronous stats request (no event loop): readiness
 checks of local clusters and benchmarks, and ``specmq replay``'s probe; ``BrokerClient.stats`` is the same
 question on a client that is already connected.
@@ -17,6 +26,7 @@ question on a client that is already connected.
 from __future__ import annotations
 
 import asyncio
+import random
 import time
 from typing import Any, AsyncIterator
 
@@ -24,16 +34,45 @@ import structlog
 import zmq
 import zmq.asyncio
 
+from broker.curve import HANDSHAKE_EVENTS, HandshakeRefused, client_handshake_failure
+from protocol import errors as E
 from protocol.codec import decode, encode
 from protocol.errors import ProtocolError
 from protocol.frames import NOBLOCK, parse, raw_recv, to_message
-from protocol.messages import (Busy, Cancel, Done, Error, Generate, Message, Reopen, SessionOpen, Stats, StatsRequest,
-                               Verify)
+from protocol.messages import (HEARTBEAT_INTERVAL_S, HEARTBEAT_LIVENESS, Busy, Cancel, Done, Error, Generate,
+                               Heartbeat, Message, Reopen, SessionOpen, Stats, StatsRequest, Tokens, Verify)
 
 log = structlog.get_logger("broker.client")
 
 READ_BATCH = 256  # most frames handled per wakeup of the reader
 STATS_MAX_FRAME = 1 << 26  # a snapshot of a big deployment (many workers, many counters) is larger than a request
+FIRST_BACKOFF_S = 0.05  # first wait after a transient error (Busy brings its own hint)
+
+
+class _Signal:
+    """A local wake-up put in a waiter's queue; never on the wire."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def __repr__(self) -> str:
+        return f"<{self.name}>"
+
+
+BROKER_RESTARTED = _Signal("broker_restarted")  # a new broker instance answered: it knows nothing in flight
+BROKER_BACK = _Signal("broker_back")  # the same broker answered after a silence: what was in flight may be lost
+
+
+def backoff_s(attempt: int, first_s: float, cap_s: float, rng: random.Random | None = None) -> float:
+    """Jittered exponential back-off: ``first_s * 2**attempt`` capped at ``cap_s``, times a uniform factor in
+    [0.5, 1.5), so that many clients refused at the same moment do not all come back at the same moment."""
+    base = min(cap_s, first_s * 2.0 ** min(attempt, 30))
+    return base * (0.5 + (rng or random).random())
+
+
+def transient(reply: Any) -> bool:
+    """A refusal worth retrying later: ``Busy`` or an error in ``protocol.errors.RETRYABLE``."""
+    return isinstance(reply, Busy) or (isinstance(reply, Error) and reply.code in E.RETRYABLE)
 
 
 def reply_key(msg: Any) -> tuple:
@@ -54,12 +93,19 @@ def reply_key(msg: Any) -> tuple:
 class BrokerClient:
     def __init__(self, address: str = "tcp://127.0.0.1:5555", *, identity: bytes | None = None,
                  timeout: float = 5.0, ctx: zmq.asyncio.Context | None = None, curve_secret: str | None = None,
-                 curve_server: str | None = None, curve_public: str | None = None) -> None:
-        """``curve_secret`` (own NAME.key_secret) + ``curve_server`` (broker's public key file): CURVE-encrypted,
-        for a broker started with ``--curve-secret``; a refused handshake shows in ``handshake_error``."""
+                 curve_server: str | None = None, curve_public: str | None = None,
+                 heartbeat_interval: float = HEARTBEAT_INTERVAL_S, liveness: int = HEARTBEAT_LIVENESS) -> None:
+        """``heartbeat_interval`` / ``liveness``: how often to heartbeat the broker while requests wait, and after
+        how many silent beats it counts as lost (see the module docstring).
+
+        ``curve_secret`` (own NAME.key_secret) + ``curve_server`` (broker's public key file): CURVE-encrypted,
+        for a broker started with ``--curve-secret``. With or without CURVE, a refused handshake shows in
+        ``handshake_error`` (``broker.curve.client_handshake_failure``: why, in words) and sets ``handshake_refused``.
+        """
         self.address = address
         self.curve = (curve_secret, curve_server, curve_public) if curve_secret or curve_server else None
         self.handshake_error = ""
+        self.handshake_refused = asyncio.Event()  # set while the last handshake failed (``probe`` ends at once)
         self._monitor_task: asyncio.Task | None = None
         self.identity = identity
         self.timeout = timeout
@@ -68,6 +114,14 @@ class BrokerClient:
         self.inbox: asyncio.Queue[Message] = asyncio.Queue()
         self._waiters: dict[tuple, asyncio.Queue] = {}
         self._reader: asyncio.Task | None = None
+        self.heartbeat_interval = heartbeat_interval
+        self.liveness = liveness
+        self.broker_id = ""  # instance id of the broker last heard from
+        self.restarts = 0  # times a new broker instance answered
+        self.silences = 0  # times the broker went silent for ``liveness`` beats while requests waited
+        self.broker_silent = False
+        self.last_heard = 0.0  # monotonic time of the last frame from the broker
+        self._beat_task: asyncio.Task | None = None
 
     async def __aenter__(self) -> "BrokerClient":
         await self.start()
@@ -95,11 +149,11 @@ class BrokerClient:
                 self.sock.close(linger=0)
                 self.sock = None
                 raise
-            events = zmq.EVENT_HANDSHAKE_FAILED_AUTH | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL \
-                | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL | zmq.EVENT_HANDSHAKE_SUCCEEDED
-            self._monitor_task = asyncio.create_task(self._watch_handshake(self.sock.get_monitor_socket(events)))
+        # plain clients too: a broker that requires CURVE refuses them, and they should say so
+        self._monitor_task = asyncio.create_task(self._watch_handshake(self.sock.get_monitor_socket(HANDSHAKE_EVENTS)))
         self.sock.connect(self.address)
         self._reader = asyncio.create_task(self._read_loop())
+        self._beat_task = asyncio.create_task(self._beat_loop())
 
     async def _watch_handshake(self, mon: zmq.asyncio.Socket) -> None:
         from zmq.utils.monitor import parse_monitor_message
@@ -107,18 +161,22 @@ class BrokerClient:
         try:
             while True:
                 ev = parse_monitor_message(await mon.recv_multipart())
-                if ev["event"] == zmq.EVENT_HANDSHAKE_SUCCEEDED:
-                    self.handshake_error = ""
-                elif ev["event"] == zmq.EVENT_HANDSHAKE_FAILED_AUTH:
-                    self.handshake_error = f"the broker refused this client's CURVE key (status {ev['value']})"
+                why = client_handshake_failure(ev["event"], ev["value"], self.curve is not None)
+                if why and why != self.handshake_error:  # a refused client retries every 100 ms: log changes only
+                    log.warning("client.handshake_failed", broker=self.address, reason=why)
+                self.handshake_error = why
+                if why:
+                    self.handshake_refused.set()
                 else:
-                    self.handshake_error = "CURVE handshake failed (wrong broker public key, or the broker has no CURVE?)"
-                if self.handshake_error:
-                    log.warning("client.handshake_failed", reason=self.handshake_error)
+                    self.handshake_refused.clear()
         finally:
             mon.close(linger=0)
 
     async def close(self) -> None:
+        if self._beat_task is not None:
+            self._beat_task.cancel()
+            await asyncio.gather(self._beat_task, return_exceptions=True)
+            self._beat_task = None
         if self._monitor_task is not None:
             self._monitor_task.cancel()
             try:
@@ -162,6 +220,21 @@ class BrokerClient:
                 self._deliver(msg)
 
     def _deliver(self, msg: Message) -> None:
+        self.last_heard = time.monotonic()
+        instance = getattr(msg, "broker", "")
+        if instance and instance != self.broker_id:
+            old, self.broker_id, self.broker_silent = self.broker_id, instance, False
+            if old:
+                self.restarts += 1
+                log.warning("client.broker_restarted", broker=self.address, old=old, new=instance,
+                            waiting=len(self._waiters))
+                self._signal(BROKER_RESTARTED)
+        elif self.broker_silent:
+            self.broker_silent = False
+            log.info("client.broker_back", broker=self.address, waiting=len(self._waiters))
+            self._signal(BROKER_BACK)
+        if isinstance(msg, Heartbeat):
+            return
         if isinstance(msg, Reopen):  # wakes every waiter of that session
             hit = False
             for key, q in self._waiters.items():
@@ -173,6 +246,29 @@ class BrokerClient:
             return
         q = self._waiters.get(reply_key(msg))
         (q or self.inbox).put_nowait(msg)
+
+    def _signal(self, signal: _Signal) -> None:
+        for q in self._waiters.values():
+            q.put_nowait(signal)
+
+    async def _beat_loop(self) -> None:
+        """Heartbeat the broker while anything waits for an answer, and notice when it goes silent."""
+        busy_since: float | None = None
+        while True:
+            await asyncio.sleep(self.heartbeat_interval)
+            if not self._waiters:
+                busy_since = None
+                continue
+            now = time.monotonic()
+            if busy_since is None:
+                busy_since = now - self.heartbeat_interval  # a waiter is at most one beat old
+            silent_s = now - max(self.last_heard, busy_since)
+            if not self.broker_silent and silent_s > self.heartbeat_interval * self.liveness:
+                self.broker_silent = True
+                self.silences += 1
+                log.warning("client.broker_silent", broker=self.address, silent_s=round(silent_s, 3),
+                            waiting=len(self._waiters))
+            await self._send_bounded(Heartbeat(), self.heartbeat_interval)
 
     async def send(self, msg: Message) -> None:
         await self.sock.send(encode(msg))
@@ -201,66 +297,147 @@ class BrokerClient:
             return None
 
     async def request(self, msg: Message, *, timeout: float | None = None, retries: int = 3,
-                      busy_retries: int = 100) -> Message:
-        """Send ``msg`` and return its reply; retries on Busy (after its hint) and on timeout (resend).
+                      busy_retries: int = 100, deadline: float | None = None) -> Message:
+        """Send ``msg`` and return its reply; retries on Busy and on timeout (resend).
 
-        Raises ``TimeoutError`` when every try timed out.
+        Without ``deadline``: Busy is retried ``busy_retries`` times after its hint, errors are returned at once, and
+        ``TimeoutError`` is raised when ``retries + 1`` tries of ``timeout`` each went unanswered. With ``deadline``
+        (a ``time.monotonic()`` time): Busy and transient errors are retried with jittered exponential back-off and
+        unanswered tries resent until the deadline; then the last refusal is returned, or ``TimeoutError`` raised
+        when nothing came back. A restarted broker turns a waiting ``Verify`` into ``Reopen``; anything else is sent
+        again to it.
         """
         key = reply_key(msg)
         q: asyncio.Queue = asyncio.Queue()
         self._waiters[key] = q
         timeout = timeout if timeout is not None else self.timeout
+
+        def next_try(after: float) -> float:
+            at = time.monotonic() + after
+            return at if deadline is None else min(at, deadline)
+
         try:
-            tries = busies = 0
+            tries = busies = attempt = 0
+            refused: Message | None = None  # while backing off: the refusal to return if the deadline passes
             await self._send_bounded(msg, timeout)
+            resend_at = next_try(timeout)
             while True:
                 try:
-                    reply = await asyncio.wait_for(q.get(), timeout)
+                    reply = await asyncio.wait_for(q.get(), max(0.0, resend_at - time.monotonic()))
                 except asyncio.TimeoutError:
-                    tries += 1
-                    if tries > retries:
-                        why = f": {self.handshake_error}" if self.handshake_error else ""
-                        raise TimeoutError(f"no reply to {msg.TYPE} {key} after {tries} tries{why}") from None
+                    late = deadline is not None and time.monotonic() >= deadline
+                    if refused is not None:  # back-off over: try again, or report the refusal
+                        if late:
+                            return refused
+                    else:
+                        tries += 1
+                        if late or (deadline is None and tries > retries):
+                            why = f": {self.handshake_error}" if self.handshake_error else ""
+                            raise TimeoutError(f"no reply to {msg.TYPE} {key} after {tries} tries{why}") from None
+                    refused = None
                     await self._send_bounded(msg, timeout)
+                    resend_at = next_try(timeout)
+                    continue
+                if reply is BROKER_RESTARTED and isinstance(msg, Verify):
+                    return Reopen(session=msg.session, reason="broker_restarted", broker=self.broker_id)
+                if reply is BROKER_RESTARTED or reply is BROKER_BACK:
+                    refused, attempt = None, 0
+                    await self._send_bounded(msg, timeout)
+                    resend_at = next_try(timeout)
+                    continue
+                if deadline is not None and transient(reply):
+                    first = reply.retry_ms / 1000 if isinstance(reply, Busy) else FIRST_BACKOFF_S
+                    refused = reply
+                    resend_at = next_try(backoff_s(attempt, max(first, 0.001), self.heartbeat_interval))
+                    attempt += 1
                     continue
                 if isinstance(reply, Busy) and busies < busy_retries:
                     busies += 1
                     await asyncio.sleep(max(reply.retry_ms, 1) / 1000)
                     await self._send_bounded(msg, timeout)
+                    resend_at = next_try(timeout)
                     continue
                 return reply
         finally:
             self._waiters.pop(key, None)
 
-    async def generate(self, job: Generate, timeout: float | None = None, *,
-                       retry_busy: bool = True) -> AsyncIterator[Message]:
+    async def generate(self, job: Generate, timeout: float | None = None, *, retry_busy: bool = True,
+                       queue_timeout: float | None = None) -> AsyncIterator[Message]:
         """Send a generate job and yield its Tokens, then the final Done or Error.
 
-        ``retry_busy=False`` yields a ``Busy`` and stops (the caller passes the backpressure on, as an HTTP 429)
-        instead of waiting out its retry hint and resending."""
+        ``timeout``: longest silence of a running job. ``retry_busy=False`` yields a ``Busy`` and stops (the caller
+        passes the backpressure on, as an HTTP 429) instead of waiting out its retry hint and resending.
+        ``queue_timeout`` (seconds): a job not started yet is resent while it waits (the broker ignores a duplicate),
+        and Busy and transient errors are retried with jittered back-off, for this long from the first refusal;
+        then the refusal is yielded (a Busy as ``Error(overloaded)``). A restarted broker gets the job again: it
+        streams again from its first token (``Tokens.index`` says where each piece belongs).
+        """
         key = reply_key(job)
         q: asyncio.Queue = asyncio.Queue()
         self._waiters[key] = q
         timeout = timeout if timeout is not None else self.timeout
+        started = False  # a Tokens or Done came: the job left the queue
+        refused_since: float | None = None
+        attempt = 0
+        waiting_since = time.monotonic()
+        pending: Any = None  # a message that arrived during a back-off, handled next
         try:
             await self.send(job)
             while True:
-                try:
-                    msg = q.get_nowait()  # a streaming job usually has its next message waiting: no timer needed
-                except asyncio.QueueEmpty:
+                msg, pending = pending, None
+                if msg is None and not q.empty():  # a streaming job usually has its next message waiting: no timer
+                    msg = q.get_nowait()
+                if msg is None:
                     try:
                         msg = await _get(q, timeout)
                     except asyncio.TimeoutError:
+                        if queue_timeout is not None and not started \
+                                and time.monotonic() - waiting_since < queue_timeout:
+                            await self._send_bounded(job, timeout)  # still queued, or lost: the broker dedups
+                            continue
                         raise TimeoutError(f"job {job.job!r}: nothing for {timeout}s") from None
-                if isinstance(msg, Busy) and retry_busy:
+                if msg is BROKER_RESTARTED or msg is BROKER_BACK:
+                    refused_since, attempt, waiting_since = None, 0, time.monotonic()
+                    await self._send_bounded(job, timeout)
+                    continue
+                if queue_timeout is not None and transient(msg) and (retry_busy or not isinstance(msg, Busy)):
+                    now = time.monotonic()
+                    refused_since = refused_since if refused_since is not None else now
+                    if now - refused_since < queue_timeout:
+                        first = msg.retry_ms / 1000 if isinstance(msg, Busy) else FIRST_BACKOFF_S
+                        delay = min(backoff_s(attempt, max(first, 0.001), self.heartbeat_interval),
+                                    refused_since + queue_timeout - now)
+                        attempt += 1
+                        pending = await self._wait_one(q, delay)
+                        if pending is not None:
+                            continue  # something came during the back-off (a restart, say): handle it first
+                        waiting_since = time.monotonic()
+                        await self._send_bounded(job, timeout)
+                        continue
+                    if isinstance(msg, Busy):
+                        msg = Error(code=E.OVERLOADED, message=f"no fused worker slot within {queue_timeout:g} s "
+                                    f"(the generate queue stayed full)", job=job.job, broker=msg.broker)
+                elif isinstance(msg, Busy) and retry_busy:
                     await asyncio.sleep(max(msg.retry_ms, 1) / 1000)
                     await self.send(job)
                     continue
+                else:
+                    refused_since, attempt = None, 0
+                    if isinstance(msg, (Tokens, Done)):
+                        started = True
                 yield msg
                 if isinstance(msg, (Done, Error, Busy)):
                     return
         finally:
             self._waiters.pop(key, None)
+
+    @staticmethod
+    async def _wait_one(q: asyncio.Queue, delay: float) -> Any:
+        """The next item of ``q`` if one comes within ``delay`` seconds, else None."""
+        try:
+            return await asyncio.wait_for(q.get(), max(0.0, delay))
+        except asyncio.TimeoutError:
+            return None
 
     async def cancel(self, job: str, reason: str = "") -> None:
         """Tell the broker nobody waits for ``job`` any more (it frees the job's worker slot); no answer comes."""
@@ -280,6 +457,28 @@ class BrokerClient:
         if not isinstance(reply, Stats):
             raise ProtocolError("bad_reply", f"expected stats, got {reply.TYPE}")
         return reply.snapshot
+
+    async def probe(self, timeout: float) -> dict:
+        """One stats snapshot within ``timeout`` (no resends): the start-up check of every frontend client CLI.
+
+        Raises ``HandshakeRefused`` (a ``SpecmqError``: one line in a CLI) the moment the broker refuses this
+        client's handshake, saying why (``handshake_error``) instead of waiting out ``timeout``; ``TimeoutError``
+        when nothing came back; ``ProtocolError`` when something other than stats did.
+        """
+        asked = asyncio.ensure_future(self.stats(timeout=timeout, retries=0))
+        refused = asyncio.ensure_future(self.handshake_refused.wait())
+        try:
+            await asyncio.wait({asked, refused}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            refused.cancel()
+            if not asked.done():  # not awaited: a cancel can be lost in wait_for (Python 3.11) and sit out the timeout
+                asked.cancel()
+                asked.add_done_callback(lambda t: t.cancelled() or t.exception())
+        if asked.done() and not asked.cancelled() and asked.exception() is None:
+            return asked.result()
+        if self.handshake_error or not asked.done() or asked.cancelled():
+            raise HandshakeRefused(f"broker at {self.address}: {self.handshake_error or 'handshake failed'}")
+        return asked.result()  # its TimeoutError or ProtocolError
 
 
 def request_stats(frontend: str, timeout_s: float = 0.5, *, curve: dict | None = None) -> dict | None:

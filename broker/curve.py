@@ -4,11 +4,17 @@ Keys are pyzmq certificate files (``generate_keypair``, behind ``specmq keys gen
 and ``NAME.key_secret`` (public + secret). The broker runs a ZAP handler (``zmq.auth.thread.ThreadAuthenticator``)
 on its own context with a callback that checks each client's public key against the ``--allow`` directory and
 counts refusals.
+
+Handshake failures are diagnosed here, once, for both ends: ``client_handshake_failure`` turns a client socket's
+monitor event into the sentence every frontend client prints (``specmq monitor``, ``draft``, ``generate``), and
+``HandshakeWatch`` counts and logs every handshake the broker's frontend refuses (a key not allowed, a client
+encrypting for another broker key, a client without CURVE, or with CURVE at a broker without it).
 """
 from __future__ import annotations
 
 import os
 import re
+import time
 from pathlib import Path
 from typing import Callable
 
@@ -24,6 +30,94 @@ log = structlog.get_logger("broker.curve")
 
 class CurveError(SpecmqError):
     """A key file or directory is missing or not a CURVE certificate, or a key pair cannot be made."""
+
+
+class HandshakeRefused(SpecmqError):
+    """The broker would not complete this client's handshake; the message says why (``client_handshake_failure``)."""
+
+
+FAILED_HANDSHAKE_EVENTS = (zmq.EVENT_HANDSHAKE_FAILED_AUTH | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
+                           | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL)
+HANDSHAKE_EVENTS = FAILED_HANDSHAKE_EVENTS | zmq.EVENT_HANDSHAKE_SUCCEEDED
+
+
+def client_handshake_failure(event: int, value: int, curve: bool) -> str:
+    """Why the broker would not talk to this client, from a monitor event of the client's socket ("" for a
+    successful handshake). ``curve``: whether this client uses CURVE. A ZAP refusal (FAILED_AUTH) names the key; a
+    mechanism mismatch means one side has CURVE and the other not; a handshake that the broker just ends
+    (NO_DETAIL) means, for a CURVE client, that the broker could not decrypt its HELLO (another broker key, or no CURVE
+    there), and for a plain client that the broker wants CURVE (a broker never ends a plain handshake otherwise; which
+    of the two events a refused plain client sees depends on who closes first)."""
+    if event == zmq.EVENT_HANDSHAKE_SUCCEEDED:
+        return ""
+    if event == zmq.EVENT_HANDSHAKE_FAILED_AUTH:
+        return (f"the broker refused this client's CURVE key (status {value}: its public key is not in the broker's "
+                "--allow directory)")
+    mismatch = event == zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL and value == zmq.PROTOCOL_ERROR_ZMTP_MECHANISM_MISMATCH
+    if mismatch and curve:
+        return "the broker does not use CURVE (leave out --curve-secret and --curve-server)"
+    if not curve and (mismatch or event == zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL):
+        return ("the broker requires CURVE: give --curve-secret (this client's NAME.key_secret) and --curve-server "
+                "(the broker's public key)")
+    if curve and event == zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL:
+        return "CURVE handshake failed (is --curve-server the broker's public key, and does the broker use CURVE?)"
+    return f"handshake failed (ZMTP protocol error {value:#x})"
+
+
+def refused_handshake_reason(event: int, value: int, curve: bool) -> str:
+    """Broker side: a short reason for a failed handshake on the frontend (``curve``: whether the broker has CURVE)."""
+    if event == zmq.EVENT_HANDSHAKE_FAILED_AUTH:
+        return "key_not_allowed"
+    if event == zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL:
+        if value == zmq.PROTOCOL_ERROR_ZMTP_MECHANISM_MISMATCH:
+            return "client_without_curve" if curve else "client_with_curve"
+        if value == zmq.PROTOCOL_ERROR_ZMTP_CRYPTOGRAPHIC:
+            return "wrong_broker_key"  # the client encrypted its HELLO for another server key
+        return f"protocol_error_{value:#x}"
+    return "no_detail"
+
+
+class HandshakeWatch:
+    """Broker side: a monitor on the frontend socket; ``drain()`` (on the loop thread, when ``fd`` is readable)
+    calls ``on_refused(reason)`` for every refused handshake and logs them, at most once a second per reason (a
+    misconfigured client retries every 100 ms)."""
+
+    def __init__(self, sock: zmq.Socket, curve: bool, on_refused: Callable[[str], None]) -> None:
+        self.sock = sock
+        self.curve = curve
+        self.on_refused = on_refused
+        self.mon = sock.get_monitor_socket(FAILED_HANDSHAKE_EVENTS)
+        self.fd = self.mon.getsockopt(zmq.FD)
+        self._logged: dict[str, tuple[float, int]] = {}  # reason -> (last log time, refusals not logged since)
+
+    def drain(self) -> None:
+        from zmq.utils.monitor import parse_monitor_message
+
+        while True:
+            try:
+                frames = self.mon.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            except zmq.ZMQError:  # closed under us at shutdown
+                return
+            ev = parse_monitor_message(frames)
+            reason = refused_handshake_reason(ev["event"], ev["value"], self.curve)
+            self.on_refused(reason)
+            now = time.monotonic()
+            last, quiet = self._logged.get(reason, (0.0, 0))
+            if now - last >= 1.0:
+                log.warning("handshake.refused", reason=reason, endpoint=ev["endpoint"].decode("utf-8", "replace"),
+                            repeats=quiet)
+                self._logged[reason] = (now, 0)
+            else:
+                self._logged[reason] = (last, quiet + 1)
+
+    def close(self) -> None:
+        try:
+            self.sock.disable_monitor()
+        except zmq.ZMQError:
+            pass
+        self.mon.close(linger=0)
 
 
 def generate_keypair(directory: str | Path, name: str) -> tuple[Path, Path]:

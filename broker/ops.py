@@ -154,7 +154,11 @@ class SnapshotCollector:
             ("send_blocked", "sends held by a full peer"),
             ("dropped", "frames nobody waits for"),
             ("auth_failures", "CURVE clients refused by the allow-list"),
+            ("refused_handshakes", "frontend handshakes refused (key not allowed, wrong broker key, no CURVE)"),
+            ("stale_answers", "worker answers of an earlier registration, dropped"),
             ("sessions_expired", "sessions closed after their client went silent"),
+            ("admitted", "session opens that waited in the admission queue, then got a slot"),
+            ("overloaded", "opens and jobs refused because their queue deadline passed"),
         ):
             fam = counter(f"specmq_{key}", doc)
             fam.add_metric([], c.get(key, 0))

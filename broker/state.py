@@ -32,6 +32,7 @@ class BrokerConfig:
     max_credit: int = 1_000_000  # a worker's credit is clamped here (untrusted input)
     seed: int = 0  # routing policy randomness
     session_idle_s: float = 300.0  # a session silent this long is closed (its target slot freed); 0 = never
+    queue_timeout_s: float = 120.0  # longest an open or job waits for a slot when its client names no deadline
     # operations (broker/ops.py, broker/capture.py, broker/curve.py); all off unless set
     metrics_port: int | None = None  # Prometheus HTTP port (0 = any free port); None = off
     metrics_host: str = "127.0.0.1"
@@ -55,6 +56,7 @@ class Worker:
     max_gamma: int = 16
     max_context: int = 0
     name: str = ""
+    incarnation: int = 0  # its Ready's incarnation: stamped on every request forwarded, required on every answer
     credit: int = 0  # requests we may still forward
     last_seen: float = field(default_factory=time.monotonic)
     sessions: set[str] = field(default_factory=set)  # namespaced session keys placed here (target)
@@ -92,6 +94,20 @@ class Job:
     body: dict  # the client's Generate map, job id namespaced
     deliveries: int = 0
     worker: bytes | None = None
+    deadline: float = float("inf")  # monotonic time after which a job still queued is refused (overloaded)
+
+
+@dataclass
+class Waiting:
+    """A session open in the admission queue: every target that could take it is full. FIFO; past ``deadline``
+    the client gets ``Error(overloaded)``."""
+
+    key: str
+    client: bytes
+    session: str
+    body: dict  # the client's SessionOpen map, as received
+    deadline: float
+    since: float = field(default_factory=time.monotonic)
 
 
 class Counters:
@@ -113,7 +129,11 @@ class Counters:
         self.send_blocked = 0  # sends that hit EAGAIN (peer's HWM) and were held in the outbox
         self.dropped = 0  # frames with nobody to answer (counted, logged)
         self.auth_failures = 0  # CURVE clients refused by the allow-list (set from the ZAP thread)
+        self.refused_handshakes = 0  # frontend handshakes that failed: key not allowed, wrong broker key, no CURVE
+        self.stale_answers = 0  # worker answers of an earlier registration (incarnation), dropped
         self.sessions_expired = 0  # sessions closed by the broker after session_idle_s of client silence
+        self.admitted = 0  # opens that waited in the admission queue, then got a slot
+        self.overloaded = 0  # opens and jobs whose queue deadline passed before a slot was free
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -132,7 +152,11 @@ class Counters:
             "send_blocked": self.send_blocked,
             "dropped": self.dropped,
             "auth_failures": self.auth_failures,
+            "refused_handshakes": self.refused_handshakes,
+            "stale_answers": self.stale_answers,
             "sessions_expired": self.sessions_expired,
+            "admitted": self.admitted,
+            "overloaded": self.overloaded,
         }
 
 
@@ -142,6 +166,7 @@ class BrokerState:
     sessions: dict[str, Session] = field(default_factory=dict)
     jobs: dict[str, Job] = field(default_factory=dict)
     generate_queue: deque = field(default_factory=deque)  # Jobs waiting for fused credit
+    admission: dict[str, Waiting] = field(default_factory=dict)  # opens waiting for a target slot, FIFO (by key)
     counters: Counters = field(default_factory=Counters)
     started: float = field(default_factory=time.monotonic)
 
@@ -178,7 +203,11 @@ class BrokerState:
             "generate": {
                 "depth": len(self.generate_queue),
                 "inflight": sum(len(w.jobs) for w in self.workers.values()),
-            }
+            },
+            "admission": {
+                "depth": len(self.admission),
+                "oldest_s": round(now - next(iter(self.admission.values())).since, 3) if self.admission else 0.0,
+            },
         }
         workers: dict[str, Any] = {}
         pending = self.session_inflight()
@@ -189,6 +218,7 @@ class BrokerState:
                 "kind": w.kind,
                 "model": w.model,
                 "capacity": w.capacity,
+                "incarnation": w.incarnation,
                 "sessions": len(w.sessions),
                 "jobs": len(w.jobs),
                 "credit": w.credit,

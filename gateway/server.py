@@ -4,9 +4,9 @@ Every request becomes one ``Generate`` job (always streamed from the worker, so 
 client that goes away can cancel it); the first message back decides the HTTP status: ``Busy`` is a 429 with
 ``Retry-After``, an ``Error`` its 4xx/5xx, a token the 200 (a stream's headers go out then). A background task asks
 the broker for stats every ``health_interval``: a broker that stops answering for ``broker_timeout`` is down
-(new requests get 503, waiting ones end with an error), and one that answers with a smaller uptime was restarted
-and lost its queue, so the jobs in flight are sent again (the index dedupe in ``gateway.stream`` drops what the
-client already has). A client that disconnects (aiohttp cancels its handler) or whose stop string matched gets a
+(new requests get 503, waiting ones end with an error). A broker restarted within that time keeps the streams: the
+broker client sends the jobs in flight to the new instance, and the index dedupe in ``gateway.stream`` drops what
+the client already has. A client that disconnects (aiohttp cancels its handler) or whose stop string matched gets a
 ``Cancel`` sent for its job: the broker drops it from the queue or tells its fused worker to free the slots.
 
 Routes: ``POST /v1/completions``, ``POST /v1/chat/completions``, ``GET /v1/models``, ``GET /health``,
@@ -85,6 +85,8 @@ def read_api_keys(path: str | Path) -> tuple[str, ...]:
 def job_error(msg: Error) -> ApiError:
     """A broker or worker ``Error`` as the HTTP error a client can act on."""
     code, text = msg.code, msg.message
+    if code == E.OVERLOADED:  # the broker's own admission deadline passed: overload, as a Busy is
+        return ApiError(429, text, code="rate_limit_exceeded", type="requests", headers={"Retry-After": "1"})
     if code in (E.NO_WORKERS, E.SHUTTING_DOWN, BROKER_UNAVAILABLE):
         return ApiError(503, text, code=code, type="server_error")
     if code == E.CONTEXT_TOO_LONG:
@@ -122,7 +124,7 @@ class Gateway:
         self.model_name = self.config.model_name or Path(self.config.tokenizer).name
         self.created = int(time.time())
         self.client = BrokerClient(self.config.broker, timeout=self.config.job_timeout)
-        self.jobs: dict[str, Generate] = {}  # in flight, by job id: re-sent if the broker restarts
+        self.jobs: dict[str, Generate] = {}  # in flight, by job id
         self.snapshot: dict[str, Any] | None = None
         self.snapshot_at = -math.inf
         self.counters: Counter[str] = Counter()
@@ -189,13 +191,7 @@ class Gateway:
                 snap = await self.client.stats(timeout=min(1.0, self.config.broker_timeout), retries=0)
             except (TimeoutError, ProtocolError):
                 return None
-        restarted = self.snapshot is not None and snap.get("uptime_s", 0.0) < self.snapshot.get("uptime_s", 0.0)
         self.snapshot, self.snapshot_at = snap, time.monotonic()
-        if restarted and self.jobs:  # its queue went with it: send what is in flight again
-            self.counters["jobs_resent"] += len(self.jobs)
-            log.warning("broker.restarted", jobs=len(self.jobs))
-            for job in list(self.jobs.values()):
-                await self.client.send(job)
         return snap
 
     async def _watch_broker(self) -> None:
@@ -402,7 +398,7 @@ class Gateway:
                   f"specmq_gateway_streams {self.streams}",
                   "# HELP specmq_gateway_broker_up 1 when the broker answered within broker_timeout",
                   "# TYPE specmq_gateway_broker_up gauge", f"specmq_gateway_broker_up {int(self.broker_up)}"]
-        for name in ("jobs_cancelled", "disconnects", "completion_tokens", "jobs_resent", "stream_errors"):
+        for name in ("jobs_cancelled", "disconnects", "completion_tokens", "jobs_failed_broker_down", "stream_errors"):
             lines += [f"# TYPE specmq_gateway_{name}_total counter",
                       f"specmq_gateway_{name}_total {self.counters[name]}"]
         return "\n".join(lines) + "\n"

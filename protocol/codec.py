@@ -197,7 +197,7 @@ def _q_arrays(n: int, q_ids: bytes | None, q_probs: bytes | None, q_lens: list[i
         except (OverflowError, TypeError, ValueError):  # ragged: refused just below
             lens = np.zeros(0)
         if lens.dtype.kind not in "iu" or lens.ndim != 1 or lens.min() < 1 or lens.max() > len(probs):
-            raise bad(BAD_FIELD, f"q_lens must lie in [1, {len(probs)}] (one non-empty row per draft token)")
+            raise bad(BAD_FIELD, f"q_lens must be integers in [1, {len(probs)}] (non-empty rows)")
         if len(q_ids) % Q_ID_DTYPE.itemsize:
             raise bad(BAD_FIELD, f"q_ids must hold uint32 values, got {len(q_ids)} bytes")
         ids = np.frombuffer(q_ids, Q_ID_DTYPE)

@@ -20,8 +20,14 @@ POISON_JOB = "poison_job"  # job exceeded its delivery cap
 SHUTTING_DOWN = "shutting_down"
 WORKER_ERROR = "worker_error"  # the worker failed while serving the request
 BAD_REQUEST = "bad_request"  # semantically invalid (e.g. bad sampling parameters)
+OVERLOADED = "overloaded"  # the client's queue deadline passed before a worker slot was free
 
 ALL_CODES = tuple(sorted(v for k, v in dict(globals()).items() if k.isupper() and isinstance(v, str)))
+
+# Transient refusals: the request may succeed later or on another broker, so a client backs off and retries
+# (until its own deadline) instead of failing. A draining broker answers SHUTTING_DOWN; a broker whose workers
+# have not registered yet (just restarted) answers NO_WORKERS.
+RETRYABLE: frozenset[str] = frozenset((SHUTTING_DOWN, NO_WORKERS))
 
 
 class SpecmqError(Exception):

@@ -31,10 +31,11 @@ RCVMORE = int(zmq.RCVMORE)
 
 _unpackb = msgpack.unpackb
 _INT_MAX = 1 << 62
-_VERIFY_KEYS = frozenset(("v", "type", "session", "seq", "pos", "tokens", "sent_at", "q_ids", "q_probs"))
+_VERIFY_KEYS = frozenset(("v", "type", "session", "seq", "pos", "tokens", "sent_at", "q_ids", "q_probs",
+                          "incarnation"))
 _RESULT_KEYS = frozenset(("v", "type", "session", "seq", "accepted", "tokens", "pos", "finished", "sent_at",
-                          "verify_ms", "queue_ms"))
-_TOKENS_KEYS = frozenset(("v", "type", "job", "tokens", "text", "index"))
+                          "verify_ms", "queue_ms", "incarnation", "broker"))
+_TOKENS_KEYS = frozenset(("v", "type", "job", "tokens", "text", "index", "incarnation", "broker"))
 
 
 _packer = msgpack.Packer(use_bin_type=True)  # reused: ~half the cost of packb; C code, holds the GIL
@@ -63,7 +64,9 @@ def _fast_verify(b: dict) -> bool:
     if not b.keys() <= _VERIFY_KEYS:
         return False
     seq, pos, tokens, sent = b.get("seq"), b.get("pos"), b.get("tokens"), b.get("sent_at", 0.0)
+    inc = b.get("incarnation", 0)
     if (type(b.get("session")) is not str or type(seq) is not int or type(pos) is not int
+            or type(inc) is not int or not (-_INT_MAX <= inc <= _INT_MAX)
             or type(tokens) is not list or not (type(sent) is float or type(sent) is int)
             or b.get("q_ids") is not None or b.get("q_probs") is not None
             or not (-_INT_MAX <= seq <= _INT_MAX) or not (-_INT_MAX <= pos <= _INT_MAX)):
@@ -78,10 +81,12 @@ def _fast_result(b: dict) -> bool:
     if not b.keys() <= _RESULT_KEYS:
         return False
     seq, acc, pos, tokens = b.get("seq"), b.get("accepted"), b.get("pos"), b.get("tokens")
+    inc = b.get("incarnation", 0)
     if (type(b.get("session")) is not str or type(seq) is not int or type(acc) is not int or type(pos) is not int
+            or type(inc) is not int or not (-_INT_MAX <= inc <= _INT_MAX)
             or type(tokens) is not list or type(b.get("finished", False)) is not bool
             or not _ok_float(b.get("sent_at", 0.0)) or not _ok_float(b.get("verify_ms", 0.0))
-            or not _ok_float(b.get("queue_ms", 0.0))
+            or not _ok_float(b.get("queue_ms", 0.0)) or type(b.get("broker", "")) is not str
             or not (-_INT_MAX <= seq <= _INT_MAX) or not (-_INT_MAX <= pos <= _INT_MAX)
             or not (-_INT_MAX <= acc <= _INT_MAX)):
         return False
@@ -96,8 +101,10 @@ def _fast_tokens(b: dict) -> bool:
     second)."""
     if not b.keys() <= _TOKENS_KEYS:
         return False
-    index, tokens = b.get("index", 0), b.get("tokens")
+    index, tokens, inc = b.get("index", 0), b.get("tokens"), b.get("incarnation", 0)
     if (type(b.get("job")) is not str or type(tokens) is not list or type(b.get("text", "")) is not str
+            or type(b.get("broker", "")) is not str
+            or type(inc) is not int or not (-_INT_MAX <= inc <= _INT_MAX)
             or type(index) is not int or not (-_INT_MAX <= index <= _INT_MAX)):
         return False
     for t in tokens:

@@ -5,6 +5,9 @@ peer's identity frame; DEALER peers send and receive the single body frame. The 
 protocol: the codec (``protocol.codec``) encodes them and validates untrusted input against their fields.
 
 Naming: ``session`` ids are chosen by the drafter (unique per client), ``job`` ids by the generate client.
+``incarnation`` fences stale answers: a worker registers with a fresh one (``Ready.incarnation``) on every
+(re)registration, the broker stamps it on every request it forwards, the worker echoes the incarnation of the request
+it answers, and the broker drops answers of any other incarnation (protocol/FLOW.md, "Fencing").
 ``pos`` is always the number of tokens already committed in the session (prompt + accepted output), so a
 chunk's first draft token sits at position ``pos``.
 """
@@ -52,6 +55,8 @@ class SessionOpen(Message):
     policy: str = "exact"  # acceptance policy name (workers.acceptance)
     policy_args: dict = field(default_factory=dict)
     model: str = ""  # requested target model id ("" = any)
+    incarnation: int = 0  # set by the broker: the target's registration this was forwarded under (fencing)
+    queue_timeout_s: float = 0.0  # how long the client waits in the broker's admission queue; 0 = broker default
 
 
 @dataclass
@@ -84,6 +89,7 @@ class Verify(Message):
     decode: int = 0  # with no draft tokens: the target decodes this many tokens itself (decode mode, γ = 0)
     draft_ms: float = 0.0  # drafter's time to draft this chunk (goodput controller input; 0 = not measured)
     path_ms: float = 0.0  # drafter's last round trip minus the target's time (link, broker, drafter loop)
+    incarnation: int = 0  # set by the broker: the target's registration this was forwarded under (fencing)
 
 
 @dataclass
@@ -106,6 +112,8 @@ class Result(Message):
     verify_ms: float = 0.0  # time the chunk spent in the target's forward pass
     queue_ms: float = 0.0  # time the chunk waited at the target before its tick
     next_gamma: int = -1  # the target's choice for the session's next chunk (0: decode mode; -1: no advice)
+    incarnation: int = 0  # echoed from the Verify it answers (fencing)
+    broker: str = ""  # instance id of the broker that sent it on (the broker sets it on every reply to a client)
 
 
 @dataclass
@@ -117,12 +125,15 @@ class SessionOpened(Message):
     pos: int
     worker: str = ""
     token: int = -1  # target's first token after the prompt when it has one (greedy/sampled), else -1
+    incarnation: int = 0  # echoed from the SessionOpen it answers (fencing)
+    broker: str = ""
 
 
 @dataclass
 class SessionClose(Message):
     TYPE: ClassVar[str] = "session_close"
     session: str
+    incarnation: int = 0  # set by the broker: the target's registration this was forwarded under (fencing)
 
 
 @dataclass
@@ -132,6 +143,7 @@ class Reopen(Message):
     TYPE: ClassVar[str] = "reopen"
     session: str
     reason: str = ""
+    broker: str = ""
 
 
 # --------------------------------------------------------------------------- generate queue (fused workers)
@@ -152,6 +164,8 @@ class Generate(Message):
     policy_args: dict = field(default_factory=dict)
     stream: bool = True
     delivery: int = 0  # set by the broker: how many times this job was handed out before
+    incarnation: int = 0  # set by the broker: the fused worker's registration it was handed out under (fencing)
+    queue_timeout_s: float = 0.0  # how long the client waits in the generate queue; 0 = broker default
 
 
 @dataclass
@@ -163,6 +177,8 @@ class Tokens(Message):
     tokens: list[int]
     text: str = ""
     index: int = 0  # running count of tokens before this message
+    incarnation: int = 0  # echoed from the Generate it belongs to (fencing)
+    broker: str = ""
 
 
 @dataclass
@@ -175,6 +191,8 @@ class Done(Message):
     text: str = ""
     finish_reason: str = "length"
     stats: dict = field(default_factory=dict)
+    incarnation: int = 0  # echoed from the Generate it answers (fencing)
+    broker: str = ""
 
 
 @dataclass
@@ -186,12 +204,18 @@ class Cancel(Message):
     TYPE: ClassVar[str] = "cancel"
     job: str
     reason: str = ""
+    incarnation: int = 0  # set by the broker on the way to the fused worker (fencing)
 
 
 # --------------------------------------------------------------------------- worker <-> broker
 @dataclass
 class Ready(Message):
-    """Worker registration. ``capacity``: session slots (target) or concurrent jobs (fused)."""
+    """Worker registration. ``capacity``: session slots (target) or concurrent jobs (fused).
+
+    ``incarnation`` is picked afresh on every (re)registration (``workers.link.WorkerLink`` does it): the broker
+    accepts answers only when they echo the incarnation of the worker's current registration, so an answer computed
+    for an earlier registration (a tick that finished after the link reconnected) can never pass for a new one.
+    """
 
     TYPE: ClassVar[str] = "ready"
     kind: str
@@ -202,14 +226,20 @@ class Ready(Message):
     max_gamma: int = 16
     max_context: int = 0
     worker: str = ""  # human-readable name
+    incarnation: int = 0  # this registration's id (0: the worker does not fence its answers)
 
 
 @dataclass
 class Heartbeat(Message):
-    """Liveness, both ways. Workers attach their own figures (tick time, batch size, slots used) in ``stats``."""
+    """Liveness, both ways. Workers attach their own figures (tick time, batch size, slots used) in ``stats``.
+
+    Clients send heartbeats too while they wait for answers; the broker answers each with its ``broker`` instance
+    id, so a client notices a restarted broker within a beat or two instead of after a request timeout.
+    """
 
     TYPE: ClassVar[str] = "heartbeat"
     stats: dict = field(default_factory=dict)
+    broker: str = ""
 
 
 @dataclass
@@ -240,6 +270,8 @@ class Error(Message):
     session: str = ""
     seq: int = -1
     job: str = ""
+    incarnation: int = 0  # from a worker: echoed from the request it refuses (fencing)
+    broker: str = ""
 
 
 @dataclass
@@ -252,6 +284,8 @@ class Busy(Message):
     session: str = ""
     seq: int = -1
     job: str = ""
+    incarnation: int = 0  # from a worker: echoed from the request it refuses (fencing)
+    broker: str = ""
 
 
 # --------------------------------------------------------------------------- observability
@@ -266,6 +300,7 @@ class StatsRequest(Message):
 class Stats(Message):
     TYPE: ClassVar[str] = "stats"
     snapshot: dict = field(default_factory=dict)
+    broker: str = ""
 
 
 MESSAGE_TYPES: dict[str, type[Message]] = {
@@ -295,7 +330,7 @@ MESSAGE_TYPES: dict[str, type[Message]] = {
 
 # Which side may send what: the broker's frontend accepts only CLIENT_TYPES, its backend only WORKER_TYPES.
 CLIENT_TYPES: frozenset[str] = frozenset(cls.TYPE for cls in (SessionOpen, Verify, SessionClose, Generate, Cancel,
-                                                              StatsRequest))
+                                                              StatsRequest, Heartbeat))
 WORKER_TYPES: frozenset[str] = frozenset(cls.TYPE for cls in (Ready, Heartbeat, Credit, Disconnect, Result,
                                                               SessionOpened, Error, Busy, Tokens, Done))
 

@@ -121,3 +121,74 @@ def test_client_clis_refuse_half_configured_curve(cmd, keys):
                            keys["client_sec"]], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 1
     assert "--curve-server" in proc.stderr and proc.stderr.count("\n") == 1
+
+
+def _refused(b) -> int:
+    return b.snapshot()["counters"]["refused_handshakes"]
+
+
+def test_each_refused_handshake_is_explained_at_once_and_counted_by_the_broker(make_broker, keys):
+    """Unlisted key, wrong broker key, no CURVE against a CURVE broker, CURVE against a plain one: the client says
+    which (``probe`` ends at the refusal, not after its timeout) and the broker counts every refusal."""
+    from broker.curve import HandshakeRefused
+
+    b = make_broker(curve_secret=keys["server_sec"], allow=keys["allow"], metrics_port=0)
+    plain_broker = make_broker()
+    cases = [
+        (b, {"curve_secret": keys["stranger_sec"], "curve_server": keys["server_pub"]},
+         "the broker refused this client's CURVE key"),
+        (b, {"curve_secret": keys["client_sec"], "curve_server": keys["impostor_pub"]},
+         r"CURVE handshake failed \(is --curve-server the broker's public key"),
+        (b, {}, "the broker requires CURVE: give --curve-secret"),
+        (plain_broker, {"curve_secret": keys["client_sec"], "curve_server": keys["server_pub"]},
+         "the broker does not use CURVE|does the broker use CURVE"),
+    ]
+
+    async def main():
+        for broker, curve, why in cases:
+            before = _refused(broker)
+            async with BrokerClient(broker.frontend, **curve) as client:
+                t0 = time.monotonic()
+                with pytest.raises(HandshakeRefused, match=why):
+                    await client.probe(timeout=20)
+                assert time.monotonic() - t0 < 10  # the refusal, not the timeout, ended it
+            from broker.client import wait_for
+
+            assert await wait_for(lambda: _refused(broker) > before, 5), why
+        async with BrokerClient(b.frontend, curve_secret=keys["client_sec"], curve_server=keys["server_pub"]) as ok:
+            assert "queues" in await ok.probe(timeout=5)
+
+    run_async(main(), timeout=120)
+    snap = b.snapshot()
+    assert snap["counters"]["refused_handshakes"] >= 3 and snap["counters"]["auth_failures"] >= 1
+    import urllib.request
+
+    text = urllib.request.urlopen(snap["metrics"], timeout=5).read().decode()
+    line = next(x for x in text.splitlines() if x.startswith("specmq_refused_handshakes_total"))
+    assert float(line.split()[-1]) >= 3
+
+
+@pytest.mark.slow
+def test_draft_generate_and_monitor_give_the_same_reason_for_a_refusal(make_broker, keys):
+    b = make_broker(curve_secret=keys["server_sec"], allow=keys["allow"])
+    stranger = ["--curve-secret", keys["stranger_sec"], "--curve-server", keys["server_pub"]]
+    runs = {
+        "draft": ["draft", "--prompt", "x", "--connect-timeout", "20"],
+        "generate": ["generate", "--prompt", "x", "--connect-timeout", "20"],
+        "monitor": ["monitor", "--once", "--timeout", "20"],
+    }
+    lines = {}
+    for name, argv in runs.items():
+        t0 = time.monotonic()
+        out = subprocess.run([sys.executable, "-m", "specmq", *argv, "--broker", b.frontend, *stranger],
+                             capture_output=True, text=True, timeout=60)
+        assert out.returncode == 1, (name, out.stderr)
+        assert time.monotonic() - t0 < 20, name  # refused at once, not after the 20 s timeout
+        last = out.stderr.strip().splitlines()[-1]
+        assert last.startswith(f"specmq {name}: broker at {b.frontend}: the broker refused this client's CURVE key")
+        lines[name] = last.split(": ", 1)[1]
+    assert len(set(lines.values())) == 1, lines
+    for name in ("draft", "generate"):  # no CURVE at all against a CURVE broker
+        out = subprocess.run([sys.executable, "-m", "specmq", *runs[name], "--broker", b.frontend],
+                             capture_output=True, text=True, timeout=60)
+        assert out.returncode == 1 and "the broker requires CURVE" in out.stderr.strip().splitlines()[-1], out.stderr

@@ -135,6 +135,27 @@ def test_greedy_matches_target_only_in_prompt_order(cluster, tiny_pair, expected
     assert len(profile.read_text().splitlines()) - 1 == sum(r["rounds"] for r in rows)
 
 
+@pytest.mark.parametrize("gamma", ["auto", "0"])
+def test_auto_gamma_and_decode_mode_match_target_only(cluster, tiny_pair, expected, tmp_path, gamma):  # noqa: F811
+    """--gamma auto follows the target's controller (decode mode included); --gamma 0 is target-only decoding
+    through the same broker and target. Both are lossless."""
+    path = tmp_path / "prompts.txt"
+    path.write_text("\n".join(PROMPTS) + "\n")
+    res = run_cli("draft", "--broker", cluster.frontend, "--model", str(tiny_pair.draft), "--prompt-file", str(path),
+                  "--max-new-tokens", str(MAX_NEW), "--gamma", gamma, "--decode-tokens", "5", "--concurrency", "2",
+                  "--json", "--threads", "1")
+    assert res.returncode == 0, res.stderr
+    rows = json_lines(res.stdout)
+    check_rows(rows, expected)
+    if gamma == "0":
+        assert all(r["drafted"] == 0 and r["rounds"] == -(-len(r["token_ids"]) // 5) for r in rows)
+
+
+def test_bad_gamma_is_refused_in_one_line(tiny_pair):  # noqa: F811
+    res = run_cli("draft", "--model", str(tiny_pair.draft), "--prompt", "x", "--gamma", "lots")
+    assert res.returncode != 0 and "--gamma" in res.stderr and "'auto' or a whole number" in res.stderr
+
+
 def test_text_mode_and_adaptive_gamma(cluster, tiny_pair, expected):  # noqa: F811
     res = run_cli("draft", "--broker", cluster.frontend, "--model", str(tiny_pair.draft), "--prompt", PROMPTS[0],
                   "--max-new-tokens", str(MAX_NEW), "--adaptive-gamma", "--max-gamma", "5", "--threads", "1")

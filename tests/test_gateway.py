@@ -429,7 +429,7 @@ async def _dies_after_two(backend: str, stop: asyncio.Event, tok, ids: list[int]
         for m in await link.recv_batch(timeout=0.05):
             if isinstance(m, Generate):
                 for i in range(2):
-                    await link.send(Tokens(job=m.job, tokens=ids[i:i + 1], index=i,
+                    await link.send(Tokens(job=m.job, tokens=ids[i:i + 1], index=i, incarnation=m.incarnation,
                                            text=decode(tok, ids[:i + 1])[len(decode(tok, ids[:i])):]))
                 await asyncio.sleep(0.1)
                 link.abort()
@@ -446,10 +446,10 @@ async def _batches_differently(backend: str, stop: asyncio.Event, tok, ids: list
             for m in await link.recv_batch(timeout=0.05):
                 if isinstance(m, Generate):
                     for i in range(0, len(ids), 3):
-                        await link.send(Tokens(job=m.job, tokens=ids[i:i + 3], index=i,
+                        await link.send(Tokens(job=m.job, tokens=ids[i:i + 3], index=i, incarnation=m.incarnation,
                                                text=decode(tok, ids[:i + 3])[len(decode(tok, ids[:i])):]))
                     await link.send(Done(job=m.job, token_ids=ids, text=decode(tok, ids),
-                                         stats={"delivery": m.delivery}))
+                                         stats={"delivery": m.delivery}, incarnation=m.incarnation))
                     link.grant(1)
 
 
@@ -500,7 +500,8 @@ async def _stop_worker(backend: str, got: list, stop: asyncio.Event) -> None:
                 got.append(m)
                 if isinstance(m, Generate):
                     for i, piece in enumerate(["one ", "two S", "TOP"]):
-                        await link.send(Tokens(job=m.job, tokens=[100 + i], text=piece, index=i))
+                        await link.send(Tokens(job=m.job, tokens=[100 + i], text=piece, index=i,
+                                               incarnation=m.incarnation))
 
 
 # --------------------------------------------------------------------------- the real fused worker (shipped pair)
@@ -652,3 +653,16 @@ def test_up_with_http_starts_the_gateway_with_the_rest():
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait(10)
+
+
+def test_the_shipped_serve_config_names_only_real_flags():
+    import argparse
+
+    from specmq.cliutil import apply_config
+    from specmq.commands import serve
+
+    parser = argparse.ArgumentParser(prog="specmq")
+    serve.register(parser.add_subparsers(dest="command", required=True))
+    args = apply_config(parser.parse_args(["serve", "--config", str(ROOT / "configs" / "serve.yaml")]), set())
+    assert serve.parse_listen(args.listen) == ("127.0.0.1", 8000) and args.tokenizer == "models/tiny-target"
+    assert serve.parse_listen(":9000") == ("127.0.0.1", 9000) and serve.parse_listen("[::1]:80") == ("::1", 80)

@@ -85,6 +85,16 @@ def test_rope_pairs_keep_their_frequencies():
     assert (dims[32:] - dims[:32] == 64).all()
 
 
+def test_named_shapes_are_the_profiled_shapes():
+    from workers.engine.cuda_shapes import SHAPES as PROFILED
+    from workers.engine.grow import SHAPES
+
+    for name, s in SHAPES.items():
+        a = PROFILED[name]
+        assert (s.hidden_size, s.num_hidden_layers, s.num_attention_heads, s.num_key_value_heads, s.head_dim,
+                s.intermediate_size) == (a.dim, a.n_layer, a.n_head, a.n_kv_head, a.head_dim, a.intermediate_size)
+
+
 def test_grown_config_shape_and_scales():
     _, cfg = read_config(TARGET)
     g = plan_growth(cfg, WIDE)
@@ -181,6 +191,18 @@ def test_gqa_untied_llama3_rope_model_grows(tmp_path):
     assert (engine_greedy(engine, row)[0][0] - engine_greedy(ref, row)[0][0]).abs().max() < ATOL
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_engine_grown_in_memory_matches_the_small_one(small_greedy):
+    """The CUDA-graph engine (float32, so argmax ties do not flip) on a model grown on the GPU."""
+    n = len(PROMPTS)
+    big = load_engine(TARGET, slots=n, backend="cuda", device="cuda", dtype="float32", grow=WIDE)
+    logits, tokens = engine_greedy(big, prompt_ids(TARGET))
+    assert tokens == small_greedy[1]
+    for a, b in zip(small_greedy[0], logits):
+        assert (a - b.cpu()).abs().max() < ATOL
+
+
 # ----------------------------------------------------------------------------------------------- the big shapes
 @pytest.mark.parametrize("source,shape,real,real_vocab_params", [
     (TARGET, "llama-3.1-8b", LLAMA_31_8B_PARAMS, 2 * 128256 * 4096),
@@ -249,6 +271,25 @@ def test_cli_model_grow_end_to_end(tmp_path, capsys):
     assert rc == 1 and "not empty" in err and len(err.strip().splitlines()) == 1
 
 
+def test_sharded_directory_loads_everywhere(tmp_path, monkeypatch):
+    """Shards are whole parts (embedding, layers, final norm) with an index, as HF writes them."""
+    import workers.engine.grow as grow
+
+    monkeypatch.setattr(grow, "SHARD_BYTES", 6 << 20)
+    report = write_grown(DRAFT, DRAFT_SHAPE, tmp_path / "g", dtype="float32")
+    shards = sorted(p.name for p in (tmp_path / "g").glob("model-*.safetensors"))
+    assert len(shards) > 2 and shards == [f for f in report.files if f.startswith("model-")]
+    index = json.loads((tmp_path / "g" / "model.safetensors.index.json").read_text())
+    assert set(index["weight_map"].values()) == set(shards) and index["metadata"]["total_size"] == report.weight_bytes
+    ids = prompt_ids(DRAFT)
+    small, big = load_engine(DRAFT, slots=len(ids)), load_engine(tmp_path / "g", slots=len(ids))
+    assert engine_greedy(big, ids)[1] == engine_greedy(small, ids)[1]
+    hf = LlamaForCausalLM.from_pretrained(tmp_path / "g", dtype=torch.float32).eval()
+    ref = LlamaForCausalLM.from_pretrained(DRAFT, dtype=torch.float32).eval()
+    with torch.no_grad():
+        assert (hf(torch.tensor([ids[0]])).logits - ref(torch.tensor([ids[0]])).logits).abs().max() < ATOL
+
+
 def test_cli_model_grow_config_and_errors(tmp_path, capsys):
     cfg = tmp_path / "grow.yaml"
     cfg.write_text(f"from: {DRAFT}\nout: {tmp_path / 'g'}\ndtype: float32\n"
@@ -261,7 +302,7 @@ def test_cli_model_grow_config_and_errors(tmp_path, capsys):
     rc, _, err = run_cli(["model", "grow", "--from", str(tmp_path / "nowhere"), "--shape", "llama-3.1-8b",
                           "--out", str(tmp_path / "x")], capsys)
     assert rc == 1 and "does not exist" in err
-    rc, _, err = run_cli(["model", "grow", "--from", str(TARGET), "--shape", "tiny-draft", "--out",
+    rc, _, err = run_cli(["model", "grow", "--from", str(TARGET), "--shape", DRAFT_SHAPE, "--out",
                           str(tmp_path / "y")], capsys)
     assert rc == 1 and "growth only adds" in err and not (tmp_path / "y").exists()
 
@@ -276,3 +317,25 @@ def test_verify_grow_flag_gives_the_same_tokens(capsys):
     assert a["token_ids"] == b["token_ids"] and b["model"] == "tiny-draft@custom"
     rc, _, err = run_cli(argv + ["--grow", "llama-9b"], capsys)
     assert rc == 1 and "unknown" in err
+
+
+def test_target_and_fused_refuse_a_bad_grow_shape_in_one_line(capsys):
+    """``--grow`` reaches the engine loader before any broker is contacted: a bad shape is a one-line exit 1."""
+    rc, _, err = run_cli(["target", "--model", str(DRAFT), "--grow", "hidden=64,layers=1"], capsys)
+    assert rc == 1 and "missing" in err and len(err.strip().splitlines()) == 1
+    rc, _, err = run_cli(["fused", "--target-model", str(DRAFT), "--draft-model", str(DRAFT), "--draft-grow",
+                          "llama-9b"], capsys)
+    assert rc == 1 and "draft model" in err and "unknown" in err
+
+
+@pytest.mark.slow  # a benchmark, on CPU with a small shape: checks its plumbing, not its timings
+def test_grow_cost_bench_runs_on_cpu(capsys):
+    rc, stdout, _ = run_cli(["bench", "grow_cost", "--device", "cpu", "--dtype", "float32", "--source", str(DRAFT),
+                             "--shape", DRAFT_SHAPE, "--points", "1x1,2x3", "--contexts", "16", "--reps", "2",
+                             "--json"], capsys)
+    assert rc == 0
+    lines = [json.loads(x) for x in stdout.splitlines()]
+    head, rows = lines[0]["header"], lines[1:]
+    assert head["argmax_agreement"] == 1.0  # float32: the grown model's argmax is the small one's everywhere
+    assert head["grown_weight_bytes"] == head["random_weight_bytes"] and 0 < head["grown_zero_share"] < 1
+    assert [(r["batch"], r["tokens"]) for r in rows] == [(1, 1), (2, 3)] and all(r["ratio"] > 0 for r in rows)

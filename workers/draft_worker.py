@@ -6,10 +6,12 @@ draft γ -> ``Verify`` -> ``Result`` -> roll the draft cache back (``apply_resul
 wants to draft at the same moment and drafts them in ONE ``draft_batch`` call, so 16 sessions cost about one
 session's drafting.
 
-Recovery (protocol/FLOW.md): ``Busy`` is waited out by ``BrokerClient.request``; a timed-out request is resent with
-the same seq (the broker answers from its cache); ``Reopen`` (or ``unknown_session``) re-sends ``SessionOpen`` with
+Recovery (protocol/FLOW.md, docs/operations.md): ``Busy`` and transient errors (a draining or just-restarted
+broker) are waited out by ``BrokerClient.request`` with jittered back-off until ``queue_timeout``; a timed-out
+request is resent with the same seq (the broker answers from its cache); ``Reopen`` (from the broker when a target
+died, or from the client when a new broker instance answers) or ``unknown_session`` re-sends ``SessionOpen`` with
 the prompt + every committed token and re-sends the chunk in hand as seq 0: nothing is lost, the draft cache is
-still right. Any other ``Error`` fails that session alone.
+still right. Only a passed ``queue_timeout`` (``overloaded``) or any other ``Error`` fails a session, alone.
 """
 from __future__ import annotations
 
@@ -27,7 +29,7 @@ import structlog
 from broker.client import BrokerClient
 from protocol import errors as E
 from protocol.errors import ProtocolError, SpecmqError
-from protocol.messages import Error, Message, Reopen, Result, SessionClose, SessionOpen, SessionOpened, Verify
+from protocol.messages import Busy, Error, Message, Reopen, Result, SessionClose, SessionOpen, SessionOpened, Verify
 
 log = structlog.get_logger("draft")
 
@@ -81,13 +83,18 @@ class DraftConfig:
     seed: int = 0
     concurrency: int = 16
     link_delay_ms: float = 0.0
-    timeout: float = 10.0  # per request try; resent ``retries`` times
+    timeout: float = 10.0  # per request try: an unanswered request is resent after this
     retries: int = 3
+    queue_timeout: float = 120.0  # longest a request waits out overload, a draining or a restarting broker
     connect_timeout: float = 5.0  # the broker must answer a stats request within this on start
     gather_ms: float = 2.0  # how long the batcher waits for more sessions to draft with
     policy: str = "exact"
     max_reopens: int = 20
     threads: int = 0  # torch threads (0: torch's default)
+    device: str = "cpu"  # draft engine placement (cpu, cuda, cuda:1, ...)
+    dtype: str = "float32"
+    backend: str = "auto"  # workers.engine.BACKENDS
+    grow: str | None = None  # grow the draft model in memory to this shape (workers/engine/grow.py)
     curve: dict = field(default_factory=dict)  # CURVE client keys (broker.curve.client_kwargs); empty: plain TCP
 
 
@@ -121,6 +128,7 @@ class PromptResult:
     error: str | None = None
     error_code: str | None = None
     gammas: list[int] = field(default_factory=list)
+    first_token_s: float | None = None  # from the session's start to its first committed tokens (TTFT)
 
     @property
     def new_tokens(self) -> int:
@@ -142,8 +150,17 @@ class PromptResult:
             "mean_accepted": round(self.accepted / self.rounds, 3) if self.rounds else 0.0,
             "mean_gamma": round(sum(self.gammas) / len(self.gammas), 3) if self.gammas else 0.0,
             "reopens": self.reopens, "wall_s": round(self.wall_s, 4),
+            **latency_fields(self.first_token_s, self.wall_s, self.new_tokens),
             "tokens_per_s": round(self.tokens_per_s, 2), "error": self.error, "error_code": self.error_code,
         }
+
+
+def latency_fields(first_token_s: float | None, wall_s: float, tokens: int) -> dict[str, float | None]:
+    """TTFT and TPOT (time per output token after the first: (wall − TTFT) / (tokens − 1)) of one generation."""
+    tpot = None
+    if first_token_s is not None and tokens > 1:
+        tpot = round((wall_s - first_token_s) / (tokens - 1) * 1000.0, 3)
+    return {"ttft_s": None if first_token_s is None else round(first_token_s, 4), "tpot_ms": tpot}
 
 
 class SessionFailed(Exception):
@@ -186,8 +203,10 @@ async def probe_broker(client: BrokerClient, address: str, timeout: float) -> di
 
 
 async def _stats_once(client: BrokerClient, timeout: float) -> dict:
+    """``client.probe``: a refused handshake raises ``HandshakeRefused`` at once, in the words ``specmq monitor``
+    uses (one line in the CLI), not a timeout."""
     try:
-        return await client.stats(timeout=timeout, retries=0)
+        return await client.probe(timeout)
     except ProtocolError:  # something else than stats came back: the broker is there all the same
         return {}
 
@@ -254,6 +273,7 @@ class DraftWorker:
         self.engine = engine
         self.rows: list[RoundRow] = []
         self.fingerprint = ""
+        self.opening = 0  # sessions waiting for their open to be answered (the "N sessions waiting" of overloaded)
 
     def _load(self, prompts_ids: list[list[int]]) -> None:
         from workers.engine import EngineError, load_engine, tokenizer_fingerprint
@@ -270,15 +290,25 @@ class DraftWorker:
                 + max(cfg.initial_gamma, cfg.max_gamma, cfg.gamma if isinstance(cfg.gamma, int) else 0) + 8)
         slots = max(1, min(cfg.concurrency, len(prompts_ids)))
         try:
-            self.engine = load_engine(cfg.model, slots=slots, max_context=need)
+            self.engine = load_engine(cfg.model, device=cfg.device, dtype=cfg.dtype, slots=slots, max_context=need,
+                                      backend=cfg.backend, grow=cfg.grow)
         except EngineError as exc:
             raise DraftError(f"cannot load draft model {cfg.model}: {exc}") from None
         except (OSError, ValueError) as exc:
             raise DraftError(f"cannot load draft model {cfg.model}: {exc}") from None
 
     async def run(self, prompts: Sequence[str]) -> list[PromptResult]:
+        return await self.run_results([PromptResult(i, p, self.codec.encode(p)) for i, p in enumerate(prompts)])
+
+    async def run_ids(self, prompts_ids: Sequence[Sequence[int]]) -> list[PromptResult]:
+        """Like ``run`` for prompts given as token ids (benchmarks that need exact prompt lengths)."""
+        results = [PromptResult(i, "", [int(t) for t in ids]) for i, ids in enumerate(prompts_ids)]
+        if any(not r.prompt_ids for r in results):
+            raise DraftError("every prompt needs at least one token id")
+        return await self.run_results(results)
+
+    async def run_results(self, results: list[PromptResult]) -> list[PromptResult]:
         cfg = self.config
-        results = [PromptResult(i, p, self.codec.encode(p)) for i, p in enumerate(prompts)]
         client = make_client(cfg.broker, cfg.link_delay_ms, cfg.timeout, cfg.curve)
         await client.start()
         batch_task = None
@@ -313,29 +343,42 @@ class DraftWorker:
         return SessionOpen(session=sid, prompt_ids=res.prompt_ids + res.token_ids,
                            max_new_tokens=cfg.max_new_tokens - len(res.token_ids), temperature=cfg.temperature,
                            top_p=cfg.top_p, seed=cfg.seed + res.index, tokenizer=self.fingerprint,
-                           policy=cfg.policy)
+                           policy=cfg.policy, queue_timeout_s=cfg.queue_timeout)
 
     async def _open(self, client: BrokerClient, res: PromptResult, sid: str) -> None:
-        """Send SessionOpen (prompt + committed tokens) until a target holds the session."""
+        """Send SessionOpen (prompt + committed tokens) until a target holds the session.
+
+        The open may wait in the broker's admission queue, or be refused for a while (Busy, a draining broker,
+        no target registered yet): it keeps its place or retries until ``queue_timeout``; the broker's own verdict
+        at its deadline (``overloaded``) gets a couple of heartbeats to arrive before this side gives up.
+        """
         cfg = self.config
-        deadline = time.monotonic() + cfg.timeout * (cfg.retries + 1)
+        deadline = time.monotonic() + cfg.queue_timeout
         committed = len(res.prompt_ids) + len(res.token_ids)
-        while True:
-            try:
-                reply = await client.request(self._open_msg(res, sid), timeout=cfg.timeout, retries=cfg.retries)
-            except TimeoutError:
-                raise SessionFailed("timeout", f"no answer to session open from {cfg.broker}") from None
-            if isinstance(reply, SessionOpened):
-                if reply.pos != committed:
-                    raise SessionFailed(E.BAD_SEQUENCE, f"target opened at pos {reply.pos}, expected {committed}")
-                return
-            if isinstance(reply, Reopen) or (isinstance(reply, Error) and reply.code == E.NO_WORKERS
-                                             and time.monotonic() < deadline):
-                await asyncio.sleep(0.05)  # a target is coming or going: try again
-                continue
-            if isinstance(reply, Error):
-                raise SessionFailed(reply.code, self._error_text(reply))
-            raise SessionFailed("bad_reply", f"unexpected {reply.TYPE} to session open")
+        self.opening += 1
+        try:
+            while True:
+                try:
+                    reply = await client.request(self._open_msg(res, sid), timeout=cfg.timeout, retries=cfg.retries,
+                                                 deadline=deadline + 2 * client.heartbeat_interval)
+                except TimeoutError:
+                    raise SessionFailed("timeout", f"no answer to session open from {cfg.broker} within "
+                                        f"{cfg.queue_timeout:g} s") from None
+                if isinstance(reply, SessionOpened):
+                    if reply.pos != committed:
+                        raise SessionFailed(E.BAD_SEQUENCE, f"target opened at pos {reply.pos}, expected {committed}")
+                    return
+                if isinstance(reply, Reopen) and time.monotonic() < deadline:
+                    await asyncio.sleep(0.05)  # its target died while opening: place it again
+                    continue
+                if isinstance(reply, (Busy, Reopen)):  # still refused at the deadline
+                    raise SessionFailed(E.OVERLOADED, f"{E.OVERLOADED}: no target slot within {cfg.queue_timeout:g} s;"
+                                        f" {self.opening} sessions waiting")
+                if isinstance(reply, Error):
+                    raise SessionFailed(reply.code, self._error_text(reply))
+                raise SessionFailed("bad_reply", f"unexpected {reply.TYPE} to session open")
+        finally:
+            self.opening -= 1
 
     def _error_text(self, err: Error) -> str:
         msg = err.message
@@ -394,6 +437,8 @@ class DraftWorker:
                 if auto and reply.next_gamma >= 0:
                     advised = reply.next_gamma
                 res.token_ids += list(reply.tokens)
+                if reply.tokens and res.first_token_s is None:
+                    res.first_token_s = time.perf_counter() - t_start
                 res.rounds += 1
                 res.drafted += max(g, 0)
                 res.accepted += k
@@ -443,10 +488,11 @@ class DraftWorker:
                          decode=decode, draft_ms=round(draft_ms, 3), path_ms=round(path_ms, 3))
             t0 = time.perf_counter()
             try:
-                reply = await client.request(msg, timeout=cfg.timeout, retries=cfg.retries)
+                reply = await client.request(msg, timeout=cfg.timeout, retries=cfg.retries,
+                                             deadline=time.monotonic() + cfg.queue_timeout)
             except TimeoutError:
-                raise SessionFailed("timeout", f"no result for chunk seq {used_seq} from {cfg.broker} after "
-                                    f"{cfg.retries + 1} tries of {cfg.timeout:g}s") from None
+                raise SessionFailed("timeout", f"no result for chunk seq {used_seq} from {cfg.broker} within "
+                                    f"{cfg.queue_timeout:g} s (resent every {cfg.timeout:g} s)") from None
             rtt_ms = (time.perf_counter() - t0) * 1000
             reopen = isinstance(reply, Reopen) or (isinstance(reply, Error) and reply.code == E.UNKNOWN_SESSION)
             if reopen:
@@ -455,6 +501,9 @@ class DraftWorker:
                 await self._open(client, res, sid)
                 used_seq = 0
                 continue
+            if isinstance(reply, Busy):  # the target's queue stayed full until the deadline
+                raise SessionFailed(E.OVERLOADED, f"{E.OVERLOADED}: chunk seq {used_seq} refused as busy for "
+                                    f"{cfg.queue_timeout:g} s ({reply.queue})")
             if isinstance(reply, Error):
                 raise SessionFailed(reply.code, self._error_text(reply))
             return reply, used_seq, rtt_ms

@@ -32,21 +32,22 @@ log = structlog.get_logger("echo_worker")
 
 
 def answer(msg: Message, name: str = "echo", vocab_size: int = 32000, stream_tokens: int = 3) -> list[Message]:
-    """The echo worker's whole behaviour: the replies to one request (pure, shared with the benchmark)."""
+    """The echo worker's whole behaviour: the replies to one request (pure, shared with the benchmark). Every reply
+    echoes the request's ``incarnation`` (the broker drops answers of an earlier registration)."""
     if isinstance(msg, Verify):
         bonus = (msg.tokens[-1] + 1) % vocab_size if msg.tokens else 0
         return [Result(session=msg.session, seq=msg.seq, accepted=len(msg.tokens), tokens=msg.tokens + [bonus],
-                       pos=msg.pos + len(msg.tokens) + 1, sent_at=msg.sent_at)]
+                       pos=msg.pos + len(msg.tokens) + 1, sent_at=msg.sent_at, incarnation=msg.incarnation)]
     if isinstance(msg, SessionOpen):
-        return [SessionOpened(session=msg.session, pos=len(msg.prompt_ids), worker=name)]
+        return [SessionOpened(session=msg.session, pos=len(msg.prompt_ids), worker=name, incarnation=msg.incarnation)]
     if isinstance(msg, Generate):
         out: list[Message] = []
         ids: list[int] = []
         for i in range(min(stream_tokens, max(1, msg.max_new_tokens))):
-            out.append(Tokens(job=msg.job, tokens=[i + 1], text=f"t{i + 1} ", index=i))
+            out.append(Tokens(job=msg.job, tokens=[i + 1], text=f"t{i + 1} ", index=i, incarnation=msg.incarnation))
             ids.append(i + 1)
         out.append(Done(job=msg.job, token_ids=ids, text="".join(t.text for t in out), finish_reason="length",
-                        stats={"delivery": msg.delivery}))
+                        stats={"delivery": msg.delivery}, incarnation=msg.incarnation))
         return out
     return []
 

@@ -121,7 +121,7 @@ class FusedServer:
         """Validate a job (on the loop, cheap) into a ``Job`` waiting for its prefill, or an ``Error``."""
         def err(code: str, text: str) -> Error:
             self.counters["errors"] += 1
-            return Error(code=code, message=text, job=msg.job)
+            return Error(code=code, message=text, job=msg.job, incarnation=msg.incarnation)
 
         if msg.job in self.jobs or any(j.msg.job == msg.job for j in self.waiting):
             return err(E.BAD_REQUEST, f"job {msg.job!r} is already running here")
@@ -256,7 +256,8 @@ class FusedServer:
 
     # ------------------------------------------------------------------ answers (loop)
     def answer(self, progress: list[tuple[Job, list[int]]]) -> tuple[list[Message], int]:
-        """Tokens / Done / Error for one tick's progress, and how many jobs ended (credits to give back)."""
+        """Tokens / Done / Error for one tick's progress, and how many jobs ended (credits to give back). Each echoes
+        its job's ``incarnation``: the broker drops them if the link re-registered while the tick ran."""
         out: list[Message] = []
         ended = 0
         for j, fresh in progress:
@@ -265,7 +266,7 @@ class FusedServer:
                 self.counters["errors"] += 1
                 self.jobs.pop(jid, None)
                 self.release(j)
-                out.append(Error(code=E.WORKER_ERROR, message=j.error, job=jid))
+                out.append(Error(code=E.WORKER_ERROR, message=j.error, job=jid, incarnation=j.msg.incarnation))
                 ended += 1
                 continue
             index = len(j.tokens) - len(fresh)
@@ -273,7 +274,7 @@ class FusedServer:
             if j.done:
                 text += j.decoder.flush()
             if j.msg.stream and (fresh or text):
-                out.append(Tokens(job=jid, tokens=fresh, text=text, index=index))
+                out.append(Tokens(job=jid, tokens=fresh, text=text, index=index, incarnation=j.msg.incarnation))
             if j.done:
                 self.jobs.pop(jid, None)
                 self.release(j)
@@ -290,7 +291,8 @@ class FusedServer:
                                        "mean_gamma": round(r.drafted / r.rounds, 3) if r.rounds else 0.0,
                                        "wall_s": round(wall, 4),
                                        "tokens_per_s": round(len(j.tokens) / wall, 2) if wall > 0 else 0.0,
-                                       "delivery": j.msg.delivery, "worker": self.config.name}))
+                                       "delivery": j.msg.delivery, "worker": self.config.name},
+                                incarnation=j.msg.incarnation))
                 ended += 1
         return out, ended
 

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
-from workers.draft_worker import DraftError, make_client, probe_broker
+from workers.draft_worker import DraftError, latency_fields, make_client, probe_broker
 
 
 @dataclass
@@ -27,6 +27,7 @@ class JobResult:
     stats: dict = field(default_factory=dict)
     finish_reason: str = ""
     wall_s: float = 0.0
+    first_token_s: float | None = None  # from sending the job to its first streamed tokens (TTFT)
     error: str | None = None
     error_code: str | None = None
 
@@ -42,6 +43,7 @@ class JobResult:
             "rejections": int(s.get("rejections", 0)),
             "mean_accepted": round(accepted / rounds, 3) if rounds else 0.0,
             "wall_s": round(self.wall_s, 4), "tokens_per_s": round(n / self.wall_s, 2) if self.wall_s > 0 else 0.0,
+            **latency_fields(self.first_token_s, self.wall_s, n),
             "finish_reason": self.finish_reason, "worker_stats": s, "error": self.error,
             "error_code": self.error_code,
         }
@@ -94,11 +96,19 @@ class OrderedStream:
         self._advance()
 
 
+async def run_jobs_ids(prompts_ids: Sequence[Sequence[int]], **kw: Any) -> list[JobResult]:
+    """``run_jobs`` for prompts given as token ids (benchmarks that need exact prompt lengths)."""
+    return await run_jobs([""] * len(prompts_ids), prompts_ids=prompts_ids, **kw)
+
+
 async def run_jobs(prompts: Sequence[str], *, broker: str, model: str | Path, max_new_tokens: int, gamma: int,
                    temperature: float, top_p: float, seed: int, concurrency: int, timeout: float,
-                   connect_timeout: float, stream: OrderedStream | None = None, curve: dict | None = None
+                   connect_timeout: float, stream: OrderedStream | None = None, curve: dict | None = None,
+                   prompts_ids: Sequence[Sequence[int]] | None = None, queue_timeout: float = 120.0
                    ) -> list[JobResult]:
-    """Send one Generate per prompt (at most ``concurrency`` in flight) and collect the results in order."""
+    """Send one Generate per prompt (at most ``concurrency`` in flight) and collect the results in order.
+    ``prompts_ids``: the prompts as token ids (``prompts`` then only labels the results). ``queue_timeout``: how long
+    a job may wait out a full generate queue or a draining or restarting broker (``BrokerClient.generate``)."""
     from protocol.messages import Done, Error, Generate, Tokens
     from workers.tokenizer_text import IncrementalDecoder, TokenizerError, decode, encode, load_tokenizer
 
@@ -116,15 +126,19 @@ async def run_jobs(prompts: Sequence[str], *, broker: str, model: str | Path, ma
         async with gate:
             t0 = time.perf_counter()
             dec = IncrementalDecoder(tok)
-            job = Generate(job=f"{run_id}-{r.index}", prompt_ids=encode(tok, r.prompt), max_new_tokens=max_new_tokens,
-                           temperature=temperature, top_p=top_p, seed=seed + r.index, gamma=gamma)
+            ids = list(prompts_ids[r.index]) if prompts_ids is not None else encode(tok, r.prompt)
+            job = Generate(job=f"{run_id}-{r.index}", prompt_ids=ids, max_new_tokens=max_new_tokens,
+                           temperature=temperature, top_p=top_p, seed=seed + r.index, gamma=gamma,
+                           queue_timeout_s=queue_timeout)
             try:
-                async for msg in client.generate(job, timeout=timeout):
+                async for msg in client.generate(job, timeout=timeout, queue_timeout=queue_timeout):
                     if isinstance(msg, Tokens):  # a redelivered job streams from the start again: skip seen ones
                         fresh = list(msg.tokens)[max(0, len(r.token_ids) - msg.index):]
                         if msg.index > len(r.token_ids):
                             fresh = []  # a gap should not happen; Done carries every id anyway
                         r.token_ids += fresh
+                        if fresh and r.first_token_s is None:
+                            r.first_token_s = time.perf_counter() - t0
                         if stream and fresh:
                             stream.piece(r.index, dec.push(fresh))
                     elif isinstance(msg, Done):

@@ -31,6 +31,10 @@ API
 - ``await link.send(msg)`` / ``link.send_nowait(msg)`` (False when the socket would block) / ``link.grant(n)``.
 - ``link.abort()``: vanish without Disconnect (simulates a crash).
 - ``link.reconnects``: how many times the link re-registered. ``link.connected_at``: time of the last Ready.
+- ``link.incarnation``: the id of the current registration (``Ready.incarnation``), new on every (re)registration.
+  Every request the broker forwards carries it (``msg.incarnation``); every answer must echo the incarnation of the
+  request it answers (``Result(..., incarnation=verify.incarnation)``), never ``link.incarnation``: the broker drops
+  answers of an earlier registration, so a tick that finishes after a reconnect cannot answer for the new one.
 
 Liveness: the link heartbeats every ``heartbeat_interval``; when nothing arrives from the broker for
 ``liveness`` intervals, or the broker answers ``Disconnect``, it closes the socket, opens a fresh one (new
@@ -39,6 +43,8 @@ identity) and sends Ready again, as Majordomo workers do.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import secrets
 import time
 from typing import Any, Callable
 
@@ -51,6 +57,15 @@ from protocol.frames import NOBLOCK, parse, raw_recv, raw_send, to_message
 from protocol.messages import HEARTBEAT_INTERVAL_S, HEARTBEAT_LIVENESS, Credit, Disconnect, Heartbeat, Message, Ready
 
 log = structlog.get_logger("worker.link")
+
+
+def echo_incarnation(request: Message, replies: list[Message]) -> list[Message]:
+    """Stamp ``request``'s incarnation on its ``replies`` (in place; returns them): an answer carries the
+    registration its request came under, so the broker can drop it if the link has re-registered since."""
+    inc = getattr(request, "incarnation", 0)
+    for reply in replies:
+        reply.incarnation = inc
+    return replies
 
 
 class WorkerLink:
@@ -68,6 +83,7 @@ class WorkerLink:
         self.max_frame = max_frame
         self.reconnects = 0
         self.connected_at = 0.0
+        self.incarnation = 0  # picked afresh by every _connect
         self.sock: zmq.Socket | None = None
         self._last_heard = 0.0
         self._wake: asyncio.Event | None = None
@@ -126,10 +142,11 @@ class WorkerLink:
         self._wake.set()
         self._last_heard = time.monotonic()
         self.connected_at = self._last_heard
-        sock.send(encode(self.ready))  # queued until connected (DEALER)
+        self.incarnation = secrets.randbits(62) or 1
+        sock.send(encode(dataclasses.replace(self.ready, incarnation=self.incarnation)))  # queued until connected
         if self.initial_credit:
             sock.send(encode(Credit(n=self.initial_credit)))
-        self.log.info("link.ready", broker=self.broker, reconnects=self.reconnects)
+        self.log.info("link.ready", broker=self.broker, reconnects=self.reconnects, incarnation=self.incarnation)
 
     def _disconnect_socket(self, linger: int = 0) -> None:
         sock, self.sock = self.sock, None

@@ -34,7 +34,7 @@ from workers.acceptance import AcceptanceError, Policy, make_policy
 from workers.batching import BatchLimits, TickPlan, plan_tick, tick_due
 from workers.engine.base import Engine, EngineError, NoFreeSlot
 from workers.goodput import ControllerConfig, GoodputController, StepCost
-from workers.link import WorkerLink
+from workers.link import WorkerLink, echo_incarnation
 from workers.sampling import SamplingError, SamplingParams
 from workers.speculation import TargetSession, VerifyOutcome, eos_ids, q_from_wire, verify_batch
 
@@ -92,6 +92,7 @@ class Served:
     policy: Policy
     max_new_tokens: int
     arrived: float
+    incarnation: int = 0  # of the SessionOpen it came from: SessionOpened echoes it (fencing)
     prefilled: int = 0  # prompt tokens cached so far (of prompt[:-1])
     target: TargetSession | None = None
     chunk: Chunk | None = None  # the verify waiting for the next tick
@@ -130,7 +131,7 @@ class TargetServer:
         self.waiting_opens: deque[tuple[SessionOpen, float]] = deque()  # no free slot yet
         self.credits = 0  # requests finished since the last grant
         self.counters = {"ticks": 0, "drafted": 0, "accepted": 0, "rows": 0, "tokens": 0, "errors": 0,
-                         "max_rows": 0, "mid_tick_chunks": 0, "near_miss_chunks": 0}
+                         "max_rows": 0, "mid_tick_chunks": 0, "near_miss_chunks": 0, "busy_ms": 0.0}
         self.tick_ms = 0.0
         self.last_rows = 0
         self.last_tokens = 0
@@ -144,10 +145,10 @@ class TargetServer:
     # ------------------------------------------------------------------ requests
     def handle(self, msg: Message, now: float | None = None) -> list[Message]:
         now = time.monotonic() if now is None else now
-        if isinstance(msg, Verify):
-            return self.on_verify(msg, now)
+        if isinstance(msg, Verify):  # every answer echoes its request's incarnation (the broker fences on it)
+            return echo_incarnation(msg, self.on_verify(msg, now))
         if isinstance(msg, SessionOpen):
-            return self.on_open(msg, now) + self.admit_waiting(now)
+            return echo_incarnation(msg, self.on_open(msg, now)) + self.admit_waiting(now)
         if isinstance(msg, SessionClose):
             self.drop_session(msg.session)
             self.credits += 1
@@ -207,7 +208,8 @@ class TargetServer:
             self.credits += 1
             return [Busy(retry_ms=self.config.retry_ms, queue="target_slots", session=msg.session)]
         params, policy = checked
-        s = Served(msg.session, slot, list(msg.prompt_ids), params, policy, msg.max_new_tokens, now)
+        s = Served(msg.session, slot, list(msg.prompt_ids), params, policy, msg.max_new_tokens, now,
+                   incarnation=msg.incarnation)
         self.sessions[s.key] = s
         if s.to_prefill > 0:
             self.prefill_order.append(s.key)
@@ -219,13 +221,13 @@ class TargetServer:
         s.target = TargetSession(s.key, s.slot, s.prompt[-1], len(s.prompt), s.params, s.policy, s.max_new_tokens)
         s.target.finished = s.max_new_tokens <= 0
         self.credits += 1
-        return SessionOpened(session=s.key, pos=len(s.prompt), worker=self.config.name)
+        return SessionOpened(session=s.key, pos=len(s.prompt), worker=self.config.name, incarnation=s.incarnation)
 
     def admit_waiting(self, now: float) -> list[Message]:
         out: list[Message] = []
         while self.waiting_opens and len(self.sessions) < self.info.num_slots:
             msg, _ = self.waiting_opens.popleft()
-            out += self.on_open(msg, now)
+            out += echo_incarnation(msg, self.on_open(msg, now))
         return out
 
     def on_verify(self, msg: Verify, now: float) -> list[Message]:
@@ -366,6 +368,7 @@ class TargetServer:
         self.counters["rows"] += tick.plan.rows
         self.counters["max_rows"] = max(self.counters["max_rows"], tick.plan.rows)
         self.counters["tokens"] += tick.tokens
+        self.counters["busy_ms"] += verify_ms  # time in forwards: the device's busy fraction over a window
         self.last_rows, self.last_tokens = tick.plan.rows, tick.tokens
         self.tick_ms = verify_ms if self.counters["ticks"] == 1 else (1 - EWMA) * self.tick_ms + EWMA * verify_ms
         if isinstance(outcomes, Exception):
@@ -378,7 +381,7 @@ class TargetServer:
             s = self.sessions[key]
             m = chunk.msg
             if o.error:
-                out.append(self._error(E.BAD_REQUEST, f"chunk rejected: {o.error}", key, m.seq))
+                out += echo_incarnation(m, [self._error(E.BAD_REQUEST, f"chunk rejected: {o.error}", key, m.seq)])
                 continue
             t = s.target
             tokens = t.apply(o, self.eos)
@@ -398,7 +401,7 @@ class TargetServer:
             t.last_result = Result(session=key, seq=m.seq, accepted=min(o.accepted, len(tokens)), tokens=tokens,
                                    pos=t.pos, finished=t.finished, sent_at=m.sent_at, verify_ms=round(verify_ms, 3),
                                    queue_ms=round((tick.started - chunk.arrived) * 1000.0, 3),
-                                   next_gamma=self.next_gamma(key, t.pos))
+                                   next_gamma=self.next_gamma(key, t.pos), incarnation=m.incarnation)
             self.credits += 1
             out.append(t.last_result)
         for key, take in tick.prefill:
@@ -423,12 +426,14 @@ class TargetServer:
         intact = isinstance(exc, EngineError)
         out: list[Message] = []
         for key, chunk in tick.verify:
-            out.append(self._error(E.WORKER_ERROR, f"verify failed: {exc}", key, chunk.msg.seq))
+            failed = self._error(E.WORKER_ERROR, f"verify failed: {exc}", key, chunk.msg.seq)
+            out += echo_incarnation(chunk.msg, [failed])
             if not intact:
                 self.drop_session(key)
         for key, _ in tick.prefill:
+            inc = self.sessions[key].incarnation
             self.drop_session(key)  # gives back the open's credit
-            out.append(Error(code=E.WORKER_ERROR, message=f"prefill failed: {exc}", session=key))
+            out.append(Error(code=E.WORKER_ERROR, message=f"prefill failed: {exc}", session=key, incarnation=inc))
         return out + self.admit_waiting(time.monotonic())
 
     def count_mid_tick(self, tick: Tick, arrivals: list[tuple[Message, float]]) -> None:
@@ -448,7 +453,7 @@ class TargetServer:
                 "drafted": c["drafted"], "accepted": c["accepted"],
                 "mean_batch": round(c["rows"] / c["ticks"], 3) if c["ticks"] else 0.0,
                 "max_batch_rows": c["max_rows"], "waiting_opens": len(self.waiting_opens), "errors": c["errors"],
-                "rows": c["rows"], "mid_tick_chunks": c["mid_tick_chunks"], "near_miss_chunks": c["near_miss_chunks"],
+                "rows": c["rows"], "busy_ms": round(c["busy_ms"], 3), "mid_tick_chunks": c["mid_tick_chunks"], "near_miss_chunks": c["near_miss_chunks"],
                 **(self.controller.stats() if self.controller is not None else {})}
 
 

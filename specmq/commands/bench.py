@@ -24,6 +24,7 @@ BENCHMARKS: dict[str, str] = {
     "http": "benchmarks.http",
     "sampling": "benchmarks.sampling",
     "grow_cost": "benchmarks.grow_cost",
+    "capacity": "benchmarks.capacity",
 }
 
 

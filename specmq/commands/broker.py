@@ -29,6 +29,8 @@ def config_from_args(args: argparse.Namespace) -> BrokerConfig:
         raise CommandError("--heartbeat-interval must be > 0")
     if values["session_idle_s"] < 0:
         raise CommandError("--session-idle-s must be >= 0 (0 = never)")
+    if values["queue_timeout_s"] <= 0:
+        raise CommandError("--queue-timeout-s must be > 0")
     for name in ("liveness", "max_queue", "max_frame", "max_deliveries", "hwm"):
         if values[name] < 1:
             raise CommandError(f"--{name.replace('_', '-')} must be >= 1")
@@ -86,7 +88,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--router", default=d.router, help=f"session placement policy: {', '.join(sorted(ROUTERS))}")
     p.add_argument("--heartbeat-interval", type=float, default=d.heartbeat_interval, help="seconds between beats")
     p.add_argument("--liveness", type=int, default=d.liveness, help="missed beats before a worker is dead")
-    p.add_argument("--max-queue", type=int, default=d.max_queue, help="bound of each queue (then Busy)")
+    p.add_argument("--max-queue", type=int, default=d.max_queue,
+                   help="bound of each queue: verify queues, the generate queue and the admission queue of opens "
+                        f"waiting for a target slot (then Busy) (default: {d.max_queue})")
     p.add_argument("--max-frame", type=int, default=d.max_frame, help="largest accepted frame in bytes (1 MiB)")
     p.add_argument("--max-deliveries", type=int, default=d.max_deliveries, help="generate delivery cap")
     p.add_argument("--grace-s", type=float, default=d.grace_s, help="shutdown grace period in seconds")
@@ -95,6 +99,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--session-idle-s", type=float, default=d.session_idle_s,
                    help=f"close a session whose client is silent this long, freeing its target slot; 0 = never "
                         f"(default: {d.session_idle_s:g})")
+    p.add_argument("--queue-timeout-s", type=float, default=d.queue_timeout_s,
+                   help="longest an open or generate job waits for a slot when its client names no deadline, then "
+                        f"Error(overloaded) (default: {d.queue_timeout_s:g})")
     p.add_argument("--metrics-port", type=int, default=None, help="serve Prometheus metrics on this port (default: off)")
     p.add_argument("--metrics-host", default=d.metrics_host, help=f"metrics bind address (default: {d.metrics_host})")
     p.add_argument("--stats-pub", default=d.stats_pub,

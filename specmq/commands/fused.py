@@ -14,8 +14,23 @@ def _run(args: argparse.Namespace) -> int:
     from workers.fused_worker import FusedConfig, serve_fused
     from workers.tokenizer_text import TokenizerError, load_tokenizer
 
+    from specmq.commands.draft import gamma_value
+
+    try:
+        args.gamma = gamma_value(args.gamma)
+    except argparse.ArgumentTypeError as exc:
+        raise CommandError(f"--gamma {exc}") from None
+    auto = args.gamma == "auto"
+    if auto:
+        args.gamma = 4  # the γ of a job before the controller has planned it is never used: the controller decides
     for name in ("gamma", "jobs", "max_gamma", "prefill_chunk", "max_batch_tokens", "max_batch_rows"):
         positive(name.replace("_", "-"), getattr(args, name))
+    if args.tpot_slo_ms is not None:
+        positive("tpot-slo-ms", args.tpot_slo_ms, 0.001)
+    if args.cost_table:
+        from workers.cost_table import load_table
+
+        load_table(args.cost_table)  # CostTableError: one line naming the file and the problem
     positive("tick-ms", args.tick_ms, 0)
     target = load_engine_or_fail(args.target_model, device=args.device, dtype=args.dtype, slots=args.jobs,
                                  max_context=args.max_context, backend=args.backend, what="target model",
@@ -36,7 +51,8 @@ def _run(args: argparse.Namespace) -> int:
     config = FusedConfig(gamma=args.gamma, max_gamma=args.max_gamma, adaptive_gamma=bool(args.adaptive_gamma),
                          prefill_chunk=args.prefill_chunk, max_batch_tokens=args.max_batch_tokens,
                          max_batch_rows=args.max_batch_rows, tick_ms=args.tick_ms,
-                         name=args.name or f"fused@{socket.gethostname()}")
+                         name=args.name or f"fused@{socket.gethostname()}", auto=auto, cost_table=args.cost_table,
+                         tpot_slo_ms=args.tpot_slo_ms)
     return run_service(lambda stop: serve_fused(args.broker, draft, target, tokenizer, config, stop=stop,
                                                 heartbeat_interval=args.heartbeat_interval,
                                                 liveness=args.liveness))
@@ -56,7 +72,14 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "'specmq model grow'): same outputs at that shape's cost (default: off)")
     p.add_argument("--draft-grow", default=None, metavar="SHAPE",
                    help="the draft model grown likewise, e.g. llama-3.2-1b (default: off)")
-    p.add_argument("--gamma", type=int, default=4, help="draft tokens per round when a job names none (default: 4)")
+    p.add_argument("--gamma", default=4,
+                   help="draft tokens per round when a job names none, or 'auto': the goodput controller chooses "
+                        "every job's gamma each tick from the batch and the step cost (docs/goodput.md) (default: 4)")
+    p.add_argument("--cost-table", default=None, metavar="FILE",
+                   help="step-cost table (specmq profile; target and draft grids) for --gamma auto (default: the "
+                        "whole tick's cost fitted online)")
+    p.add_argument("--tpot-slo-ms", type=float, default=None,
+                   help="with --gamma auto: keep every job's predicted time per output token under this")
     p.add_argument("--max-gamma", type=int, default=16,
                    help="largest gamma a job may ask for, and the ceiling of --adaptive-gamma (default: 16)")
     p.add_argument("--adaptive-gamma", action="store_true",

@@ -23,9 +23,10 @@ def _run(args: argparse.Namespace) -> int:
     stream = None if args.json else OrderedStream(prompts)
     curve = client_kwargs(args)  # CurveError and DraftError: one line each, like CommandError
     results = asyncio.run(run_jobs(prompts, broker=args.broker, model=args.model, max_new_tokens=args.max_new_tokens,
-                                   gamma=args.gamma, temperature=args.temperature, top_p=args.top_p, seed=args.seed,
+                                   gamma=0 if args.gamma == "auto" else args.gamma, temperature=args.temperature, top_p=args.top_p, seed=args.seed,
                                    concurrency=args.concurrency, timeout=args.timeout,
-                                   connect_timeout=args.connect_timeout, stream=stream, curve=curve))
+                                   connect_timeout=args.connect_timeout, stream=stream, curve=curve,
+                                   queue_timeout=args.queue_timeout))
     if args.json:
         for r in results:
             print_json(r.to_json())
@@ -43,6 +44,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                                 "workers; text mode streams completions in prompt order.",
                     example="specmq generate --prompt 'def fib(n):' --max-new-tokens 64 --gamma 4", func=_run)
     p.add_argument("--broker", default=DEFAULT_BROKER, help=f"broker frontend (default: {DEFAULT_BROKER})")
+    # --gamma (from add_sampling_args): a job's gamma; 'auto' (or 0) leaves it to the fused worker's configuration
     p.add_argument("--model", default=str(DEFAULT_MODEL),
                    help="directory whose tokenizer encodes prompts and decodes streams (default: models/tiny-draft)")
     add_prompt_args(p)

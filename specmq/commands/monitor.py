@@ -17,9 +17,10 @@ from specmq.cliutil import CommandError, add_command, print_json
 
 
 async def one_stats(client, timeout: float) -> dict:
-    """One snapshot within ``timeout`` in all (no resends)."""
+    """One snapshot within ``timeout`` in all (no resends); a refused handshake ends it at once with the reason
+    (``BrokerClient.probe``: the same words as ``specmq draft`` and ``generate``)."""
     try:
-        return await client.stats(timeout=timeout, retries=0)
+        return await client.probe(timeout)
     except ProtocolError as exc:
         raise CommandError(f"broker answered something else to a stats request ({exc.message})") from None
 
@@ -31,8 +32,7 @@ async def fetch(address: str, timeout: float, curve: dict) -> dict:
         try:
             return await one_stats(client, timeout)
         except TimeoutError as exc:
-            raise CommandError(f"broker at {address} did not answer within {timeout:g}s"
-                               + (f" ({client.handshake_error})" if client.handshake_error else "")) from exc
+            raise CommandError(f"broker at {address} did not answer within {timeout:g}s") from exc
 
 
 async def _live(args: argparse.Namespace, curve: dict) -> None:
@@ -47,8 +47,7 @@ async def _live(args: argparse.Namespace, curve: dict) -> None:
         try:
             snap = await one_stats(client, args.timeout)
         except TimeoutError:
-            raise CommandError(f"broker at {args.broker} did not answer within {args.timeout:g}s"
-                               + (f" ({client.handshake_error})" if client.handshake_error else "")) from None
+            raise CommandError(f"broker at {args.broker} did not answer within {args.timeout:g}s") from None
         if args.sub and snap.get("stats_pub"):
             sub = subscribe(snap["stats_pub"], args.broker, curve)
         with Live(render(snap, prev, history, args.broker), refresh_per_second=4, screen=False) as live:

@@ -15,6 +15,13 @@ def _run(args: argparse.Namespace) -> int:
     for name in ("slots", "max_batch_tokens", "max_batch_rows", "max_gamma", "prefill_chunk"):
         positive(name.replace("_", "-"), getattr(args, name))
     positive("tick-ms", args.tick_ms, 0)
+    positive("max-decode", args.max_decode)
+    if args.tpot_slo_ms is not None:
+        positive("tpot-slo-ms", args.tpot_slo_ms, 0.001)
+    if args.cost_table:
+        from workers.cost_table import load_table
+
+        load_table(args.cost_table)  # CostTableError: one line naming the file and the problem
     engine = load_engine_or_fail(args.model, device=args.device, dtype=args.dtype, slots=args.slots,
                                  max_context=args.max_context, backend=args.backend, what="target model",
                                  grow=args.grow)
@@ -22,7 +29,9 @@ def _run(args: argparse.Namespace) -> int:
         capture_graphs(engine, "target model")
     config = TargetConfig(tick_ms=args.tick_ms, max_batch_tokens=args.max_batch_tokens,
                           max_batch_rows=args.max_batch_rows, prefill_chunk=args.prefill_chunk,
-                          max_gamma=args.max_gamma, name=args.name or f"target@{socket.gethostname()}")
+                          max_gamma=args.max_gamma, name=args.name or f"target@{socket.gethostname()}",
+                          max_decode=args.max_decode, controller=args.controller, tpot_slo_ms=args.tpot_slo_ms,
+                          cost_table=args.cost_table)
     return run_service(lambda stop: serve_target(args.broker, engine, config, stop=stop,
                                                  heartbeat_interval=args.heartbeat_interval,
                                                  liveness=args.liveness))
@@ -51,6 +60,17 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-batch-rows", type=int, default=64, help="sequences per forward pass (default: 64)")
     p.add_argument("--max-gamma", type=int, default=16, help="longest draft chunk accepted (default: 16)")
     p.add_argument("--prefill-chunk", type=int, default=256, help="prompt tokens per session per tick (default: 256)")
+    p.add_argument("--max-decode", type=int, default=64,
+                   help="most tokens one decode-mode request (a chunk with no draft tokens) may ask for (default: 64)")
+    p.add_argument("--no-controller", dest="controller", action="store_false",
+                   help="give drafters no gamma advice (default: the goodput controller picks each session's next "
+                        "gamma, docs/goodput.md)")
+    p.add_argument("--cost-table", default=None, metavar="FILE",
+                   help="step-cost table (specmq profile) for the goodput controller (default: a cost line fitted "
+                        "from measured ticks)")
+    p.add_argument("--tpot-slo-ms", type=float, default=None,
+                   help="the controller keeps every session's predicted time per output token under this "
+                        "(default: none; goodput only)")
     p.add_argument("--name", default="", help="worker name shown in stats (default: target@HOST)")
     p.add_argument("--heartbeat-interval", type=float, default=HEARTBEAT_INTERVAL_S, help="seconds between heartbeats")
     p.add_argument("--liveness", type=int, default=HEARTBEAT_LIVENESS,

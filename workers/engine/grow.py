@@ -76,15 +76,13 @@ class GrowShape:
                 f"{self.head_dim}, {self.num_key_value_heads} KV heads, MLP {self.intermediate_size}")
 
 
-def _named_shapes() -> dict[str, GrowShape]:
-    from workers.engine.cuda_shapes import SHAPES as ARGS  # one table of named Llama shapes
-
-    return {name: GrowShape(hidden_size=a.dim, num_hidden_layers=a.n_layer, num_attention_heads=a.n_head,
-                            num_key_value_heads=a.n_kv_head, head_dim=a.head_dim,
-                            intermediate_size=a.intermediate_size) for name, a in ARGS.items()}
-
-
-SHAPES: dict[str, GrowShape] = _named_shapes()
+# the bodies of cuda_shapes.SHAPES (a test keeps the two tables equal; importing it here would close an import cycle)
+SHAPES: dict[str, GrowShape] = {
+    "llama-3.1-8b": GrowShape(hidden_size=4096, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8,
+                              head_dim=128, intermediate_size=14336),
+    "llama-3.2-1b": GrowShape(hidden_size=2048, num_hidden_layers=16, num_attention_heads=32, num_key_value_heads=8,
+                              head_dim=64, intermediate_size=8192),
+}
 # short keys accepted in custom shapes ("hidden=768,layers=12,...") next to the HF names
 ALIASES = {"hidden": "hidden_size", "dim": "hidden_size", "layers": "num_hidden_layers",
            "heads": "num_attention_heads", "kv_heads": "num_key_value_heads", "intermediate": "intermediate_size",
@@ -413,6 +411,7 @@ def write_grown(model_dir: str | Path, shape: str | dict[str, Any] | GrowShape, 
         if k + 1 == len(sizes) or shard_of[k + 1] != shard_of[k]:
             name = names[shard_of[k]]
             save_file({n: t.contiguous() for n, t in pending.items()}, str(out / name), metadata={"format": "pt"})
+            (out / name).chmod(0o644)  # safetensors creates its files private; the tokenizer files beside are not
             weight_map.update((n, name) for n in pending)
             pending = {}
     total = sum(sizes)
