@@ -11,7 +11,8 @@ sessions drafted by ``--draft-procs`` processes (``draft_proc`` below, batched d
   serving engine does it.
 
 For each context length (prompt + output ≈ ``--contexts``) and each N of ``--sessions``, a row reports aggregate
-tokens/s, TPOT p50/p90 (per session: (wall − TTFT) / (tokens − 1)), TTFT p50, the target's mean batch rows per tick
+tokens/s, TPOT p50/p90 (per session: the time from its first delivered tokens to its last over the tokens delivered
+after the first delivery: decode mode delivers ``--decode-tokens`` at a time, speculation a round's tokens), TTFT p50, the target's mean batch rows per tick
 and busy fraction (time in forwards over wall), the mean round breakdown (draft, network = round trip minus the
 target's verify time, verify, queue), and ``lossless``: the fraction of sessions whose tokens equal target-only's.
 Per mode and SLO, the summary gives the most sessions whose TPOT p90 meets the SLO.
@@ -37,7 +38,7 @@ import time
 from pathlib import Path
 from typing import Any, Sequence
 
-from benchmarks import BenchmarkError
+from benchmarks import BenchmarkError, quiet_logs
 from benchmarks.e2e import DRAFT, ROOT, TARGET, child_env, heldout_prompts
 
 HELP = "sessions served at a TPOT SLO: target-only vs fixed gamma vs auto vs fused, through one broker and target"
@@ -88,9 +89,7 @@ def draft_proc() -> None:
     spec = json.loads(sys.argv[1])
     reply = os.fdopen(os.dup(1), "w", buffering=1)
     os.dup2(2, 1)  # anything else printed goes to the log
-    from specmq.logs import configure_logging
-
-    configure_logging(spec.get("log_level", "warning"))
+    quiet_logs(spec.get("log_level", "warning"))
     import torch
 
     torch.set_num_threads(spec["threads"])
@@ -313,8 +312,9 @@ def run_fused(args: argparse.Namespace, context: int, prompts: list[list[int]], 
                  "--max-batch-tokens", str(max(512, slots * 9)), "--gamma", "auto", *HB]
         if args.target_grow:
             flags += ["--grow", args.target_grow]
-        if args.draft_grow:
-            flags += ["--draft-grow", args.draft_grow]
+        fused_draft_grow = args.draft_grow or getattr(args, "draft_grow_on_cpu", None)
+        if fused_draft_grow and args.device.startswith("cuda"):
+            flags += ["--draft-grow", fused_draft_grow]
         if args.fused_cost_table:
             flags += ["--cost-table", str(args.fused_cost_table)]
         cluster.start_worker("fused", "fused", *flags)
@@ -451,8 +451,8 @@ def _check(args: argparse.Namespace) -> None:
             raise BenchmarkError(f"--contexts {c}: must exceed --max-new-tokens + 8")
     if args.device is None:
         args.device = "cuda:0" if torch.cuda.is_available() else "cpu"
-    if args.draft_device is None:
-        args.draft_device = "cuda:1" if torch.cuda.device_count() > 1 else args.device
+    if args.draft_device is None:  # a second GPU stands in for edge devices; without one, the CPU cores (laptops)
+        args.draft_device = "cuda:1" if torch.cuda.device_count() > 1 else "cpu"
     for dev in (args.device, args.draft_device):
         if dev.startswith("cuda") and not torch.cuda.is_available():
             raise BenchmarkError(f"device {dev}: this torch ({torch.__version__}) sees no CUDA device")
@@ -464,7 +464,9 @@ def _check(args: argparse.Namespace) -> None:
         args.draft_backend = "cuda" if args.draft_device.startswith("cuda") else "auto"
     if not args.device.startswith("cuda"):
         args.target_grow = args.target_grow if args.target_grow != "llama-3.1-8b" else None
-        args.draft_grow = args.draft_grow if args.draft_grow != "llama-3.2-1b" else None
+    if not args.draft_device.startswith("cuda"):  # the shipped draft computes what the grown one does, cheaper
+        args.draft_grow_on_cpu = args.draft_grow
+        args.draft_grow = None
 
 
 def run(args: argparse.Namespace) -> int:
@@ -510,14 +512,16 @@ def run(args: argparse.Namespace) -> int:
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default=None, help="target device (default: cuda:0 if available, else cpu)")
     p.add_argument("--draft-device", default=None,
-                   help="draft device (default: cuda:1 with two GPUs, else the target's device); cpu: laptop-class")
+                   help="draft device (default: cuda:1 with two GPUs, else cpu: the shipped draft on the CPU cores, "
+                        "laptop-class drafts)")
     p.add_argument("--dtype", default=None, help="dtype on CUDA devices (default: bfloat16 on cuda, float32 on cpu)")
     p.add_argument("--backend", default=None, help="target engine backend (default: cuda on a GPU, else auto)")
     p.add_argument("--draft-backend", default=None, help="draft engine backend (default: cuda on a GPU, else auto)")
     p.add_argument("--target-grow", default="llama-3.1-8b",
                    help="grow the shipped target to this shape on the GPU (default: llama-3.1-8b; ignored on cpu)")
     p.add_argument("--draft-grow", default="llama-3.2-1b",
-                   help="grow the shipped draft to this shape on the GPU (default: llama-3.2-1b; ignored on cpu)")
+                   help="grow the shipped draft to this shape on a GPU (drafts on cuda and the fused worker's draft; "
+                        "CPU drafts run the shipped draft, which computes the same tokens) (default: llama-3.2-1b)")
     p.add_argument("--sessions", default="1,8,32,64,128,256", help="concurrent sessions per point")
     p.add_argument("--contexts", default="512,2048", help="prompt + output tokens per session")
     p.add_argument("--modes", default=",".join(MODES), help=f"modes to run (default: {','.join(MODES)})")

@@ -3,7 +3,9 @@
 Records a capture first: a broker process with ``--capture`` and echo target workers, driven by ``--sessions``
 drafters that each send a chunk every ``--chunk-ms`` (plus opens and closes) for ``--seconds``. Then replays it
 ``--repeats`` times at ``--speed`` into a fresh broker + echo workers and reports each run's schedule drift
-(actual send time - recorded time / speed), sent, answered and errors. Every server is its own process.
+(actual send time - scheduled time), sent, answered and errors. Every server is its own process. Replay is causal
+per session by default (scheduled: the previous answer + recorded think time / speed); ``--open-loop`` schedules
+every message at its recorded time / speed.
 """
 from __future__ import annotations
 
@@ -69,7 +71,7 @@ def _stop(procs: list) -> None:
 
 
 def run_benchmark(sessions: int, chunk_ms: float, seconds: float, repeats: int, speed: float,
-                  workers: int = 1) -> dict[str, Any]:
+                  workers: int = 1, open_loop: bool = False) -> dict[str, Any]:
     from broker.capture import summarize
     from broker.replay import replay
 
@@ -86,11 +88,12 @@ def run_benchmark(sessions: int, chunk_ms: float, seconds: float, repeats: int, 
         for _ in range(repeats):
             fe, procs = _servers(ctx, "", workers)
             try:
-                runs.append(asyncio.run(replay(path, fe, speed=speed, drain_s=5.0)))
+                runs.append(asyncio.run(replay(path, fe, speed=speed, drain_s=5.0, open_loop=open_loop)))
             finally:
                 _stop(procs)
     return {"sessions": sessions, "chunk_ms": chunk_ms, "recorded_s": summary["duration_s"],
             "recorded_chunks": chunks, "client_messages": sum(summary["client_messages"].values()), "speed": speed,
+            "mode": "open_loop" if open_loop else "causal",
             "runs": [{k: r[k] for k in ("sent", "answered", "errors", "drift_p50_ms", "drift_p99_ms",
                                         "drift_max_ms", "duration_s")} for r in runs],
             "drift_p99_ms_range": [min(r["drift_p99_ms"] for r in runs), max(r["drift_p99_ms"] for r in runs)],
@@ -100,12 +103,13 @@ def run_benchmark(sessions: int, chunk_ms: float, seconds: float, repeats: int, 
 def run(args: argparse.Namespace) -> int:
     if args.sessions < 1 or args.chunk_ms <= 0 or args.seconds <= 0 or args.repeats < 1 or args.speed <= 0:
         raise BenchmarkError("--sessions, --chunk-ms, --seconds, --repeats and --speed must be positive")
-    out = run_benchmark(args.sessions, args.chunk_ms, args.seconds, args.repeats, args.speed, args.workers)
+    out = run_benchmark(args.sessions, args.chunk_ms, args.seconds, args.repeats, args.speed, args.workers,
+                        args.open_loop)
     if args.json:
         print_json(out)
         return 0
     print(f"replay of {out['client_messages']} client messages over {out['recorded_s']:.1f}s "
-          f"({out['sessions']} sessions, a chunk every {out['chunk_ms']} ms) at speed {out['speed']}, "
+          f"({out['sessions']} sessions, a chunk every {out['chunk_ms']} ms) at speed {out['speed']} ({out['mode']}), "
           f"{out['cpus']} CPUs")
     for r in out["runs"]:
         print(f"  sent {r['sent']} answered {r['answered']} errors {r['errors']}  drift p50 {r['drift_p50_ms']} ms "
@@ -120,3 +124,4 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--repeats", type=int, default=3, help="replays of the capture (default: 3)")
     p.add_argument("--speed", type=float, default=1.0, help="replay speed (default: 1)")
     p.add_argument("--workers", type=int, default=1, help="echo target processes (default: 1)")
+    p.add_argument("--open-loop", action="store_true", help="replay open loop (recorded times, whatever the answers)")

@@ -435,8 +435,8 @@ class Broker:
             if sess is not None and sess.worker is None and not sess.inflight:
                 del self.state.sessions[w.key]
             self.counters.overloaded += 1
-            self.error(FRONTEND, w.client, E.OVERLOADED, f"no target slot within {w.deadline - w.since:.3g} s; "
-                       f"{waiting} sessions waiting", session=w.session)
+            self.error(FRONTEND, w.client, E.OVERLOADED, f"no target slot within {round(w.deadline - w.since, 1):g} "
+                       f"s; {waiting} sessions waiting", session=w.session)
         queue = self.state.generate_queue
         if any(job.deadline <= now for job in queue):
             waiting = len(queue)
@@ -446,7 +446,7 @@ class Broker:
                 self.state.jobs.pop(job.key, None)
                 self.counters.overloaded += 1
                 self.error(FRONTEND, job.client, E.OVERLOADED, f"no fused worker slot within "
-                           f"{self._wait_s(job.body):.3g} s; {waiting} jobs waiting", job=job.job)
+                           f"{round(self._wait_s(job.body), 1):g} s; {waiting} jobs waiting", job=job.job)
 
     def client_verify(self, ident: bytes, body: dict) -> None:
         sid, seq = body["session"], body["seq"]

@@ -28,6 +28,7 @@ from __future__ import annotations
 import asyncio
 import random
 import time
+from dataclasses import replace
 from typing import Any, AsyncIterator
 
 import structlog
@@ -303,52 +304,56 @@ class BrokerClient:
         Without ``deadline``: Busy is retried ``busy_retries`` times after its hint, errors are returned at once, and
         ``TimeoutError`` is raised when ``retries + 1`` tries of ``timeout`` each went unanswered. With ``deadline``
         (a ``time.monotonic()`` time): Busy and transient errors are retried with jittered exponential back-off and
-        unanswered tries resent until the deadline; then the last refusal is returned, or ``TimeoutError`` raised
-        when nothing came back. A restarted broker turns a waiting ``Verify`` into ``Reopen``; anything else is sent
-        again to it.
+        unanswered tries resent until the deadline, each send telling the broker how long it may queue the request
+        (``queue_timeout_s``, when the message has it); past the deadline the last refusal is returned, and a request
+        still unanswered gets ``verdict_grace_s`` more for the broker's own verdict before ``TimeoutError``. A
+        restarted broker turns a waiting ``Verify`` into ``Reopen``; anything else is sent again to it.
         """
         key = reply_key(msg)
         q: asyncio.Queue = asyncio.Queue()
         self._waiters[key] = q
         timeout = timeout if timeout is not None else self.timeout
+        give_up = None if deadline is None else deadline + self.verdict_grace_s
 
         def next_try(after: float) -> float:
             at = time.monotonic() + after
-            return at if deadline is None else min(at, deadline)
+            return at if give_up is None else min(at, give_up)
 
         try:
             tries = busies = attempt = 0
             refused: Message | None = None  # while backing off: the refusal to return if the deadline passes
-            await self._send_bounded(msg, timeout)
+            await self._send_bounded(self._timed(msg, deadline), timeout)
             resend_at = next_try(timeout)
             while True:
                 try:
                     reply = await asyncio.wait_for(q.get(), max(0.0, resend_at - time.monotonic()))
                 except asyncio.TimeoutError:
-                    late = deadline is not None and time.monotonic() >= deadline
+                    now = time.monotonic()
                     if refused is not None:  # back-off over: try again, or report the refusal
-                        if late:
+                        if now >= deadline:
                             return refused
                     else:
                         tries += 1
-                        if late or (deadline is None and tries > retries):
+                        if (give_up is not None and now >= give_up) or (give_up is None and tries > retries):
                             why = f": {self.handshake_error}" if self.handshake_error else ""
                             raise TimeoutError(f"no reply to {msg.TYPE} {key} after {tries} tries{why}") from None
                     refused = None
-                    await self._send_bounded(msg, timeout)
+                    await self._send_bounded(self._timed(msg, deadline), timeout)
                     resend_at = next_try(timeout)
                     continue
                 if reply is BROKER_RESTARTED and isinstance(msg, Verify):
                     return Reopen(session=msg.session, reason="broker_restarted", broker=self.broker_id)
                 if reply is BROKER_RESTARTED or reply is BROKER_BACK:
                     refused, attempt = None, 0
-                    await self._send_bounded(msg, timeout)
+                    await self._send_bounded(self._timed(msg, deadline), timeout)
                     resend_at = next_try(timeout)
                     continue
                 if deadline is not None and transient(reply):
+                    if time.monotonic() >= deadline:
+                        return reply
                     first = reply.retry_ms / 1000 if isinstance(reply, Busy) else FIRST_BACKOFF_S
                     refused = reply
-                    resend_at = next_try(backoff_s(attempt, max(first, 0.001), self.heartbeat_interval))
+                    resend_at = min(deadline, next_try(backoff_s(attempt, max(first, 0.001), self.heartbeat_interval)))
                     attempt += 1
                     continue
                 if isinstance(reply, Busy) and busies < busy_retries:
@@ -361,70 +366,91 @@ class BrokerClient:
         finally:
             self._waiters.pop(key, None)
 
+    @property
+    def verdict_grace_s(self) -> float:
+        """How long past its deadline a queued request waits for the broker's own verdict (it checks deadlines on
+        its heartbeat tick)."""
+        return 2 * self.heartbeat_interval
+
+    @staticmethod
+    def _timed(msg: Any, deadline: float | None) -> Any:
+        """``msg`` telling the broker how long it may wait for a slot: what is left until ``deadline``."""
+        if deadline is None or not hasattr(msg, "queue_timeout_s"):
+            return msg
+        return replace(msg, queue_timeout_s=max(0.001, deadline - time.monotonic()))
+
     async def generate(self, job: Generate, timeout: float | None = None, *, retry_busy: bool = True,
                        queue_timeout: float | None = None) -> AsyncIterator[Message]:
         """Send a generate job and yield its Tokens, then the final Done or Error.
 
         ``timeout``: longest silence of a running job. ``retry_busy=False`` yields a ``Busy`` and stops (the caller
         passes the backpressure on, as an HTTP 429) instead of waiting out its retry hint and resending.
-        ``queue_timeout`` (seconds): a job not started yet is resent while it waits (the broker ignores a duplicate),
-        and Busy and transient errors are retried with jittered back-off, for this long from the first refusal;
-        then the refusal is yielded (a Busy as ``Error(overloaded)``). A restarted broker gets the job again: it
-        streams again from its first token (``Tokens.index`` says where each piece belongs).
+        ``queue_timeout`` (seconds): how long the job may take to get a fused worker, counted from its send (again
+        from a restart of the broker, or a refusal of a running job): meanwhile Busy and transient errors are
+        retried with jittered back-off and an unanswered job is resent (the broker ignores a duplicate), each send
+        telling the broker what is left (``queue_timeout_s``); then the refusal is yielded, a Busy or a silent
+        queue as ``Error(overloaded)``. A restarted broker gets the job again: it streams again from its first token
+        (``Tokens.index`` says where each piece belongs).
         """
         key = reply_key(job)
         q: asyncio.Queue = asyncio.Queue()
         self._waiters[key] = q
         timeout = timeout if timeout is not None else self.timeout
-        started = False  # a Tokens or Done came: the job left the queue
-        refused_since: float | None = None
+        deadline = None if queue_timeout is None else time.monotonic() + queue_timeout
+        started = False  # Tokens or Done came: the job has a worker
         attempt = 0
-        waiting_since = time.monotonic()
         pending: Any = None  # a message that arrived during a back-off, handled next
+
+        def overloaded(why: str) -> Error:
+            return Error(code=E.OVERLOADED, message=f"no fused worker slot within {queue_timeout:g} s ({why})",
+                         job=job.job, broker=self.broker_id)
+
         try:
-            await self.send(job)
+            await self._send_bounded(self._timed(job, deadline), timeout)
             while True:
                 msg, pending = pending, None
                 if msg is None and not q.empty():  # a streaming job usually has its next message waiting: no timer
                     msg = q.get_nowait()
                 if msg is None:
+                    queued = deadline is not None and not started
+                    wait = min(timeout, deadline + self.verdict_grace_s - time.monotonic()) if queued else timeout
                     try:
-                        msg = await _get(q, timeout)
+                        msg = await _get(q, max(0.0, wait))
                     except asyncio.TimeoutError:
-                        if queue_timeout is not None and not started \
-                                and time.monotonic() - waiting_since < queue_timeout:
-                            await self._send_bounded(job, timeout)  # still queued, or lost: the broker dedups
+                        if not queued:
+                            raise TimeoutError(f"job {job.job!r}: nothing for {timeout}s") from None
+                        if time.monotonic() < deadline:
+                            await self._send_bounded(self._timed(job, deadline), timeout)  # queued, or lost
                             continue
-                        raise TimeoutError(f"job {job.job!r}: nothing for {timeout}s") from None
+                        if self.broker_silent:
+                            raise TimeoutError(f"job {job.job!r}: the broker is silent") from None
+                        msg = overloaded("the job was never started")
                 if msg is BROKER_RESTARTED or msg is BROKER_BACK:
-                    refused_since, attempt, waiting_since = None, 0, time.monotonic()
-                    await self._send_bounded(job, timeout)
+                    started, attempt = False, 0
+                    if queue_timeout is not None:
+                        deadline = time.monotonic() + queue_timeout
+                    await self._send_bounded(self._timed(job, deadline), timeout)
                     continue
-                if queue_timeout is not None and transient(msg) and (retry_busy or not isinstance(msg, Busy)):
+                if deadline is not None and transient(msg) and (retry_busy or not isinstance(msg, Busy)):
                     now = time.monotonic()
-                    refused_since = refused_since if refused_since is not None else now
-                    if now - refused_since < queue_timeout:
+                    if started:  # a running job refused (its broker drains): it waits for service again
+                        started, deadline = False, now + queue_timeout
+                    if now < deadline:
                         first = msg.retry_ms / 1000 if isinstance(msg, Busy) else FIRST_BACKOFF_S
-                        delay = min(backoff_s(attempt, max(first, 0.001), self.heartbeat_interval),
-                                    refused_since + queue_timeout - now)
+                        delay = min(backoff_s(attempt, max(first, 0.001), self.heartbeat_interval), deadline - now)
                         attempt += 1
                         pending = await self._wait_one(q, delay)
-                        if pending is not None:
-                            continue  # something came during the back-off (a restart, say): handle it first
-                        waiting_since = time.monotonic()
-                        await self._send_bounded(job, timeout)
-                        continue
+                        if pending is None:
+                            await self._send_bounded(self._timed(job, deadline), timeout)
+                        continue  # else something came during the back-off (a restart, say): handle it first
                     if isinstance(msg, Busy):
-                        msg = Error(code=E.OVERLOADED, message=f"no fused worker slot within {queue_timeout:g} s "
-                                    f"(the generate queue stayed full)", job=job.job, broker=msg.broker)
+                        msg = overloaded("the generate queue stayed full")
                 elif isinstance(msg, Busy) and retry_busy:
                     await asyncio.sleep(max(msg.retry_ms, 1) / 1000)
                     await self.send(job)
                     continue
-                else:
-                    refused_since, attempt = None, 0
-                    if isinstance(msg, (Tokens, Done)):
-                        started = True
+                elif isinstance(msg, (Tokens, Done)):
+                    started, attempt = True, 0
                 yield msg
                 if isinstance(msg, (Done, Error, Busy)):
                     return

@@ -51,6 +51,7 @@ def test_split_attention_matches_reference_on_cuda():
 
 
 @interpreter_only
+@pytest.mark.slow
 def test_split_attention_matches_reference_in_triton_interpreter():
     out = run_interpreted("import torch\nfrom test_cuda_attention import _grid\n"
                           "print(_grid('cpu', (torch.float32,)))\n")

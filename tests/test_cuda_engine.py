@@ -170,6 +170,7 @@ def fused_vs_portable() -> tuple[float, float]:
 
 
 @interpreter_only
+@pytest.mark.slow
 def test_fused_ops_match_portable_ops_in_triton_interpreter():
     """The fused path's wiring (rope + cache writes, add + norm, silu * up, split attention) computes what the
     portable path computes, through the one static forward."""

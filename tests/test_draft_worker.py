@@ -164,6 +164,23 @@ def test_text_mode_and_adaptive_gamma(cluster, tiny_pair, expected):  # noqa: F8
     assert "acceptance" in res.stdout and "tok/s" in res.stdout
 
 
+@pytest.mark.parametrize("extra", [(), ("--top-k", "8")], ids=["dense-q", "sparse-q"])
+def test_sampled_chunks_carry_q_through_the_broker(cluster, tiny_pair, extra):  # noqa: F811
+    """At temperature > 0 every chunk carries its packed q (the whole vocabulary, or a top-k support) through the
+    broker's and the target's edge checks; a seed gives the same tokens every time."""
+    args = ("draft", "--broker", cluster.frontend, "--model", str(tiny_pair.draft), "--prompt", PROMPTS[0],
+            "--prompt", PROMPTS[1], "--max-new-tokens", str(MAX_NEW), "--gamma", "3", "--temperature", "0.8",
+            "--seed", "5", "--json", "--threads", "1", *extra)
+    runs = []
+    for _ in range(2):
+        res = run_cli(*args)
+        assert res.returncode == 0, res.stderr
+        runs.append(json_lines(res.stdout))
+    for r in runs[0]:
+        assert r["error"] is None and 0 < r["new_tokens"] <= MAX_NEW and r["drafted"] > 0
+    assert [r["token_ids"] for r in runs[0]] == [r["token_ids"] for r in runs[1]]
+
+
 def test_tokenizer_mismatch_names_both_fingerprints(cluster, tiny_pair, tmp_path):  # noqa: F811
     import shutil
 

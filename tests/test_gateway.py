@@ -597,6 +597,7 @@ def _specmq(*args: str, timeout: float = 60) -> subprocess.CompletedProcess:
                           timeout=timeout, cwd=ROOT, env=dict(os.environ, OMP_NUM_THREADS="1"))
 
 
+@pytest.mark.slow
 def test_serve_help_and_one_line_failures(tmp_path):
     r = _specmq("serve", "--help")
     assert r.returncode == 0 and "example:" in r.stdout and "--listen" in r.stdout and "--api-key-file" in r.stdout
@@ -609,6 +610,7 @@ def test_serve_help_and_one_line_failures(tmp_path):
     assert r.returncode == 1 and "holds no key" in r.stderr
 
 
+@pytest.mark.slow
 def test_serve_command_answers_and_stops_on_sigterm(stack, broker):
     stack.echo(capacity=2)
     port = free_endpoint().rsplit(":", 1)[1]
@@ -630,6 +632,7 @@ def test_serve_command_answers_and_stops_on_sigterm(stack, broker):
             proc.wait(10)
 
 
+@pytest.mark.slow
 def test_up_with_http_starts_the_gateway_with_the_rest():
     port = free_endpoint().rsplit(":", 1)[1]
     proc = subprocess.Popen([sys.executable, "-m", "specmq.cli", "up", "--frontend", free_endpoint(), "--backend",
@@ -666,3 +669,16 @@ def test_the_shipped_serve_config_names_only_real_flags():
     args = apply_config(parser.parse_args(["serve", "--config", str(ROOT / "configs" / "serve.yaml")]), set())
     assert serve.parse_listen(args.listen) == ("127.0.0.1", 8000) and args.tokenizer == "models/tiny-target"
     assert serve.parse_listen(":9000") == ("127.0.0.1", 9000) and serve.parse_listen("[::1]:80") == ("::1", 80)
+
+
+@pytest.mark.slow
+def test_bench_http_runs_both_paths_and_reports_rows(tmp_path):
+    """The benchmark as a tool (its figures live in benchmarks/results): both modes run and are counted."""
+    r = _specmq("bench", "http", "--streams", "2", "--requests", "1", "--tokens", "3", "--token-ms", "1",
+                "--rounds", "1", "--logdir", str(tmp_path), "--json", timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    rows = [json.loads(line) for line in r.stdout.splitlines() if line.startswith("{")]
+    assert [row["mode"] for row in rows] == ["native", "http", "added"]
+    for row in rows[:2]:
+        assert row["errors"] == 0 and row["requests"] == 2 and row["chunks"] == 6
+        assert row["delivery_p50_ms"] is not None and row["ttft_p50_ms"] > 0

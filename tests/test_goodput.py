@@ -10,8 +10,8 @@ from protocol.messages import Result, SessionOpen, SessionOpened, Verify
 from tests.model_fixtures import tiny_pair  # noqa: F401  (fixture)
 from workers.adaptive_gamma import expected_tokens
 from workers.engine import load_engine
-from workers.goodput import (FUSED, ControllerConfig, GoodputController, OnlineStepCost, SessionCosts, choose_plan,
-                             evaluate_plan)
+from workers.goodput import (FUSED, PROBE_GAMMA, ControllerConfig, GoodputController, OnlineStepCost, SessionCosts,
+                             choose_plan, evaluate_plan, group_sessions)
 from workers.sampling import SamplingParams
 from workers.speculation import autoregressive_generate
 from workers.target_worker import TargetConfig, TargetServer
@@ -181,8 +181,8 @@ def test_fused_goodput_policy_is_lossless_and_follows_the_draft_cost(tiny_pair, 
     for p, r in zip(prompts, out):
         assert r.tokens == autoregressive_generate(ref, p, 24, SamplingParams()).tokens
     gammas = [g for r in out for g in r.gammas]
-    if decodes:  # a draft step dearer than ten verify steps: drafting never pays
-        assert set(gammas) == {0}
+    if decodes:  # a draft step dearer than ten verify steps: drafting never pays, but for rare probe rounds
+        assert gammas.count(0) >= 0.8 * len(gammas) and set(gammas) <= {0, PROBE_GAMMA}
     else:
         assert min(gammas[:3]) >= 1 and max(gammas) >= 2
 
@@ -197,3 +197,30 @@ def test_fused_worker_auto_uses_the_controller(tiny_pair):
     server = FusedServer(draft, target, tok, FusedConfig(auto=True, cost_table="configs/profiles/cpu-tiny-pair.yaml"))
     assert isinstance(server.gamma_policy, GoodputGammaPolicy) and server.chooses_gamma
     assert not server.gamma_policy.controller.online
+
+
+def test_one_bad_round_does_not_end_speculation_and_decoding_sessions_are_probed():
+    ctl = GoodputController(Roofline(weights_ms=5.0), ControllerConfig(max_gamma=6, replan_ms=0.0))
+    ctl.observe_round("s", accepted=0, drafted=4, draft_ms=0.4, path_ms=0.5, context=100)
+    assert 0.3 < ctl.sessions["s"].alpha < 0.6  # the prior still weighs: one round is weak evidence
+    for _ in range(20):  # a draft that never agrees: decode mode, with probes at growing intervals
+        ctl.observe_round("s", accepted=0, drafted=2, draft_ms=2.0, path_ms=3.0, context=100)
+    seq = [ctl.next_gamma("s") for _ in range(80)]
+    probes = [i for i, g in enumerate(seq) if g]
+    assert all(seq[i] == PROBE_GAMMA for i in probes) and len(probes) >= 3
+    gaps = [b - a for a, b in zip(probes, probes[1:])]
+    assert gaps == sorted(gaps) and gaps[-1] > gaps[0]  # the interval doubles while decoding stays best
+    for _ in range(10):  # the session's draft starts agreeing: speculation comes back
+        ctl.observe_round("s", accepted=2, drafted=2, draft_ms=2.0, path_ms=3.0, context=100)
+    assert ctl.next_gamma("s") >= 2
+
+
+def test_planning_groups_alike_sessions():
+    ss = sessions(100, 0.71) + sessions(50, 0.9) + sessions(3, 0.2)
+    groups, weights, of = group_sessions(ss)
+    assert len(groups) == 3 and weights == [100.0, 50.0, 3.0] and of[0] == 0 and of[120] == 1 and of[-1] == 2
+    cost = Roofline()
+    plan = choose_plan(cost, ss, ControllerConfig(max_gamma=6))
+    assert len(plan.gammas) == 153
+    same = evaluate_plan(cost, ss, plan.gammas)  # the grouped prediction is the per-session one
+    assert plan.goodput_tok_s == pytest.approx(same.goodput_tok_s, rel=1e-6)

@@ -42,6 +42,7 @@ def test_skinny_gemm_matches_cublas_on_cuda():
 
 
 @interpreter_only
+@pytest.mark.slow
 def test_skinny_gemm_matches_reference_in_triton_interpreter():
     out = run_interpreted("import torch\nfrom test_gpu_gemm_bench import worst_error\n"
                           "print(worst_error('cpu', torch.float32))\n")

@@ -22,6 +22,7 @@ def test_request_stats_answers_from_a_broker_and_none_from_nothing(broker):
     assert time.monotonic() - t0 < 5
 
 
+@pytest.mark.slow
 def test_cluster_waits_for_its_workers_and_stops_them_all(tmp_path):
     with LocalCluster(logdir=tmp_path, cwd=ROOT) as cluster:
         cluster.start_broker(*HB)
@@ -35,6 +36,7 @@ def test_cluster_waits_for_its_workers_and_stops_them_all(tmp_path):
     assert (tmp_path / "broker.log").read_text()  # each process logs to its own file
 
 
+@pytest.mark.slow
 def test_a_process_that_exits_early_is_named(tmp_path):
     with LocalCluster(logdir=tmp_path, cwd=ROOT) as cluster:
         cluster.start_broker(*HB)
@@ -44,6 +46,7 @@ def test_a_process_that_exits_early_is_named(tmp_path):
         assert "--kind must be target or fused" in (tmp_path / "bad.log").read_text()
 
 
+@pytest.mark.slow
 def test_too_few_workers_in_time_is_a_clear_error(tmp_path):
     with LocalCluster(logdir=tmp_path, cwd=ROOT) as cluster:
         cluster.start_broker(*HB)

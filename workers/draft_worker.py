@@ -29,7 +29,8 @@ import structlog
 from broker.client import BrokerClient
 from protocol import errors as E
 from protocol.errors import ProtocolError, SpecmqError
-from protocol.messages import Busy, Error, Message, Reopen, Result, SessionClose, SessionOpen, SessionOpened, Verify
+from protocol.messages import (HEARTBEAT_INTERVAL_S, Busy, Error, Message, Reopen, Result, SessionClose, SessionOpen,
+                               SessionOpened, Verify)
 
 log = structlog.get_logger("draft")
 
@@ -86,6 +87,7 @@ class DraftConfig:
     timeout: float = 10.0  # per request try: an unanswered request is resent after this
     retries: int = 3
     queue_timeout: float = 120.0  # longest a request waits out overload, a draining or a restarting broker
+    heartbeat_interval: float = HEARTBEAT_INTERVAL_S  # beats to the broker while requests wait (restart detection)
     connect_timeout: float = 5.0  # the broker must answer a stats request within this on start
     gather_ms: float = 2.0  # how long the batcher waits for more sessions to draft with
     policy: str = "exact"
@@ -129,6 +131,7 @@ class PromptResult:
     error_code: str | None = None
     gammas: list[int] = field(default_factory=list)
     first_token_s: float | None = None  # from the session's start to its first committed tokens (TTFT)
+    first_batch: int = 0  # how many tokens that first delivery held
 
     @property
     def new_tokens(self) -> int:
@@ -150,16 +153,19 @@ class PromptResult:
             "mean_accepted": round(self.accepted / self.rounds, 3) if self.rounds else 0.0,
             "mean_gamma": round(sum(self.gammas) / len(self.gammas), 3) if self.gammas else 0.0,
             "reopens": self.reopens, "wall_s": round(self.wall_s, 4),
-            **latency_fields(self.first_token_s, self.wall_s, self.new_tokens),
+            **latency_fields(self.first_token_s, self.wall_s, self.new_tokens, self.first_batch),
             "tokens_per_s": round(self.tokens_per_s, 2), "error": self.error, "error_code": self.error_code,
         }
 
 
-def latency_fields(first_token_s: float | None, wall_s: float, tokens: int) -> dict[str, float | None]:
-    """TTFT and TPOT (time per output token after the first: (wall − TTFT) / (tokens − 1)) of one generation."""
+def latency_fields(first_token_s: float | None, wall_s: float, tokens: int, first_batch: int = 1
+                   ) -> dict[str, float | None]:
+    """TTFT and TPOT of one generation. TPOT is the time from the first delivery of tokens to the last over the
+    tokens delivered after that first delivery, so a mode that delivers several tokens at once (a verified round, a
+    decode-mode request) is not credited with free tokens."""
     tpot = None
-    if first_token_s is not None and tokens > 1:
-        tpot = round((wall_s - first_token_s) / (tokens - 1) * 1000.0, 3)
+    if first_token_s is not None and tokens > first_batch:
+        tpot = round((wall_s - first_token_s) / (tokens - first_batch) * 1000.0, 3)
     return {"ttft_s": None if first_token_s is None else round(first_token_s, 4), "tpot_ms": tpot}
 
 
@@ -186,12 +192,13 @@ class DelayedBrokerClient(BrokerClient):
         asyncio.get_running_loop().call_later(self.delay_s, super()._deliver, msg)
 
 
-def make_client(address: str, link_delay_ms: float = 0.0, timeout: float = 10.0, curve: dict | None = None
-                ) -> BrokerClient:
+def make_client(address: str, link_delay_ms: float = 0.0, timeout: float = 10.0, curve: dict | None = None,
+                heartbeat_interval: float = HEARTBEAT_INTERVAL_S) -> BrokerClient:
     """A frontend client; ``curve`` holds ``BrokerClient``'s CURVE keyword arguments (``broker.curve.client_kwargs``)."""
     if link_delay_ms > 0:
-        return DelayedBrokerClient(address, link_delay_ms / 1000.0, timeout=timeout, **(curve or {}))
-    return BrokerClient(address, timeout=timeout, **(curve or {}))
+        return DelayedBrokerClient(address, link_delay_ms / 1000.0, timeout=timeout,
+                                   heartbeat_interval=heartbeat_interval, **(curve or {}))
+    return BrokerClient(address, timeout=timeout, heartbeat_interval=heartbeat_interval, **(curve or {}))
 
 
 async def probe_broker(client: BrokerClient, address: str, timeout: float) -> dict:
@@ -309,7 +316,8 @@ class DraftWorker:
 
     async def run_results(self, results: list[PromptResult]) -> list[PromptResult]:
         cfg = self.config
-        client = make_client(cfg.broker, cfg.link_delay_ms, cfg.timeout, cfg.curve)
+        client = make_client(cfg.broker, cfg.link_delay_ms, cfg.timeout, cfg.curve,
+                             heartbeat_interval=cfg.heartbeat_interval)
         await client.start()
         batch_task = None
         try:
@@ -349,8 +357,8 @@ class DraftWorker:
         """Send SessionOpen (prompt + committed tokens) until a target holds the session.
 
         The open may wait in the broker's admission queue, or be refused for a while (Busy, a draining broker,
-        no target registered yet): it keeps its place or retries until ``queue_timeout``; the broker's own verdict
-        at its deadline (``overloaded``) gets a couple of heartbeats to arrive before this side gives up.
+        no target registered yet): it keeps its place or retries until ``queue_timeout`` (the broker learns what is
+        left of it with each send, and answers ``overloaded`` when it passes).
         """
         cfg = self.config
         deadline = time.monotonic() + cfg.queue_timeout
@@ -360,8 +368,10 @@ class DraftWorker:
             while True:
                 try:
                     reply = await client.request(self._open_msg(res, sid), timeout=cfg.timeout, retries=cfg.retries,
-                                                 deadline=deadline + 2 * client.heartbeat_interval)
+                                                 deadline=deadline)
                 except TimeoutError:
+                    if client.broker_id and not client.broker_silent:  # the broker is there: no slot came
+                        raise SessionFailed(E.OVERLOADED, self._overloaded()) from None
                     raise SessionFailed("timeout", f"no answer to session open from {cfg.broker} within "
                                         f"{cfg.queue_timeout:g} s") from None
                 if isinstance(reply, SessionOpened):
@@ -372,13 +382,15 @@ class DraftWorker:
                     await asyncio.sleep(0.05)  # its target died while opening: place it again
                     continue
                 if isinstance(reply, (Busy, Reopen)):  # still refused at the deadline
-                    raise SessionFailed(E.OVERLOADED, f"{E.OVERLOADED}: no target slot within {cfg.queue_timeout:g} s;"
-                                        f" {self.opening} sessions waiting")
+                    raise SessionFailed(E.OVERLOADED, self._overloaded())
                 if isinstance(reply, Error):
                     raise SessionFailed(reply.code, self._error_text(reply))
                 raise SessionFailed("bad_reply", f"unexpected {reply.TYPE} to session open")
         finally:
             self.opening -= 1
+
+    def _overloaded(self) -> str:
+        return f"{E.OVERLOADED}: no target slot within {self.config.queue_timeout:g} s; {self.opening} sessions waiting"
 
     def _error_text(self, err: Error) -> str:
         msg = err.message
@@ -423,8 +435,9 @@ class DraftWorker:
                     g, decode = max(1, min(g, remaining - 1)), 0
                     gen = None if sampling.greedy else round_generator(sampling.seed, pos, STREAM_DRAFT)
                     chunk, draft_ms, bsize = await batcher.draft(DraftRequest(slot, uncached, g, sampling, gen))
+                catch_up = len(uncached) > 2  # the draft fed tokens it had not seen (prompt, decode output)
                 reply, seq, rtt_ms = await self._verify(client, res, sid, seq, pos, chunk, decode=decode,
-                                                        draft_ms=draft_ms, path_ms=path_ms)
+                                                        draft_ms=0.0 if catch_up else draft_ms, path_ms=path_ms)
                 if not isinstance(reply, Result):
                     raise SessionFailed("bad_reply", f"unexpected {reply.TYPE} to verify")
                 k = reply.accepted
@@ -439,6 +452,7 @@ class DraftWorker:
                 res.token_ids += list(reply.tokens)
                 if reply.tokens and res.first_token_s is None:
                     res.first_token_s = time.perf_counter() - t_start
+                    res.first_batch = len(reply.tokens)
                 res.rounds += 1
                 res.drafted += max(g, 0)
                 res.accepted += k

@@ -106,7 +106,7 @@ class FusedServer:
         self.jobs: dict[str, Job] = {}  # admitted, in round-robin order (a job that had a round goes last)
         self.waiting: list[Job] = []  # checked, not admitted yet (the next tick takes them)
         self.counters = {"jobs": 0, "ticks": 0, "rounds": 0, "prefill_rows": 0, "prefill_tokens": 0, "drafted": 0,
-                         "accepted": 0, "errors": 0, "tokens": 0, "rows": 0, "cancelled": 0}
+                         "accepted": 0, "errors": 0, "tokens": 0, "rows": 0, "cancelled": 0, "busy_ms": 0.0}
         self.tick_ms = 0.0
         self.last_rows = 0
         self.last_tokens = 0
@@ -246,6 +246,7 @@ class FusedServer:
         c["prefill_rows"] += len(plan.prefills)
         c["prefill_tokens"] += sum(n for _, n in plan.prefills)
         c["rows"] += plan.rows
+        c["busy_ms"] += ms  # the tick's drafting and verify forwards: the device's busy fraction over a window
         c["drafted"] += sum(g for _, g in plan.rounds)
         c["accepted"] += accepted
         self.last_rows, self.last_tokens = plan.rows, plan.tokens
@@ -309,7 +310,8 @@ class FusedServer:
                 "jobs_waiting": len(self.waiting), "jobs_done": c["jobs"], "rounds": c["rounds"],
                 "drafted": c["drafted"], "accepted": c["accepted"], "tick_ms": round(self.tick_ms, 3),
                 "tokens": c["tokens"], "errors": c["errors"], "jobs_cancelled": c["cancelled"], "ticks": c["ticks"],
-                "rows": c["rows"],
+                "rows": c["rows"], "busy_ms": round(c["busy_ms"], 3),
+                **(self.gamma_policy.controller.stats() if hasattr(self.gamma_policy, "controller") else {}),
                 "prefill_rows": c["prefill_rows"], "prefill_tokens": c["prefill_tokens"],
                 "batch_rows": self.last_rows, "batch_tokens": self.last_tokens,
                 "mean_batch": round(c["rows"] / c["ticks"], 3) if c["ticks"] else 0.0}

@@ -28,6 +28,7 @@ class JobResult:
     finish_reason: str = ""
     wall_s: float = 0.0
     first_token_s: float | None = None  # from sending the job to its first streamed tokens (TTFT)
+    first_batch: int = 0  # how many tokens that first delivery held
     error: str | None = None
     error_code: str | None = None
 
@@ -43,7 +44,7 @@ class JobResult:
             "rejections": int(s.get("rejections", 0)),
             "mean_accepted": round(accepted / rounds, 3) if rounds else 0.0,
             "wall_s": round(self.wall_s, 4), "tokens_per_s": round(n / self.wall_s, 2) if self.wall_s > 0 else 0.0,
-            **latency_fields(self.first_token_s, self.wall_s, n),
+            **latency_fields(self.first_token_s, self.wall_s, n, self.first_batch),
             "finish_reason": self.finish_reason, "worker_stats": s, "error": self.error,
             "error_code": self.error_code,
         }
@@ -139,6 +140,7 @@ async def run_jobs(prompts: Sequence[str], *, broker: str, model: str | Path, ma
                         r.token_ids += fresh
                         if fresh and r.first_token_s is None:
                             r.first_token_s = time.perf_counter() - t0
+                            r.first_batch = len(fresh)
                         if stream and fresh:
                             stream.piece(r.index, dec.push(fresh))
                     elif isinstance(msg, Done):

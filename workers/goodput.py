@@ -36,7 +36,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Iterable, Protocol, Sequence
 
-from workers.adaptive_gamma import AdaptiveGamma, expected_tokens
+from workers.adaptive_gamma import expected_tokens
 
 DISTRIBUTED = "distributed"
 FUSED = "fused"
@@ -121,7 +121,8 @@ class ControllerConfig:
     max_gamma: int = 8
     tpot_slo_ms: float | None = None  # keep every session's predicted TPOT under this (None: goodput only)
     decode_tokens: int = 8  # tokens a decode-mode request asks the target for
-    replan_ms: float = 50.0
+    replan_ms: float = 100.0
+    probe: bool = True  # probe decoding sessions' acceptance now and then (see ``next_gamma``)
     correction_weight: float = 0.2  # EWMA weight of each measured tick in the cost correction
     mode: str = DISTRIBUTED
 
@@ -137,28 +138,34 @@ class ControllerConfig:
 
 
 def evaluate_plan(cost: StepCost, sessions: Sequence[SessionCosts], gammas: Sequence[int], mode: str = DISTRIBUTED,
-                  correction: float = 1.0, draft_step_ms: float = 0.0) -> PlanOutcome:
-    """Predicted goodput, tick time and per-session TPOT of one plan (see the module docstring)."""
-    n = len(sessions)
-    if n == 0:
+                  correction: float = 1.0, draft_step_ms: float = 0.0,
+                  weights: Sequence[float] | None = None) -> PlanOutcome:
+    """Predicted goodput, tick time and per-session TPOT of one plan (see the module docstring).
+
+    ``weights``: how many sessions each entry stands for (a group of alike sessions), 1 each by default.
+    """
+    if not sessions:
         return PlanOutcome([], 0.0, 0.0, [])
-    ctx = sum(s.context for s in sessions) / n
-    tau = correction * cost.verify_ms(n, sum(g + 1 for g in gammas), ctx)
+    w = list(weights) if weights is not None else [1.0] * len(sessions)
+    n = sum(w)
+    ctx = sum(s.context * k for s, k in zip(sessions, w)) / n
+    tau = correction * cost.verify_ms(max(1, round(n)), max(1, round(sum(k * (g + 1) for g, k in zip(gammas, w)))),
+                                      ctx)
     if mode == FUSED:
         rnd = tau + max(gammas) * draft_step_ms
         es = [expected_tokens(s.alpha, g) if g else 1.0 for s, g in zip(sessions, gammas)]
-        return PlanOutcome(list(gammas), sum(es) / rnd * 1000.0, tau, [rnd / e for e in es])
+        return PlanOutcome(list(gammas), sum(e * k for e, k in zip(es, w)) / rnd * 1000.0, tau, [rnd / e for e in es])
     wait = 0.5 * tau if any(g == 0 for g in gammas) else 0.0  # decode rows keep the target ticking back to back
     goodput, tpots = 0.0, []
-    for s, g in zip(sessions, gammas):
+    for s, g, k in zip(sessions, gammas, w):
         if g == 0:
             tpots.append(tau)
-            goodput += 1000.0 / tau
+            goodput += k * 1000.0 / tau
             continue
         rnd = g * s.draft_ms + s.path_ms + wait + tau
         e = expected_tokens(s.alpha, g)
         tpots.append(rnd / e)
-        goodput += e / rnd * 1000.0
+        goodput += k * e / rnd * 1000.0
     return PlanOutcome(list(gammas), goodput, tau, tpots)
 
 
@@ -178,39 +185,81 @@ def _better(a: PlanOutcome, b: PlanOutcome | None, slo: float | None) -> bool:
     return a.goodput_tok_s >= b.goodput_tok_s * 0.995 and sum(a.gammas) < sum(b.gammas)
 
 
+def group_sessions(sessions: Sequence[SessionCosts]) -> tuple[list[SessionCosts], list[float], list[int]]:
+    """Sessions with α in the same bucket of width ``ALPHA_BUCKET`` as one entry (mean costs, weight = members):
+    (group costs, weights, each session's group index). Planning then costs O(groups), not O(sessions)."""
+    index: dict[int, int] = {}
+    members: list[list[SessionCosts]] = []
+    of: list[int] = []
+    for s in sessions:
+        b = int(round(s.alpha / ALPHA_BUCKET))
+        if b not in index:
+            index[b] = len(members)
+            members.append([])
+        members[index[b]].append(s)
+        of.append(index[b])
+    groups = [SessionCosts(sum(m.alpha for m in ms) / len(ms), sum(m.draft_ms for m in ms) / len(ms),
+                           sum(m.path_ms for m in ms) / len(ms), round(sum(m.context for m in ms) / len(ms)))
+              for ms in members]
+    return groups, [float(len(ms)) for ms in members], of
+
+
 def choose_plan(cost: StepCost, sessions: Sequence[SessionCosts], config: ControllerConfig,
                 correction: float = 1.0, draft_step_ms: float = 0.0) -> PlanOutcome:
-    """The best plan: uniform candidates first, then one improvement pass per α group."""
+    """The best plan: uniform candidates first, then one improvement pass per α group (see the module docstring)."""
+    if not sessions:
+        return PlanOutcome([], 0.0, 0.0, [])
+    groups, weights, of = group_sessions(sessions)
     cands = range(0, config.max_gamma + 1)
+
+    def evaluate(gs: list[int]) -> PlanOutcome:
+        return evaluate_plan(cost, groups, gs, config.mode, correction, draft_step_ms, weights)
+
     best: PlanOutcome | None = None
     for g in cands:
-        out = evaluate_plan(cost, sessions, [g] * len(sessions), config.mode, correction, draft_step_ms)
+        out = evaluate([g] * len(groups))
         if _better(out, best, config.tpot_slo_ms):
             best = out
     assert best is not None
-    groups: dict[int, list[int]] = {}
-    for i, s in enumerate(sessions):
-        groups.setdefault(int(round(s.alpha / ALPHA_BUCKET)), []).append(i)
     if len(groups) > 1:
-        for members in groups.values():
+        for i in range(len(groups)):
             for g in cands:
                 trial = list(best.gammas)
-                for i in members:
-                    trial[i] = g
-                if trial == best.gammas:
+                if trial[i] == g:
                     continue
-                out = evaluate_plan(cost, sessions, trial, config.mode, correction, draft_step_ms)
+                trial[i] = g
+                out = evaluate(trial)
                 if _better(out, best, config.tpot_slo_ms):
                     best = out
-    return best
+    return PlanOutcome([best.gammas[i] for i in of], best.goodput_tok_s, best.tick_ms, [best.tpot_ms[i] for i in of])
+
+
+PRIOR_ALPHA = 0.6  # acceptance assumed before a session's first round...
+PRIOR_TOKENS = 2.0  # ...worth this many examined draft tokens
+DECAY = 0.8  # each round's weight relative to the one before (recent rounds count most)
+PROBE_GAMMA = 2  # γ of a probe round, which keeps a decoding session's acceptance estimate fresh
+PROBE_FIRST, PROBE_MAX = 4, 32  # decode requests between probes: from PROBE_FIRST, doubling up to PROBE_MAX
 
 
 @dataclass
 class _Tracked:
-    acceptance: AdaptiveGamma
+    accepted: float = 0.0  # decayed sums over the session's rounds
+    examined: float = 0.0
     draft_ms: float = 0.0
     path_ms: float = 0.0
     context: int = 0
+    decodes: int = 0  # decode-mode requests since the last probe
+    probe_every: int = PROBE_FIRST
+
+    @property
+    def alpha(self) -> float:
+        """Accepted over examined draft tokens (a rejection examines one), with a weak prior: one bad round moves
+        the estimate, it does not sentence the session to decode mode forever."""
+        return (self.accepted + PRIOR_ALPHA * PRIOR_TOKENS) / (self.examined + PRIOR_TOKENS)
+
+    def update(self, accepted: int, drafted: int) -> None:
+        self.accepted = DECAY * self.accepted + accepted
+        self.examined = DECAY * self.examined + accepted + (1 if accepted < drafted else 0)
 
 
 class GoodputController:
@@ -233,7 +282,7 @@ class GoodputController:
     # ------------------------------------------------------------------ observations
     def track(self, key: str, context: int = 0) -> None:
         if key not in self.sessions:
-            self.sessions[key] = _Tracked(AdaptiveGamma(self.config.max_gamma), context=context)
+            self.sessions[key] = _Tracked(context=context)
 
     def forget(self, key: str) -> None:
         self.sessions.pop(key, None)
@@ -244,7 +293,7 @@ class GoodputController:
         self.track(key, context)
         t = self.sessions[key]
         if drafted > 0:
-            t.acceptance.update(accepted, drafted)
+            t.update(accepted, drafted)
             if draft_ms > 0:
                 t.draft_ms = 0.7 * t.draft_ms + 0.3 * (draft_ms / drafted) if t.draft_ms else draft_ms / drafted
         if path_ms > 0:
@@ -266,7 +315,7 @@ class GoodputController:
 
     # ------------------------------------------------------------------ decisions
     def _views(self, keys: Iterable[str]) -> list[SessionCosts]:
-        return [SessionCosts(min(self.sessions[k].acceptance.alpha, 0.999), self.sessions[k].draft_ms,
+        return [SessionCosts(min(self.sessions[k].alpha, 0.999), self.sessions[k].draft_ms,
                              self.sessions[k].path_ms, self.sessions[k].context) for k in keys]
 
     def replan(self, force: bool = False) -> PlanOutcome | None:
@@ -287,14 +336,24 @@ class GoodputController:
         return self.plan
 
     def next_gamma(self, key: str) -> int:
-        """This session's γ for its next round (0: decode mode)."""
+        """This session's γ for its next round (0: decode mode). A session kept in decode mode gets a probe round
+        (γ = ``PROBE_GAMMA``) after ``probe_every`` decode requests, the interval doubling while decoding stays
+        best, so a changed acceptance or load is noticed."""
         self.track(key)
         self.replan()
         g = self._by_key.get(key)
         if g is None:
             self.replan(force=True)
             g = self._by_key.get(key, 1)
-        return g
+        t = self.sessions[key]
+        if g > 0:
+            t.decodes, t.probe_every = 0, PROBE_FIRST
+            return g
+        if self.config.probe and t.decodes >= t.probe_every:
+            t.decodes, t.probe_every = 0, min(PROBE_MAX, 2 * t.probe_every)
+            return min(PROBE_GAMMA, self.config.max_gamma)
+        t.decodes += 1
+        return 0
 
     def stats(self) -> dict:
         p = self.plan

@@ -103,14 +103,21 @@ def even_counts(batch: int, total: int) -> list[int]:
     return [q + 1] * r + [q] * (batch - r)
 
 
-def build_engine(model_dir: str | None, shape: str | None, device: str, dtype: str, slots: int, max_context: int):
-    """An engine with random cache contents: ``shape``'s random weights, else the model directory's."""
+def build_engine(model_dir: str | None, shape: str | None, device: str, dtype: str, slots: int, max_context: int,
+                 grow: str | None = None):
+    """An engine with random cache contents: ``shape``'s random weights, else the model directory's (grown in
+    memory to ``grow``'s shape when given: the grown model is what a worker started with ``--grow`` runs)."""
     from workers.engine.base import EngineError
     from workers.engine.cuda_shapes import fill_cache_randomly, random_engine
 
     try:
         if shape:
             eng = random_engine(shape, device=device, dtype=dtype, slots=slots, max_context=max_context)
+        elif grow:
+            from workers.engine import load_engine
+
+            eng = load_engine(model_dir, device=device, dtype=dtype, slots=slots, max_context=max_context,
+                              backend="cuda" if device.startswith("cuda") else "llama", grow=grow)
         elif device.startswith("cuda"):
             from workers.engine.cuda_engine import load_cuda_engine
             eng = load_cuda_engine(model_dir, device=device, dtype=dtype, slots=slots, max_context=max_context)
@@ -147,7 +154,8 @@ class Measured:
 
 
 def measure(model: str | None, shape: str | None, draft_model: str | None, draft_shape: str | None, device: str,
-            dtype: str, batches: list[int], per_row: list[int], contexts: list[int], reps: int) -> Measured:
+            dtype: str, batches: list[int], per_row: list[int], contexts: list[int], reps: int,
+            grow: str | None = None, draft_grow: str | None = None) -> Measured:
     """Time the target over (batch, total tokens, context) and its draft over (batch, context), with progress on
     stderr. ``totals`` are every ``batch x tokens per row``; each point is ``batch`` rows sharing them evenly."""
     import gc
@@ -170,8 +178,10 @@ def measure(model: str | None, shape: str | None, draft_model: str | None, draft
     slots = max(batches)
 
     # ---- target: (batch, total tokens, context)
-    eng = build_engine(model, shape, device, dtype, slots, max_ctx)
-    target_id = shape or Path(model).name
+    if grow and not model:
+        raise ProfileError("--grow needs --model (the directory to grow)")
+    eng = build_engine(model, shape, device, dtype, slots, max_ctx, grow=grow)
+    target_id = shape or (f"{Path(model).name} grown to {grow}" if grow else Path(model).name)
     cache: dict[tuple, float] = {}
     grid = [[[0.0] * len(contexts) for _ in totals] for _ in batches]
     bar = Progress(len(batches) * len(totals) * len(contexts), "target")
@@ -193,8 +203,8 @@ def measure(model: str | None, shape: str | None, draft_model: str | None, draft
     # ---- draft: (batch, context), one token per row
     draft_shape = None if draft_model else (draft_shape or DRAFT_OF.get(shape or "", None))
     draft_dir = draft_model or (None if draft_shape else model)
-    draft_id = draft_shape or Path(draft_dir).name
-    deng = build_engine(draft_dir, draft_shape, device, dtype, slots, max_ctx)
+    draft_id = draft_shape or (f"{Path(draft_dir).name} grown to {draft_grow}" if draft_grow else Path(draft_dir).name)
+    deng = build_engine(draft_dir, draft_shape, device, dtype, slots, max_ctx, grow=draft_grow)
     dgrid = [[0.0] * len(contexts) for _ in batches]
     bar = Progress(len(batches) * len(contexts), "draft ")
     for i, b in enumerate(batches):

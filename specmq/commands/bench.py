@@ -25,6 +25,8 @@ BENCHMARKS: dict[str, str] = {
     "sampling": "benchmarks.sampling",
     "grow_cost": "benchmarks.grow_cost",
     "capacity": "benchmarks.capacity",
+    "broker_restart": "benchmarks.broker_restart",
+    "chaos": "benchmarks.chaos",
 }
 
 

@@ -26,7 +26,7 @@ def run(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     batches, contexts = args.batches, args.contexts
     m = measure(args.model, args.shape, args.draft_model, args.draft_shape, args.device, args.dtype, batches,
-                args.tokens, contexts, args.reps)
+                args.tokens, contexts, args.reps, grow=args.grow, draft_grow=args.draft_grow)
     write_table(
         args.out, model=m.target_id, device=args.device, dtype=args.dtype, hardware=hardware(args.device),
         target_axes={"batch": batches, "tokens": m.totals, "context": contexts}, target_latency_ms=m.target_ms,
@@ -55,6 +55,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--draft-model", default=None, help="draft model directory (default: the draft shape of --shape, "
                                                        "else --model itself)")
     p.add_argument("--draft-shape", default=None, help="draft shape (default: llama-3.2-1b for the 8B shape)")
+    p.add_argument("--grow", default=None, metavar="SHAPE",
+                   help="with --model: profile that model grown in memory to this shape (what 'specmq target --grow' "
+                        "runs; e.g. llama-3.1-8b)")
+    p.add_argument("--draft-grow", default=None, metavar="SHAPE",
+                   help="with --draft-model: the draft grown likewise (e.g. llama-3.2-1b)")
     p.add_argument("--device", default="cpu", help="cpu or cuda[:N] (default: cpu)")
     p.add_argument("--dtype", default=None, help="float32 | bfloat16 (default: bfloat16 on cuda, float32 on cpu)")
     p.add_argument("--out", type=Path, required=True, help="cost table YAML to write")
