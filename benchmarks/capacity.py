@@ -469,7 +469,98 @@ def _check(args: argparse.Namespace) -> None:
         args.draft_grow = None
 
 
+def load_rows(path: Path) -> tuple[dict, list[dict]]:
+    """(setup, rows) of a ``--out`` file."""
+    setup: dict = {}
+    rows: list[dict] = []
+    try:
+        lines = Path(path).read_text().splitlines()
+    except OSError as exc:
+        raise BenchmarkError(f"--report {path}: {exc.strerror or exc}") from None
+    for i, line in enumerate(lines, 1):
+        try:
+            d = json.loads(line)
+        except ValueError:
+            raise BenchmarkError(f"--report {path}: line {i} is not JSON") from None
+        if "setup" in d:
+            setup = d["setup"]
+        elif "context" in d and "mode" in d:
+            rows.append(d)
+    if not rows:
+        raise BenchmarkError(f"--report {path}: no result rows")
+    return setup, rows
+
+
+def markdown(setup: dict, rows: list[dict], slos: Sequence[float]) -> str:
+    """Tables for docs/capacity.md: every point, then sessions at each SLO per mode."""
+    cols = ("mode", "sessions", "tok_s", "tpot_p50_ms", "tpot_p90_ms", "ttft_p50_s", "target_batch", "busy",
+            "mean_gamma", "alpha", "round_draft_ms", "round_network_ms", "round_verify_ms", "lossless")
+    out = []
+    for c in sorted({r["context"] for r in rows}):
+        for temp in sorted({r["temperature"] for r in rows if r["context"] == c}):
+            sel = [r for r in rows if r["context"] == c and r["temperature"] == temp]
+            out.append(f"\n#### context {c}, temperature {temp}\n")
+            out.append("| " + " | ".join(cols) + " |")
+            out.append("|" + "---|" * len(cols))
+            for r in sel:
+                out.append("| " + " | ".join("" if r.get(k) is None else str(r.get(k)) for k in cols) + " |")
+    summary = summarise(rows, slos)
+    out.append("\n#### Most sessions with TPOT p90 within the SLO (greedy)\n")
+    modes = [m for m in MODES if any(r["mode"] == m for r in rows)]
+    out.append("| context | SLO ms | " + " | ".join(modes) + " |")
+    out.append("|" + "---|" * (len(modes) + 2))
+    for c, per_mode in summary["capacity"].items():
+        for s in slos:
+            out.append(f"| {c} | {s:g} | " + " | ".join(str(per_mode[m][str(s)]) for m in modes) + " |")
+    return "\n".join(out) + "\n"
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    """Aggregate tokens/s and TPOT p90 against sessions, one panel pair per context."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    greedy = [r for r in rows if r["temperature"] == 0]
+    contexts = sorted({r["context"] for r in greedy})
+    fig, axes = plt.subplots(2, len(contexts), figsize=(6 * len(contexts), 8), squeeze=False)
+    for j, c in enumerate(contexts):
+        for m in MODES:
+            pts = sorted((r["sessions"], r["tok_s"], r["tpot_p90_ms"]) for r in greedy
+                         if r["context"] == c and r["mode"] == m)
+            if not pts:
+                continue
+            axes[0][j].plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=m)
+            axes[1][j].plot([p[0] for p in pts], [p[2] for p in pts], marker="o", label=m)
+        axes[0][j].set_title(f"context {c}: aggregate tokens/s")
+        axes[1][j].set_title(f"context {c}: TPOT p90 (ms)")
+        for i in (0, 1):
+            axes[i][j].set_xscale("log", base=2)
+            axes[i][j].set_xlabel("concurrent sessions")
+            axes[i][j].grid(alpha=0.3)
+        axes[1][j].set_yscale("log")
+        axes[0][j].legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def report(args: argparse.Namespace) -> int:
+    setup, rows = load_rows(args.report)
+    slos = _list(args.slo_ms, float)
+    text = markdown(setup, rows, slos)
+    print(text)
+    if args.plot:
+        plot(rows, args.plot)
+        print(f"plot: {args.plot}", file=sys.stderr)
+    if args.json:
+        print(json.dumps({"summary": summarise(rows, slos)}))
+    return 0
+
+
 def run(args: argparse.Namespace) -> int:
+    if args.report:
+        return report(args)
     _check(args)
     logdir = args.logdir or Path(tempfile.mkdtemp(prefix="specmq-capacity-"))
     logdir.mkdir(parents=True, exist_ok=True)
@@ -537,3 +628,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--fused-cost-table", type=Path, default=None, help="the fused worker's --cost-table")
     p.add_argument("--out", type=Path, default=None, help="also append every row as JSON to this file")
     p.add_argument("--logdir", type=Path, default=None, help="subprocess logs (default: a new temporary directory)")
+    p.add_argument("--report", type=Path, default=None,
+                   help="run nothing: print markdown tables and the summary of an --out file")
+    p.add_argument("--plot", type=Path, default=None, help="with --report: also draw tokens/s and TPOT (PNG)")

@@ -15,7 +15,8 @@ once. Every ``--fault-every`` seconds (default: random in 5-10 s), once every pr
 
 Recovery of a fault: from the signal until every session or job it affected has received a new token (sessions
 placed on the victim target; every job in flight for a fused fault, since a client cannot see which fused worker
-holds its job; everything in flight for a broker fault). A unit that fails makes its fault unrecovered.
+holds its job; everything in flight for a broker fault, counting only tokens served once the broker is back, since
+a draining broker still delivers what was in flight). A unit that fails makes its fault unrecovered.
 
 Reported: sessions and jobs completed, lost (failed, or unfinished ``--drain-s`` after the soak ended), wrong
 (finished with an output other than target-only greedy), duplicated and missing tokens, p50/p99 recovery per fault
@@ -31,6 +32,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import datetime
+import functools
 import itertools
 import math
 import os
@@ -46,7 +48,7 @@ import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 from benchmarks import BenchmarkError, print_json, quiet_logs
 
@@ -134,6 +136,7 @@ class Fault:
     t_s: float  # seconds into the soak
     affected: int
     pending: set[str]
+    count_after: float  # tokens delivered before this time do not recover the fault
     lost: int = 0
     recovered_s: float | None = None
 
@@ -167,7 +170,7 @@ class Ledger:
         now = time.monotonic()
         with self.lock:
             for f in self._open:
-                if unit in f.pending and now > f.at:
+                if unit in f.pending and now > f.count_after:
                     f.pending.discard(unit)
             self._close(now)
 
@@ -191,8 +194,14 @@ class Ledger:
                 f.recovered_s = now - f.at
         self._open = still
 
+    def resume(self, fault: Fault) -> None:
+        """The broker is back (restarted, or continued): from now on tokens recover ``fault``."""
+        with self.lock:
+            fault.count_after = time.monotonic()
+
     def fault(self, kind: str, victim: str, t_s: float) -> Fault:
-        """Record a fault about to happen, with the units it affects right now."""
+        """Record a fault about to happen, with the units it affects right now; a broker fault counts tokens only
+        after ``resume``."""
         with self.lock:
             if kind.startswith("target"):
                 units = {u for u in self.active if self.placement.get(u) == victim}
@@ -200,7 +209,8 @@ class Ledger:
                 units = {u for u in self.active if u.startswith("j:")}
             else:
                 units = set(self.active)
-            f = Fault(kind, victim, time.monotonic(), t_s, len(units), units)
+            at = time.monotonic()
+            f = Fault(kind, victim, at, t_s, len(units), units, math.inf if kind.startswith("broker") else at)
             self.faults.append(f)
             if units:
                 self._open.append(f)
@@ -432,12 +442,14 @@ class SoakCluster:
     def signal(self, name: str, sig: int) -> None:
         self.local.services[name].proc.send_signal(sig)
 
-    def inject(self, kind: str, victim: str) -> None:
-        """Do the fault (its record is made by the caller right before)."""
+    def inject(self, kind: str, victim: str, resume: Callable[[], None]) -> None:
+        """Do the fault (its record is made by the caller right before); ``resume()`` is called right before the
+        broker comes back (restart or SIGCONT)."""
         cfg = self.cfg
         if kind == "broker-kill":
             self.local.kill("broker")
             time.sleep(cfg.restart_gap_s)  # the outage itself
+            resume()
             self.restart("broker")
         elif kind == "broker-term":
             self.signal("broker", signal.SIGTERM)
@@ -446,6 +458,7 @@ class SoakCluster:
             except subprocess.TimeoutExpired:
                 self.local.kill("broker")
             time.sleep(cfg.restart_gap_s)
+            resume()
             self.restart("broker")
         elif kind.endswith("-kill"):
             self.local.kill(victim)
@@ -455,6 +468,8 @@ class SoakCluster:
             try:
                 time.sleep(cfg.stop_s)  # the fault itself
             finally:
+                if victim == "broker":
+                    resume()
                 self.signal(victim, signal.SIGCONT)
 
     def close(self) -> None:
@@ -532,8 +547,8 @@ def run_soak(cfg: SoakConfig, prompts: list[str], logdir: Path, progress: bool =
             kind = rng.choice(cfg.faults)
             victim = "broker" if kind.startswith("broker") else rng.choice(
                 cluster.targets if kind.startswith("target") else cluster.fused)
-            ledger.fault(kind, victim, time.monotonic() - t0)
-            cluster.inject(kind, victim)
+            fault = ledger.fault(kind, victim, time.monotonic() - t0)
+            cluster.inject(kind, victim, functools.partial(ledger.resume, fault))
             next_fault = time.monotonic() + _interval(cfg, rng)
         load.stop.set()
         if not load.join(cfg.drain_s + 30):
@@ -746,6 +761,8 @@ def write_markdown(path: Path, rows: list[dict], command: str) -> None:
         f"- machine: {machine()}",
         f"- command: `{command}`",
         f"- date: {datetime.datetime.now(datetime.timezone.utc).strftime('%Y-%m-%d %H:%M UTC')}",
+        (f"- load average (1/5/15 min) when written: {' / '.join(f'{x:.1f}' for x in os.getloadavg())} (other work "
+         "on the machine shares its cores with the soak)"),
         ("- load: drafter sessions and generate jobs on the shipped pair (float32), every output compared with "
          "target-only greedy; faults every few seconds on targets, fused workers and the broker "
          "(`benchmarks/chaos.py` says how each is done and what recovery means)"), "",

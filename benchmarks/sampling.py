@@ -2,8 +2,8 @@
 
 ``specmq broker`` + ``specmq target`` run as subprocesses; the drafter (``workers.draft_worker``) runs in this
 process with one session at a time over held-out prompts (``benchmarks.e2e.heldout_prompts``). The two modes
-alternate ``--repeats`` times so that load drift on a shared machine hits both alike. Per mode, over the rounds
-drafted at the full γ (the last round of a prompt may be shorter): ``draft_ms`` (the draft forwards and sampling),
+alternate prompt by prompt (``--repeats`` passes), so load bursts on a shared machine hit both alike. Per mode, over
+the rounds drafted at the full γ (a prompt's last round may be shorter): ``draft_ms`` (draft forwards and sampling),
 ``verify_ms`` (the target's tick: forward and acceptance), ``network_ms`` (round trip minus verify: encode, link,
 broker, decode, drafter loop) and their sum ``round_ms``. The goal: a sampled round costs at most ``--goal`` times a
 greedy one (``ratio``). At temperature > 0 without top-k/top-p, each draft token carries a full-vocabulary q.
@@ -43,54 +43,64 @@ def process_cpu_ms(pid: int) -> float | None:
         return None
 
 
-def run_mode(frontend: str, prompts: list[str], args: argparse.Namespace, temperature: float,
-             pids: dict[str, int] | None = None) -> dict[str, Any]:
-    """One pass over the prompts, one session at a time: the per-round rows at full γ, the totals, and the CPU ms
-    each process (``pids``: broker, target; the drafter is this process) spent."""
-    from benchmarks.e2e import DRAFT
-    from workers.draft_worker import DraftConfig, DraftWorker
+class Mode:
+    """One way of drafting (greedy or sampled): its own ``DraftWorker`` over one loaded draft engine, and what its
+    prompts measured so far. ``run`` drafts one prompt, so the benchmark can interleave the modes prompt by prompt
+    and load bursts on a shared machine land on both alike."""
 
-    sampled = temperature > 0
-    cfg = DraftConfig(broker=frontend, model=DRAFT, max_new_tokens=args.max_new_tokens, gamma=args.gamma,
-                      max_gamma=max(8, args.gamma), concurrency=1, threads=args.threads, timeout=30.0,
-                      temperature=temperature, top_p=args.top_p if sampled else 1.0,
-                      top_k=args.top_k if sampled else 0, seed=args.seed)
-    worker = DraftWorker(cfg)
-    pids = pids or {}
-    cpu0 = {name: process_cpu_ms(pid) for name, pid in pids.items()}
-    t0, own0 = time.perf_counter(), time.process_time()
-    results = asyncio.run(worker.run(prompts))
-    wall, own = time.perf_counter() - t0, (time.process_time() - own0) * 1000.0
-    cpu = {"cpu_drafter_ms": own}
-    for name, pid in pids.items():
-        now = process_cpu_ms(pid)
-        cpu[f"cpu_{name}_ms"] = None if now is None or cpu0[name] is None else now - cpu0[name]
-    failed = [r for r in results if r.error]
-    if failed:
-        raise BenchmarkError(f"{len(failed)} of {len(results)} prompts failed; first: {failed[0].error}")
-    rows = [{"draft_ms": r.draft_ms, "verify_ms": r.verify_ms, "network_ms": r.network_ms,
-             "round_ms": r.draft_ms + r.network_ms + r.verify_ms} for r in worker.rows if r.gamma == args.gamma]
-    return {"rows": rows, "tokens": sum(r.new_tokens for r in results), "wall_s": wall, "cpu": cpu,
-            "all_rounds": len(worker.rows), "drafted": sum(r.drafted for r in results),
-            "accepted": sum(r.accepted for r in results)}
+    def __init__(self, name: str, frontend: str, args: argparse.Namespace, temperature: float, engine: Any) -> None:
+        from benchmarks.e2e import DRAFT
+        from workers.draft_worker import DraftConfig, DraftWorker
 
+        sampled = temperature > 0
+        cfg = DraftConfig(broker=frontend, model=DRAFT, max_new_tokens=args.max_new_tokens, gamma=args.gamma,
+                          max_gamma=max(8, args.gamma), concurrency=1, threads=args.threads, timeout=30.0,
+                          temperature=temperature, top_p=args.top_p if sampled else 1.0,
+                          top_k=args.top_k if sampled else 0, seed=args.seed)
+        self.name, self.gamma = name, args.gamma
+        self.worker = DraftWorker(cfg, engine=engine)
+        self.tokens = self.drafted = self.accepted = 0
+        self.wall_s = 0.0
+        self.cpu: dict[str, float | None] = {}
 
-def summarise(mode: str, passes: list[dict[str, Any]], gamma: int) -> dict[str, Any]:
-    rows = [r for p in passes for r in p["rows"]]
-    if not rows:
-        raise BenchmarkError(f"{mode}: no round at gamma {gamma} (raise --max-new-tokens)")
-    tokens, wall = sum(p["tokens"] for p in passes), sum(p["wall_s"] for p in passes)
-    drafted, accepted = sum(p["drafted"] for p in passes), sum(p["accepted"] for p in passes)
-    out: dict[str, Any] = {"mode": mode, "gamma": gamma, "rounds": len(rows), "tok_s": round(tokens / wall, 2),
-                           "acceptance": round(accepted / drafted, 3) if drafted else None}
-    for part in PARTS:
-        out[part] = round(statistics.fmean(r[part] for r in rows), 3)
-    out["round_ms_median"] = round(statistics.median(r["round_ms"] for r in rows), 3)
-    rounds = sum(p["all_rounds"] for p in passes)
-    for part in CPU_PARTS:  # per round, every round (CPU time cannot be split by γ)
-        spent = [p["cpu"].get(part) for p in passes]
-        out[part] = None if None in spent or not rounds else round(sum(spent) / rounds, 3)
-    return out
+    def run(self, prompt: str, pids: dict[str, int]) -> None:
+        """Draft one prompt; add its rounds, tokens, wall time and the CPU ms each process spent (``pids``: broker,
+        target; the drafter is this process)."""
+        cpu0 = {name: process_cpu_ms(pid) for name, pid in pids.items()}
+        t0, own0 = time.perf_counter(), time.process_time()
+        (res,) = asyncio.run(self.worker.run([prompt]))
+        self.wall_s += time.perf_counter() - t0
+        spent = {"cpu_drafter_ms": (time.process_time() - own0) * 1000.0}
+        for name, pid in pids.items():
+            now = process_cpu_ms(pid)
+            spent[f"cpu_{name}_ms"] = None if now is None or cpu0[name] is None else now - cpu0[name]
+        for part, ms in spent.items():
+            old = self.cpu.get(part, 0.0)
+            self.cpu[part] = None if ms is None or old is None else old + ms
+        if res.error:
+            raise BenchmarkError(f"{self.name}: prompt failed: {res.error}")
+        self.tokens += res.new_tokens
+        self.drafted += res.drafted
+        self.accepted += res.accepted
+
+    def summary(self) -> dict[str, Any]:
+        rows = [r for r in self.worker.rows if r.gamma == self.gamma]  # the last round of a prompt may be shorter
+        if not rows:
+            raise BenchmarkError(f"{self.name}: no round at gamma {self.gamma} (raise --max-new-tokens)")
+        out: dict[str, Any] = {"mode": self.name, "gamma": self.gamma, "rounds": len(rows),
+                               "tok_s": round(self.tokens / self.wall_s, 2) if self.wall_s else None,
+                               "acceptance": round(self.accepted / self.drafted, 3) if self.drafted else None}
+        parts = {"draft_ms": [r.draft_ms for r in rows], "verify_ms": [r.verify_ms for r in rows],
+                 "network_ms": [r.network_ms for r in rows],
+                 "round_ms": [r.draft_ms + r.network_ms + r.verify_ms for r in rows]}
+        for part, values in parts.items():
+            out[part] = round(statistics.fmean(values), 3)
+        out["round_ms_median"] = round(statistics.median(parts["round_ms"]), 3)
+        every = len(self.worker.rows)  # CPU time cannot be split by γ: per round, every round
+        for part in CPU_PARTS:
+            ms = self.cpu.get(part)
+            out[part] = None if ms is None or not every else round(ms / every, 3)
+        return out
 
 
 def compare(greedy: dict[str, Any], sampled: dict[str, Any], goal: float) -> dict[str, Any]:
@@ -118,7 +128,9 @@ def print_rows(rows: list[dict[str, Any]], columns: tuple[str, ...]) -> None:
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from benchmarks.e2e import Services, heldout_prompts
+    from benchmarks.e2e import DRAFT, Services, heldout_prompts
+    from workers.draft_worker import TextCodec
+    from workers.engine import load_engine
 
     if args.gamma < 1 or args.max_new_tokens <= args.gamma or args.prompts < 1 or args.repeats < 1:
         raise BenchmarkError("need --gamma >= 1, --max-new-tokens > gamma, --prompts >= 1 and --repeats >= 1")
@@ -126,36 +138,41 @@ def run(args: argparse.Namespace) -> int:
         raise BenchmarkError(f"--temperature must be > 0 (the sampled mode), got {args.temperature}")
     torch.set_num_threads(args.threads)
     prompts = heldout_prompts(args.prompts)
+    longest = max(len(TextCodec(DRAFT).encode(p)) for p in prompts)
+    engine = load_engine(DRAFT, slots=1, max_context=longest + args.max_new_tokens + max(8, args.gamma) + 8)
     svc = Services(args.threads, 4, Path(tempfile.mkdtemp(prefix="specmq-sampling-")), fused=False)
-    passes: dict[str, list[dict[str, Any]]] = {"greedy": [], "sampled": []}
     try:
         svc.wait_ready()
         pids = {name: s.proc.pid for name, s in getattr(getattr(svc, "cluster", None), "services", {}).items()}
-        for temp in (0.0, args.temperature):  # warm-up: model load, first ticks, both code paths
-            run_mode(svc.frontend, prompts[:1], argparse.Namespace(**{**vars(args), "max_new_tokens": 16}), temp)
+        for temp in (0.0, args.temperature):  # warm-up: first ticks, both code paths
+            Mode("warm-up", svc.frontend, args, temp, engine).run(prompts[0], {})
+        greedy = Mode("greedy", svc.frontend, args, 0.0, engine)
+        sampled = Mode("sampled", svc.frontend, args, args.temperature, engine)
         for _ in range(args.repeats):
-            passes["greedy"].append(run_mode(svc.frontend, prompts, args, 0.0, pids))
-            passes["sampled"].append(run_mode(svc.frontend, prompts, args, args.temperature, pids))
+            for prompt in prompts:  # interleaved: load bursts hit both modes alike
+                greedy.run(prompt, pids)
+                sampled.run(prompt, pids)
     finally:
         svc.close()
-    greedy, sampled = summarise("greedy", passes["greedy"], args.gamma), summarise("sampled", passes["sampled"],
-                                                                                     args.gamma)
-    ratio = compare(greedy, sampled, args.goal)
+    rows = [greedy.summary(), sampled.summary()]
+    ratio = compare(rows[0], rows[1], args.goal)
     setup = {"machine": f"{platform.machine()} {platform.processor() or ''}".strip(), "cpus": os.cpu_count(),
+             "load_avg_1m": round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None,
              "torch_threads": args.threads, "gamma": args.gamma, "max_new_tokens": args.max_new_tokens,
              "prompts": args.prompts, "repeats": args.repeats, "temperature": args.temperature,
              "top_p": args.top_p, "top_k": args.top_k}
     if args.json:
-        for row in (greedy, sampled, ratio):
+        for row in rows + [ratio]:
             print_json(row)
         print_json({"setup": setup})
     else:
-        print_rows([greedy, sampled, ratio], COLUMNS)
+        print_rows(rows + [ratio], COLUMNS)
         print("CPU ms per round, every process:")
-        print_rows([greedy, sampled, ratio], ("mode",) + CPU_PARTS)
+        print_rows(rows + [ratio], ("mode",) + CPU_PARTS)
         verdict = "meets" if ratio["ok"] else "misses"
         print(f"sampled round / greedy round = {ratio['round_ms']} ({verdict} the goal <= {args.goal}); "
-              f"machine: {setup['machine']}, {setup['cpus']} CPUs, {args.threads} torch thread(s) per process")
+              f"machine: {setup['machine']}, {setup['cpus']} CPUs, load {setup['load_avg_1m']}, "
+              f"{args.threads} torch thread(s) per process")
     return 0 if ratio["ok"] or not args.check else 1
 
 

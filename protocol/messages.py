@@ -88,7 +88,7 @@ class Verify(Message):
     sent_at: float = 0.0  # sender's clock, echoed back for latency accounting
     decode: int = 0  # with no draft tokens: the target decodes this many tokens itself (decode mode, γ = 0)
     draft_ms: float = 0.0  # drafter's time to draft this chunk (goodput controller input; 0 = not measured)
-    path_ms: float = 0.0  # drafter's last round trip minus the target's time (link, broker, drafter loop)
+    path_ms: float = 0.0  # drafter's last round trip minus the target's verify time (link, broker, loop, tick wait)
     incarnation: int = 0  # set by the broker: the target's registration this was forwarded under (fencing)
 
 

@@ -2,7 +2,8 @@
 # Install everything the tests need (in .venv) and run the whole suite. Extra args go to pytest.
 #   bash scripts/test.sh                  # everything (what CI runs)
 #   bash scripts/test.sh -m "not slow"    # the fast tier: about a minute on 2 cores
-# Tests that start processes, run a benchmark or go end to end through real models carry @pytest.mark.slow.
+# @pytest.mark.slow marks tests that start processes, run a benchmark, go end to end through real models, or spend
+# seconds of CPU on statistics or fuzzing.
 source "$(dirname "${BASH_SOURCE[0]}")/_env.sh"
 cd "$ROOT"
 set +e

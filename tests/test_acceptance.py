@@ -114,6 +114,7 @@ def total_variation(counts: Counter, expected: dict, samples: int) -> float:
     (SamplingParams(temperature=0.7, top_p=0.8), SamplingParams(temperature=1.2, top_k=5), 2),
     (SamplingParams(temperature=1.0, top_p=0.6), SamplingParams(temperature=0.0), 2),  # greedy drafter
 ])
+@pytest.mark.slow
 def test_rejection_sampling_matches_target_distribution(params, draft_params, gamma):
     samples = 3000
     counts = speculative_samples(2, samples, gamma, params, draft_params, "exact", seed=1234)
@@ -124,6 +125,7 @@ def test_rejection_sampling_matches_target_distribution(params, draft_params, ga
 
 @pytest.mark.parametrize("draft_params", [SamplingParams(temperature=1.0), SamplingParams(temperature=1.2, top_k=3)],
                          ids=["dense-q", "sparse-q"])
+@pytest.mark.slow
 def test_rejection_sampling_through_the_wire_matches_target_distribution(draft_params):
     """q drawn in float32, packed, encoded, decoded and unpacked: still exactly the target's distribution."""
     params = SamplingParams(temperature=0.8)
@@ -134,6 +136,7 @@ def test_rejection_sampling_through_the_wire_matches_target_distribution(draft_p
     assert total_variation(counts, expected, samples) < 0.06
 
 
+@pytest.mark.slow
 def test_three_token_continuation_is_lossless():
     params = SamplingParams(temperature=0.9, top_p=0.9)
     samples = 2500
@@ -141,6 +144,7 @@ def test_three_token_continuation_is_lossless():
     assert chi_square_p(counts, exact_distribution(3, params), samples) > 1e-3
 
 
+@pytest.mark.slow
 def test_lossy_confidence_policy_differs_measurably():
     params = SamplingParams(temperature=1.0)
     samples = 2000

@@ -4,6 +4,7 @@ from __future__ import annotations
 import asyncio
 
 import msgpack
+import pytest
 import zmq
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -28,6 +29,7 @@ frames = st.lists(st.binary(max_size=48) | messages | values.map(lambda v: msgpa
                   min_size=1, max_size=3)
 
 
+@pytest.mark.slow
 def test_fuzzed_frames_then_a_session_completes(broker):
     ctx = zmq.Context.instance()
     socks = {}

@@ -40,12 +40,27 @@ def test_target_fault_affects_only_its_sessions_and_recovers_on_their_next_token
     assert f.recovered_s is not None and f.recovered_s >= 0.01 and not f.pending
 
 
+def test_broker_fault_counts_tokens_only_once_the_broker_is_back():
+    led = Ledger()
+    for unit in ("s:a", "j:x"):
+        led.start(unit)
+    f = led.fault("broker-term", "broker", 0.0)
+    assert f.affected == 2
+    led.commit("s:a")  # drained from the old broker: not a recovery
+    led.commit("j:x")
+    assert f.pending == {"s:a", "j:x"}
+    led.resume(f)
+    led.commit("s:a")
+    led.commit("j:x")
+    assert f.recovered_s is not None and f.row()["unresolved"] == 0
+
+
 def test_a_lost_unit_leaves_its_fault_unrecovered():
     led = Ledger()
     for unit in ("s:a", "j:x"):
         led.start(unit)
     f = led.fault("broker-kill", "broker", 0.0)
-    assert f.affected == 2
+    led.resume(f)
     led.commit("j:x")
     led.end("s:a", ok=False)
     assert f.lost == 1 and f.recovered_s is None and f.row()["unresolved"] == 0

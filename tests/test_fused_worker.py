@@ -146,6 +146,7 @@ def _drain(server: FusedServer, arrivals: dict[int, list], limit: int = 2000) ->
     raise AssertionError("jobs did not finish")
 
 
+@pytest.mark.slow
 def test_long_prompt_is_prefilled_a_chunk_per_tick_while_running_jobs_keep_their_rounds(shipped):
     tok, target, draft, ref = shipped
     t, d = CountingEngine(target), CountingEngine(draft)
@@ -173,6 +174,7 @@ def test_long_prompt_is_prefilled_a_chunk_per_tick_while_running_jobs_keep_their
                                                                 SamplingParams()).tokens
 
 
+@pytest.mark.slow
 def test_chunked_prefill_under_tight_budgets_equals_target_greedy(shipped):
     """Jobs join at different ticks; token and row budgets bind, so rounds rotate and prefills wait their turn."""
     tok, target, draft, ref = shipped

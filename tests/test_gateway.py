@@ -544,6 +544,7 @@ def greedy_reference(one_torch_thread):
 PROMPTS = ["def fibonacci(n):\n", "import numpy as np\n\nclass"]
 
 
+@pytest.mark.slow
 def test_http_output_equals_target_only_greedy(fused_stack, greedy_reference):
     _, gw, _, _ = fused_stack
     client = openai_client(gw.url)

@@ -107,6 +107,7 @@ def test_grown_config_shape_and_scales():
     assert (g.kv_rows.view(6, 64) // 128)[:, 0].tolist() == list(range(6))
 
 
+@pytest.mark.slow
 def test_zeros_only_where_the_function_needs_them():
     _, cfg = read_config(TARGET)
     sd, _ = grow_state_dict(read_state_dict(TARGET), cfg, WIDE)
@@ -253,6 +254,7 @@ def run_cli(argv: list[str], capsys) -> tuple[int, str, str]:
     return rc, out.out, out.err
 
 
+@pytest.mark.slow
 def test_cli_model_grow_end_to_end(tmp_path, capsys):
     out = tmp_path / "draft-grown"
     rc, stdout, _ = run_cli(["model", "grow", "--from", str(DRAFT), "--shape", DRAFT_SHAPE, "--out", str(out),
@@ -271,6 +273,7 @@ def test_cli_model_grow_end_to_end(tmp_path, capsys):
     assert rc == 1 and "not empty" in err and len(err.strip().splitlines()) == 1
 
 
+@pytest.mark.slow
 def test_sharded_directory_loads_everywhere(tmp_path, monkeypatch):
     """Shards are whole parts (embedding, layers, final norm) with an index, as HF writes them."""
     import workers.engine.grow as grow
@@ -307,6 +310,7 @@ def test_cli_model_grow_config_and_errors(tmp_path, capsys):
     assert rc == 1 and "growth only adds" in err and not (tmp_path / "y").exists()
 
 
+@pytest.mark.slow
 def test_verify_grow_flag_gives_the_same_tokens(capsys):
     argv = ["verify", "--model", str(DRAFT), "--prompt", PROMPTS[0], "--max-new-tokens", "16", "--json"]
     rc, plain, _ = run_cli(argv, capsys)

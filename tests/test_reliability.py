@@ -25,8 +25,8 @@ import pytest
 from broker.client import BrokerClient, request_stats, wait_for
 from conftest import TEST_CONFIG, BrokerThread, run_async, wait_until
 from protocol import errors as E
-from protocol.messages import (Busy, Disconnect, Done, Error, Generate, Heartbeat, Ready, Reopen, SessionClose, SessionOpen,
-                               SessionOpened, StatsRequest, Verify)
+from protocol.messages import (Busy, Disconnect, Done, Error, Generate, Heartbeat, Ready, Reopen, SessionClose,
+                               SessionOpen, SessionOpened, StatsRequest, Verify)
 from tests.model_fixtures import tiny_pair  # noqa: F401  (fixture)
 from workers.echo_worker import answer
 from workers.link import WorkerLink
@@ -113,7 +113,7 @@ def test_every_reply_names_the_broker_instance(make_broker):
     broker = make_broker(max_queue=1)
 
     async def main():
-        async with Scripted(broker.backend, "a", capacity=1) as a, BrokerClient(broker.frontend) as c:
+        async with Scripted(broker.backend, "a", capacity=1), BrokerClient(broker.frontend) as c:
             await workers_up(broker, {"a"})
             me = broker.snapshot()["instance"]
             assert len(me) >= 8
@@ -172,7 +172,7 @@ def test_client_beats_while_a_request_waits(make_broker):
     broker.broker.taps.append(tap)
 
     async def main():
-        async with Scripted(broker.backend, "a", hold=(Verify,)) as a, \
+        async with Scripted(broker.backend, "a", hold=(Verify,)), \
                 BrokerClient(broker.frontend, heartbeat_interval=HB) as c:
             await workers_up(broker, {"a"})
             await c.request(SessionOpen(session="s", prompt_ids=[1]))
@@ -214,7 +214,7 @@ def test_draining_broker_is_retried_until_a_broker_answers(brokers):
     broker = brokers(grace_s=1.5)
 
     async def main():
-        async with Scripted(broker.backend, "t") as t, Scripted(broker.backend, "f", kind="fused", capacity=1,
+        async with Scripted(broker.backend, "t"), Scripted(broker.backend, "f", kind="fused", capacity=1,
                                                                  hold=(Generate,)) as f, \
                 BrokerClient(broker.frontend, timeout=60, heartbeat_interval=HB) as c:
             await workers_up(broker, {"t", "f"})
@@ -243,7 +243,7 @@ def test_admission_queue_is_fifo_bounded_and_deadlined(make_broker):
     broker = make_broker(max_queue=1)
 
     async def main():
-        async with Scripted(broker.backend, "a", capacity=1) as a, BrokerClient(broker.frontend) as c:
+        async with Scripted(broker.backend, "a", capacity=1), BrokerClient(broker.frontend) as c:
             await workers_up(broker, {"a"})
             assert isinstance(await c.request(SessionOpen(session="s0", prompt_ids=[1])), SessionOpened)
             await c.send(SessionOpen(session="s1", prompt_ids=[1, 2]))
@@ -269,7 +269,7 @@ def test_busy_is_retried_with_backoff_until_the_deadline(make_broker):
     broker = make_broker(max_queue=1)
 
     async def main():
-        async with Scripted(broker.backend, "a", capacity=1) as a, BrokerClient(broker.frontend) as c:
+        async with Scripted(broker.backend, "a", capacity=1), BrokerClient(broker.frontend) as c:
             await workers_up(broker, {"a"})
             await c.request(SessionOpen(session="s0", prompt_ids=[1]))
             await c.send(SessionOpen(session="s1", prompt_ids=[1]))  # fills the admission queue
@@ -324,7 +324,7 @@ def test_drafter_overloaded_is_one_clear_error(make_broker, tiny_pair):  # noqa:
     broker = make_broker()
 
     async def main():
-        async with Scripted(broker.backend, "a", capacity=1) as a, BrokerClient(broker.frontend) as hog:
+        async with Scripted(broker.backend, "a", capacity=1), BrokerClient(broker.frontend) as hog:
             await workers_up(broker, {"a"})
             await hog.request(SessionOpen(session="hog", prompt_ids=[1]))  # takes the only slot, never closes
             cfg = DraftConfig(broker=broker.frontend, model=tiny_pair.draft, max_new_tokens=4, gamma=2,
@@ -332,7 +332,8 @@ def test_drafter_overloaded_is_one_clear_error(make_broker, tiny_pair):  # noqa:
             results = await DraftWorker(cfg).run(["a b", "c d", "e f"])
             for r in results:
                 assert r.error_code == E.OVERLOADED, r.error
-                assert re.fullmatch(r"overloaded: no target slot within 0\.\d+ s; \d+ sessions waiting", r.error), r.error
+                want = r"overloaded: no target slot within 0\.\d+ s; \d+ sessions waiting"
+                assert re.fullmatch(want, r.error), r.error
 
     run_async(main(), timeout=60)
 

@@ -161,6 +161,7 @@ def test_causal_replay_at_speed_4_gets_every_answer_without_bad_sequence(make_br
     assert second["sessions"] == 4 and second["jobs"] == 2
 
 
+@pytest.mark.slow
 def test_open_loop_replay_keeps_recorded_times_whatever_the_answers(make_broker, tmp_path):
     original, again = tmp_path / "a.capture", tmp_path / "b.capture"
     run_async(_record_sessions(make_broker(capture=str(original)), original), timeout=60)

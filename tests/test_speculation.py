@@ -358,6 +358,7 @@ def test_bad_arguments_are_clear(engines):
         speculative_generate(draft, target, [VOCAB + 5, 1], 2, 5, GREEDY)
 
 
+@pytest.mark.slow
 def test_sampled_speculative_output_follows_target_distribution(engines, models):
     """End to end at T>0: the first two generated tokens, over many seeds, follow the target's own distribution."""
     from scipy import stats

@@ -446,7 +446,7 @@ class DraftWorker:
                 if decode and not reply.finished and len(reply.tokens) != decode:
                     raise SessionFailed(E.BAD_SEQUENCE, f"asked the target to decode {decode} tokens, got "
                                         f"{len(reply.tokens)}")
-                path_ms = max(0.0, rtt_ms - reply.verify_ms - reply.queue_ms)
+                path_ms = max(0.0, rtt_ms - reply.verify_ms)  # link, broker, drafter loop and the wait for a tick
                 if auto and reply.next_gamma >= 0:
                     advised = reply.next_gamma
                 res.token_ids += list(reply.tokens)

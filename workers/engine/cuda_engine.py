@@ -329,6 +329,9 @@ def load_cuda_engine(model_dir: str | Path, device: str = "cuda", dtype: str = "
     model grown in memory to that shape (``torch_engine.load_llama``)."""
     from workers.engine.torch_engine import load_llama
 
+    if str(device).startswith("cuda:") and torch.cuda.is_available():
+        # Triton launches on the current device: make it the engine's (a worker on cuda:1 of a 2-GPU host)
+        torch.cuda.set_device(torch.device(device))
     model, info = load_llama(model_dir, device, dtype, slots, max_context, backend="cuda", grow=grow)
     on_cuda = info.device.startswith("cuda")
     return make_engine(model, info, graphs=on_cuda if graphs is None else graphs, **kw)
