@@ -51,6 +51,11 @@ Tap = Callable[[str, str, bytes, bytes], None]
 _PREFIX: dict[bytes, str] = {}
 
 
+def _secs(s: float) -> str:
+    """Seconds for a message: 120, 1.5, 0.04."""
+    return f"{round(s, 1) if s >= 0.1 else round(s, 3):g}"
+
+
 def _key(client: bytes, ident: str) -> str:
     """Namespace a client-chosen id by the client's identity."""
     prefix = _PREFIX.get(client)
@@ -435,8 +440,8 @@ class Broker:
             if sess is not None and sess.worker is None and not sess.inflight:
                 del self.state.sessions[w.key]
             self.counters.overloaded += 1
-            self.error(FRONTEND, w.client, E.OVERLOADED, f"no target slot within {round(w.deadline - w.since, 1):g} "
-                       f"s; {waiting} sessions waiting", session=w.session)
+            self.error(FRONTEND, w.client, E.OVERLOADED, f"no target slot within {_secs(w.deadline - w.since)} s; "
+                       f"{waiting} sessions waiting", session=w.session)
         queue = self.state.generate_queue
         if any(job.deadline <= now for job in queue):
             waiting = len(queue)
@@ -446,7 +451,7 @@ class Broker:
                 self.state.jobs.pop(job.key, None)
                 self.counters.overloaded += 1
                 self.error(FRONTEND, job.client, E.OVERLOADED, f"no fused worker slot within "
-                           f"{round(self._wait_s(job.body), 1):g} s; {waiting} jobs waiting", job=job.job)
+                           f"{_secs(self._wait_s(job.body))} s; {waiting} jobs waiting", job=job.job)
 
     def client_verify(self, ident: bytes, body: dict) -> None:
         sid, seq = body["session"], body["seq"]

@@ -229,11 +229,11 @@ class BrokerClient:
                 self.restarts += 1
                 log.warning("client.broker_restarted", broker=self.address, old=old, new=instance,
                             waiting=len(self._waiters))
-                self._signal(BROKER_RESTARTED)
+                self._signal(BROKER_RESTARTED, msg)
         elif self.broker_silent:
             self.broker_silent = False
             log.info("client.broker_back", broker=self.address, waiting=len(self._waiters))
-            self._signal(BROKER_BACK)
+            self._signal(BROKER_BACK, msg)
         if isinstance(msg, Heartbeat):
             return
         if isinstance(msg, Reopen):  # wakes every waiter of that session
@@ -248,9 +248,17 @@ class BrokerClient:
         q = self._waiters.get(reply_key(msg))
         (q or self.inbox).put_nowait(msg)
 
-    def _signal(self, signal: _Signal) -> None:
-        for q in self._waiters.values():
-            q.put_nowait(signal)
+    def _signal(self, signal: _Signal, heard: Message) -> None:
+        """Wake every waiter with ``signal``, except those that ``heard`` answers: the broker that sent it has
+        their request (a re-send would only repeat it there)."""
+        if isinstance(heard, Reopen):
+            answered = lambda key: key[0] == "s" and key[1] == heard.session  # noqa: E731
+        else:
+            mine = reply_key(heard) if not isinstance(heard, Heartbeat) else None
+            answered = lambda key: key == mine  # noqa: E731
+        for key, q in self._waiters.items():
+            if not answered(key):
+                q.put_nowait(signal)
 
     async def _beat_loop(self) -> None:
         """Heartbeat the broker while anything waits for an answer, and notice when it goes silent."""

@@ -32,9 +32,9 @@ RCVMORE = int(zmq.RCVMORE)
 _unpackb = msgpack.unpackb
 _INT_MAX = 1 << 62
 _VERIFY_KEYS = frozenset(("v", "type", "session", "seq", "pos", "tokens", "sent_at", "q_ids", "q_probs",
-                          "incarnation"))
+                          "incarnation", "decode", "draft_ms", "path_ms", "q_lens"))
 _RESULT_KEYS = frozenset(("v", "type", "session", "seq", "accepted", "tokens", "pos", "finished", "sent_at",
-                          "verify_ms", "queue_ms", "incarnation", "broker"))
+                          "verify_ms", "queue_ms", "incarnation", "broker", "next_gamma"))
 _TOKENS_KEYS = frozenset(("v", "type", "job", "tokens", "text", "index", "incarnation", "broker"))
 
 
@@ -68,7 +68,9 @@ def _fast_verify(b: dict) -> bool:
     if (type(b.get("session")) is not str or type(seq) is not int or type(pos) is not int
             or type(inc) is not int or not (-_INT_MAX <= inc <= _INT_MAX)
             or type(tokens) is not list or not (type(sent) is float or type(sent) is int)
-            or b.get("q_ids") is not None or b.get("q_probs") is not None
+            or b.get("q_ids") is not None or b.get("q_probs") is not None or b.get("q_lens") is not None
+            or not _ok_int(b.get("decode", 0)) or not _ok_float(b.get("draft_ms", 0.0))
+            or not _ok_float(b.get("path_ms", 0.0))
             or not (-_INT_MAX <= seq <= _INT_MAX) or not (-_INT_MAX <= pos <= _INT_MAX)):
         return False
     for t in tokens:
@@ -87,6 +89,7 @@ def _fast_result(b: dict) -> bool:
             or type(tokens) is not list or type(b.get("finished", False)) is not bool
             or not _ok_float(b.get("sent_at", 0.0)) or not _ok_float(b.get("verify_ms", 0.0))
             or not _ok_float(b.get("queue_ms", 0.0)) or type(b.get("broker", "")) is not str
+            or not _ok_int(b.get("next_gamma", -1))
             or not (-_INT_MAX <= seq <= _INT_MAX) or not (-_INT_MAX <= pos <= _INT_MAX)
             or not (-_INT_MAX <= acc <= _INT_MAX)):
         return False

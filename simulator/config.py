@@ -20,7 +20,9 @@ DEFAULTS: dict[str, Any] = {
     "architecture": "distributed",  # distributed | fused | mixed
     "fused_fraction": 0.5,  # mixed: share of requests sent to the generate queue
     "router": "jsq2",  # broker.routing name
-    "gamma": 4,
+    "gamma": 4,  # drafts' γ: an int (0 = decode mode: the target decodes alone) or "auto" (the goodput controller)
+    "decode_tokens": 8,  # tokens one decode-mode request asks the target for
+    "controller": {"max_gamma": 8, "tpot_slo_ms": None, "replan_ms": 100.0},  # the targets' goodput controller
     "costs": "configs/profiles/example-cpu.yaml",
     "broker": {"overhead_ms": 0.05, "verify_queue_max": 1024, "generate_queue_max": 4096, "retry_ms": 50.0},
     "drafts": {
@@ -40,7 +42,8 @@ DEFAULTS: dict[str, Any] = {
     },
     "targets": [{"name": "t", "count": 2, "slots": 32, "max_batch_tokens": 512, "max_batch_rows": 64,
                  "prefill_chunk": 256, "tick_ms": 2.0, "costs": None,
-                 "cost_scale": 1.0}],  # x every forward's table cost: a CPU/GPU shared with other work
+                 "cost_scale": 1.0,  # x every forward's table cost: a CPU/GPU shared with other work
+                 "tick_overhead_ms": 0.0}],  # host time per tick outside the forward (plan, accept, answer)
     "fused": {"count": 0, "slots": 16, "max_batch_tokens": 512, "max_batch_rows": 32, "prefill_chunk": 256,
               "tick_ms": 0.0, "costs": None, "client_link": "datacenter", "gamma": None},
     "acceptance": {"alpha": 0.7, "rounds": None, "pairs": {}},

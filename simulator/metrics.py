@@ -30,6 +30,7 @@ class Metrics:
     rounds: int = 0
     accepted: int = 0
     drafted: int = 0
+    decode_rounds: int = 0  # decode-mode requests answered (γ = 0)
     busy_refusals: int = 0
     workers: dict[str, WorkerStats] = field(default_factory=dict)
     sample_t: list[float] = field(default_factory=list)
@@ -90,6 +91,8 @@ def summarise(m: Metrics, requests: Sequence, slo_ttft_ms: float, slo_tpot_ms: f
     out["goodput_rps"] = good / window
     out["tokens_per_round"] = (m.accepted + m.rounds) / m.rounds if m.rounds else math.nan
     out["acceptance_rate"] = m.accepted / m.drafted if m.drafted else math.nan
+    out["decode_rounds"] = m.decode_rounds
+    out["mean_gamma"] = m.drafted / (m.rounds + m.decode_rounds) if m.rounds + m.decode_rounds else math.nan
     ws = list(m.workers.values())
     ticks = sum(w.ticks for w in ws)
     out["ticks"] = ticks

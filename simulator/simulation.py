@@ -18,7 +18,7 @@ from simulator.acceptance import Acceptance, make_acceptance
 from simulator.config import ConfigError, resolve_path
 from simulator.costs import CostModel, load_table
 from simulator.entities.broker import Broker
-from simulator.entities.drafts import DraftClass, DraftDevice, DraftPool, run_session
+from simulator.entities.drafts import AUTO, DraftClass, DraftDevice, DraftPool, parse_gamma, run_session
 from simulator.entities.fused import FusedWorker
 from simulator.entities.generate_queue import GenerateQueue
 from simulator.entities.links import Link, make_links
@@ -26,6 +26,7 @@ from simulator.entities.targets import Target
 from simulator.metrics import Metrics, summarise
 from simulator.workload import KIND_GENERATE, KIND_SPEC, Request, build_workload, draw_length
 from workers.batching import BatchLimits
+from workers.goodput import ControllerConfig, GoodputController
 
 ARCHITECTURES = ("distributed", "fused", "mixed")
 
@@ -59,9 +60,13 @@ class Simulation:
         self.env = env = simpy.Environment()
         self.duration = float(cfg["duration_s"])
         self.metrics = Metrics(start=float(cfg["burn_in_s"]), end=self.duration)
-        self.gamma = int(cfg["gamma"])
-        if self.gamma < 1:
-            raise ConfigError(f"gamma must be >= 1, got {self.gamma}")
+        try:
+            self.gamma = parse_gamma(cfg["gamma"], "gamma")
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
+        self.decode_tokens = int(cfg["decode_tokens"])
+        if self.decode_tokens < 1:
+            raise ConfigError(f"decode_tokens must be >= 1, got {self.decode_tokens}")
         bcfg = cfg["broker"]
         self.retry_s = float(bcfg["retry_ms"]) / 1000.0
         self._tables: dict[str, CostModel] = {}
@@ -72,6 +77,28 @@ class Simulation:
             raise ConfigError(f"links: {exc}") from None
         self._acceptance_cache: dict[tuple[str, str], Acceptance] = {}
         self.default_acceptance = make_acceptance(cfg["acceptance"])
+
+        # draft classes (before the targets: an "auto" class gives every target a goodput controller)
+        classes = {}
+        for name, spec in cfg["draft_classes"].items():
+            lname = spec.get("link", "datacenter")
+            if lname not in self.links:
+                raise ConfigError(f"draft class {name!r}: unknown link {lname!r}")
+            try:
+                classes[name] = DraftClass(name, self.links[lname], float(spec.get("slowdown", 1.0)),
+                                           spec.get("step_ms"), bool(spec.get("batched", False)),
+                                           float(spec.get("gather_ms", 0.0)), float(spec.get("send_ms", 0.0)),
+                                           path_ms=float(spec.get("path_ms", 0.0)),
+                                           open_ms=float(spec.get("open_ms", 0.0)), gamma=spec.get("gamma"))
+            except (TypeError, ValueError) as exc:
+                raise ConfigError(f"draft class {name!r}: {exc}") from None
+        dcfg = cfg["drafts"]
+        used_classes = [classes[c] for c in dcfg["mix"] if c in classes]
+        self.auto = self.gamma == AUTO or any(c.gamma == AUTO for c in used_classes)
+        try:
+            self._controller_cfg = ControllerConfig(**cfg["controller"])
+        except (TypeError, ValueError) as exc:
+            raise ConfigError(f"controller: {exc}") from None
 
         # targets (distributed) and the broker
         self.targets: list[Target] = []
@@ -87,24 +114,14 @@ class Simulation:
                     self.targets.append(Target(env, f"{gname}{i}", _limits(group), int(group["slots"]), cost,
                                                self._rng(), self.metrics, group=gname,
                                                queue_max=int(bcfg["verify_queue_max"]),
-                                               cost_scale=float(group.get("cost_scale", 1.0))))
+                                               cost_scale=float(group.get("cost_scale", 1.0)),
+                                               tick_overhead_ms=float(group.get("tick_overhead_ms", 0.0)),
+                                               controller=self._controller(cost)))
             if not self.targets:
                 raise ConfigError("a distributed deployment needs at least one target")
         self.broker = Broker(self.targets, cfg["router"], self._rng(), float(bcfg["overhead_ms"]))
 
         # drafts
-        classes = {}
-        for name, spec in cfg["draft_classes"].items():
-            lname = spec.get("link", "datacenter")
-            if lname not in self.links:
-                raise ConfigError(f"draft class {name!r}: unknown link {lname!r}")
-            try:
-                classes[name] = DraftClass(name, self.links[lname], float(spec.get("slowdown", 1.0)),
-                                           spec.get("step_ms"), bool(spec.get("batched", False)),
-                                           float(spec.get("gather_ms", 0.0)), float(spec.get("send_ms", 0.0)))
-            except (TypeError, ValueError) as exc:
-                raise ConfigError(f"draft class {name!r}: {exc}") from None
-        dcfg = cfg["drafts"]
         unknown = [k for k in dcfg["mix"] if k not in classes]
         if unknown:
             raise ConfigError(f"drafts.mix: unknown draft class {unknown[0]!r} (known: {', '.join(classes)})")
@@ -123,7 +140,7 @@ class Simulation:
             link = self.links.get(fcfg.get("client_link") or "", Link("local", 0.0))
             for i in range(int(fcfg["count"])):
                 self.fused.append(FusedWorker(env, f"f{i}", self.generate_queue, _limits(fcfg), int(fcfg["slots"]),
-                                              int(fcfg.get("gamma") or self.gamma), cost, self._rng(),
+                                              self._fused_gamma(fcfg), cost, self._rng(),
                                               self.metrics, link, self.acceptance_for))
             if not self.fused:
                 raise ConfigError(f"architecture {arch!r} needs fused.count >= 1")
@@ -158,6 +175,24 @@ class Simulation:
         env.process(self._sample(float(cfg["sample_ms"]) / 1000.0))
 
     # ------------------------------------------------------------------ wiring
+    def _controller(self, cost: CostModel) -> GoodputController | None:
+        """A target's goodput controller over its cost model, with virtual time as its clock (None when no draft
+        follows advice: fixed-γ runs pay nothing for it)."""
+        if not self.auto:
+            return None
+        cfg = ControllerConfig(**vars(self._controller_cfg))
+        return GoodputController(cost, cfg, clock=lambda: self.env.now)
+
+    def _fused_gamma(self, fcfg: dict[str, Any]) -> int:
+        g = fcfg.get("gamma") or (self.gamma if isinstance(self.gamma, int) and self.gamma > 0 else 4)
+        try:
+            g = int(g)
+        except (TypeError, ValueError):
+            raise ConfigError(f"fused.gamma must be an integer >= 1, got {g!r}") from None
+        if g < 1:
+            raise ConfigError(f"fused.gamma must be an integer >= 1, got {g}")
+        return g
+
     def _table(self, path: str) -> CostModel:
         path = resolve_path(self.cfg, path)
         if path not in self._tables:

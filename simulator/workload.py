@@ -54,6 +54,8 @@ class Request:
     committed: int = 0
     target: str = ""
     rounds: int = 0
+    first_result: float = math.nan  # the first round's answer (the first tokens a drafter delivers to its user)
+    first_result_tokens: int = 0
 
 
 def draw_length(spec: Any, rng: random.Random) -> int:

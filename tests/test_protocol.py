@@ -129,3 +129,17 @@ def test_vocab_checks():
 
 def test_all_codes_stable():
     assert E.POISON_JOB in E.ALL_CODES and E.SHUTTING_DOWN in E.ALL_CODES and E.BAD_FRAMES in E.ALL_CODES
+
+
+def test_fast_paths_take_the_controller_fields():
+    """Results with the controller's advice and decode-mode / costed chunks stay on the brokers' fast path."""
+    import msgpack
+
+    from protocol.frames import _fast_result, _fast_verify
+    from protocol.messages import Result
+
+    res = msgpack.unpackb(encode(Result(session="s", seq=1, accepted=2, tokens=[3, 4, 5], pos=9, next_gamma=0)))
+    assert _fast_result(res)
+    ver = msgpack.unpackb(encode(Verify(session="s", seq=2, pos=9, tokens=[], decode=8, draft_ms=1.5, path_ms=2)))
+    assert _fast_verify(ver)
+    assert not _fast_verify({**ver, "decode": "8"}) and not _fast_result({**res, "next_gamma": 1.5})

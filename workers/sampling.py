@@ -60,17 +60,14 @@ def round_generator(seed: int, pos: int, stream: int = STREAM_TARGET) -> torch.G
     return gen
 
 
-def truncate(probs: torch.Tensor, top_p: float = 1.0, top_k: int = 0) -> torch.Tensor:
-    """Zero everything outside the top-k and the smallest top-p nucleus, per row, and renormalise.
-
-    The most likely token is always kept. The kept set is a prefix of the descending order, so it is found with
-    ``torch.topk`` on a growing window (256, 1024, ... tokens) instead of sorting the whole vocabulary: the
-    nucleus is usually small. Deterministic on a given input (ties at the boundary resolve as ``topk`` orders them).
-    """
+def kept_window(probs: torch.Tensor, top_p: float = 1.0, top_k: int = 0
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+    """The truncation rule: ``(values, order, keep)`` of a descending ``topk`` window holding every row's kept set
+    (``keep`` marks it), or None when top-k / top-p cut nothing. ``truncate`` and ``sample_draft_q`` share it."""
     vocab = probs.shape[-1]
     limit = top_k if 0 < top_k < vocab else vocab
     if limit == vocab and top_p >= 1.0:
-        return probs
+        return None
     window = min(limit, 256)
     while True:
         values, order = torch.topk(probs, window, dim=-1, sorted=True)
@@ -79,8 +76,21 @@ def truncate(probs: torch.Tensor, top_p: float = 1.0, top_k: int = 0) -> torch.T
             keep &= (values.cumsum(-1) - values) < top_p  # mass of strictly more likely tokens < top_p
         keep[..., 0] = True
         if window == limit or not bool(keep[..., -1].any()):  # every row's kept set closed inside the window
-            break
+            return values, order, keep
         window = min(limit, window * 4)
+
+
+def truncate(probs: torch.Tensor, top_p: float = 1.0, top_k: int = 0) -> torch.Tensor:
+    """Zero everything outside the top-k and the smallest top-p nucleus, per row, and renormalise.
+
+    The most likely token is always kept. The kept set is a prefix of the descending order, so it is found with
+    ``torch.topk`` on a growing window (256, 1024, ... tokens) instead of sorting the whole vocabulary: the
+    nucleus is usually small. Deterministic on a given input (ties at the boundary resolve as ``topk`` orders them).
+    """
+    kept = kept_window(probs, top_p, top_k)
+    if kept is None:
+        return probs
+    values, order, keep = kept
     mask = torch.zeros(probs.shape, dtype=torch.bool, device=probs.device).scatter(-1, order, keep)
     out = torch.where(mask, probs, torch.zeros_like(probs))
     return out / out.sum(-1, keepdim=True)
@@ -153,9 +163,15 @@ def sample_draft_q(logits: torch.Tensor, temperature: float, top_p: float = 1.0,
         return tok, torch.tensor([tok]), torch.ones(1, dtype=torch.float32)
     if generator is None:
         raise SamplingError("sampling at temperature > 0 needs a generator")
-    q = sampling_probs(row, temperature, top_p, top_k).to(torch.float32)
-    tok = sample_from(q, generator)
-    if 2 * int(torch.count_nonzero(q)) > q.numel():
-        return tok, None, q
-    ids = torch.nonzero(q).reshape(-1)
-    return tok, ids, q[ids]
+    probs = sampling_probs(row, temperature)  # untruncated: the support is taken below, without a dense pass
+    kept = kept_window(probs, top_p, top_k)
+    if kept is None:  # the whole vocabulary (but for float32 underflow): dense
+        q = probs.to(torch.float32)
+        return sample_from(q, generator), None, q
+    values, order, keep = kept
+    ids, perm = order[keep].sort()  # ascending, as on the wire
+    q = (values[keep] / values[keep].sum())[perm].to(torch.float32)
+    tok = int(ids[sample_from(q, generator)])
+    if 2 * len(ids) > probs.numel():
+        return tok, None, torch.zeros(probs.numel(), dtype=torch.float32).index_put_((ids,), q)
+    return tok, ids, q

@@ -15,6 +15,13 @@ broker forwards them one by one); when a batch's chunks spread over more than th
 starts a tick with the first ones and the batch splits, as the real sessions drift apart.
 
 Requests wait in one pool queue until a device has a free session slot (``drafts.sessions`` per device).
+
+γ per class (or the config's ``gamma``): an int (0 = decode mode: each round asks the target to decode
+``decode_tokens`` tokens and drafts nothing) or ``"auto"``: the first round drafts ``initial_gamma`` tokens, then
+each round follows the target's advice (``Answer.next_gamma``), as ``workers.draft_worker`` does. Each round
+reports its draft cost and the previous round's path (round trip less the answering tick) with the chunk, for the
+target's goodput controller. ``path_ms``: a fixed software cost per round (drafter loop, broker hops, framing)
+on top of the link.
 """
 from __future__ import annotations
 
@@ -25,10 +32,27 @@ from dataclasses import dataclass
 import simpy
 
 from simulator.entities.links import Link
-from simulator.entities.targets import Session
+from simulator.entities.targets import Answer, Session
 
 OPEN_BYTES = 128  # SESSION_OPEN framing; prompt ids add 4 bytes each
 CHUNK_BYTES = 96  # VERIFY framing; draft ids add 4 bytes each
+AUTO = "auto"
+INITIAL_GAMMA = 4  # an auto session's first γ, before the target has advised (workers.draft_worker's default)
+
+
+def parse_gamma(value, where: str) -> int | str:
+    """A draft's γ setting: ``"auto"`` or an int >= 0 (0 = decode mode); anything else is a clear error."""
+    if isinstance(value, str) and value.strip().lower() == AUTO:
+        return AUTO
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+        raise ValueError(f"{where}: gamma must be 'auto' or an integer >= 0, got {value!r}")
+    try:
+        g = int(value)
+    except ValueError:
+        raise ValueError(f"{where}: gamma must be 'auto' or an integer >= 0, got {value!r}") from None
+    if g < 0 or g != float(value):
+        raise ValueError(f"{where}: gamma must be 'auto' or an integer >= 0, got {value!r}")
+    return g
 
 
 @dataclass
@@ -40,10 +64,15 @@ class DraftClass:
     batched: bool = False  # one draft_batch at a time over every ready session (the real drafter)
     gather_ms: float = 0.0  # batched: longest wait for the device's other sessions to be ready
     send_ms: float = 0.0  # batched: gap between two chunks of one batch leaving the device
+    path_ms: float = 0.0  # fixed software cost of each round (drafter loop, broker hops) on top of the link
+    open_ms: float = 0.0  # drafter-side cost of starting a session, before its open leaves (tokenizing, setup)
+    gamma: int | str | None = None  # "auto", or an int (0 = decode mode); None: the config's gamma
 
     def __post_init__(self) -> None:
-        if self.gather_ms < 0 or self.send_ms < 0:
-            raise ValueError(f"draft class {self.name}: gather_ms and send_ms must be >= 0")
+        if min(self.gather_ms, self.send_ms, self.path_ms, self.open_ms) < 0:
+            raise ValueError(f"draft class {self.name}: gather_ms, send_ms, path_ms and open_ms must be >= 0")
+        if self.gamma is not None:
+            self.gamma = parse_gamma(self.gamma, f"draft class {self.name}")
         self._points: list[tuple[float, float]] | None = None
         if isinstance(self.step_ms, dict):
             pts = sorted((float(b), float(v)) for b, v in self.step_ms.items())
@@ -152,7 +181,7 @@ def run_session(env: simpy.Environment, sim, req, device: DraftDevice):
     link, rng, broker, metrics = device.cls.link, device.rng, sim.broker, sim.metrics
     device.active += 1
     overhead = broker.overhead_s
-    yield env.timeout(link.delay(OPEN_BYTES + 4 * req.prompt_tokens, rng) + overhead)
+    yield env.timeout(device.cls.open_ms / 1000.0 + link.delay(OPEN_BYTES + 4 * req.prompt_tokens, rng) + overhead)
     target = broker.place_session()
     req.target = target.name
     sess = Session(req, link, rng, sim.acceptance_for(device.cls.name, target.group), overhead)
@@ -163,25 +192,48 @@ def run_session(env: simpy.Environment, sim, req, device: DraftDevice):
     req.first_token = now
     req.committed = 1
     metrics.tokens(now, 1)
-    gamma = sim.gamma
+    setting = device.cls.gamma if device.cls.gamma is not None else sim.gamma
+    auto = setting == AUTO
+    advised = INITIAL_GAMMA if auto else int(setting)
+    decode_tokens = sim.decode_tokens
     retry_s = sim.retry_s
     out = req.output_tokens
     batched = device.cls.batched
     send_s = device.cls.send_ms / 1000.0
+    fixed_s = overhead + device.cls.path_ms / 1000.0
+    path_ms = 0.0  # the last round's round trip less its answering tick (reported with the next chunk)
+    catch_up = True  # the first round and those after a decode round feed unseen tokens: no draft cost reported
     if batched and device.batcher is None:
         device.batcher = DraftBatcher(env, device)
     while req.committed < out:
-        g = min(gamma, out - req.committed)
-        if batched:
+        left = out - req.committed
+        g = min(advised, left) if advised > 0 else 0
+        decode = min(decode_tokens, left) if g == 0 else 0
+        draft_s = 0.0
+        if g > 0 and batched:
+            t0 = env.now
             place = yield device.batcher.draft(g, req.prompt_tokens + req.committed)
-            t = link.delay(CHUNK_BYTES + 4 * g, rng) + overhead + place * send_s
+            draft_s = env.now - t0
+            out_s = link.delay(CHUNK_BYTES + 4 * g, rng) + fixed_s + place * send_s
+            yield env.timeout(out_s)
         else:
-            t = g * device.step_s(req.prompt_tokens + req.committed) + link.delay(CHUNK_BYTES + 4 * g, rng) + overhead
-        yield env.timeout(t)
+            if g > 0:
+                draft_s = g * device.step_s(req.prompt_tokens + req.committed)
+            out_s = link.delay(CHUNK_BYTES + 4 * g, rng) + fixed_s
+            yield env.timeout(draft_s + out_s)
+        sent = env.now
         done = env.event()
-        while not target.verify(sess, g, done):  # BUSY: wait the retry hint, resend
+        reported = 0.0 if catch_up else draft_s * 1000.0
+        while not target.verify(sess, g, done, decode, reported, path_ms):  # BUSY: wait the retry hint, resend
             yield env.timeout(retry_s + link.delay(CHUNK_BYTES + 4 * g, rng))
-        n = yield done
+        ans: Answer = yield done
+        path_ms = max(0.0, (out_s + env.now - sent - ans.verify_s) * 1000.0)
+        catch_up = g == 0
+        if auto and ans.next_gamma >= 0:
+            advised = ans.next_gamma
+        n = ans.tokens
+        if req.rounds == 0:
+            req.first_result, req.first_result_tokens = env.now, n
         req.committed += n
         req.rounds += 1
         metrics.tokens(env.now, n)

@@ -5,19 +5,26 @@ chunked prefills in the leftover token budget), the cost model prices the mixed 
 ``(rows, new tokens, mean context)``, and at the end each chunk's accepted count is drawn from the pair's
 acceptance model. Answers reach the drafter after its link's downlink delay (one scheduled event, no extra
 process). Sessions beyond the slot count wait for a slot (admission queue), as the real target queues them.
+
+Decode mode and the goodput controller, as in ``workers.target_worker``: a chunk of γ = 0 asking for ``decode`` k
+tokens is a 1-token row in each of the next k ticks and is answered after the k-th (or when the output is complete).
+A target with a ``workers.goodput.GoodputController`` feeds it what the real target feeds it (each measured tick,
+each speculative round's acceptance and the drafter's reported draft and path costs) and answers every chunk with
+the controller's ``next_gamma`` for that session. An answer is ``Answer(tokens, next_gamma, verify_s)``.
 """
 from __future__ import annotations
 
 import random
 from collections import deque
 from itertools import islice
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 import simpy
 
 from simulator.costs import CostModel
 from simulator.metrics import Metrics
 from workers.batching import BatchLimits, plan_tick, tick_due
+from workers.goodput import GoodputController
 
 IDLE, WAITING, BUSY = 0, 1, 2
 RESULT_BYTES = 64
@@ -50,18 +57,36 @@ class Session:
         self.delay_s = delay_s  # fixed extra per answer (broker overhead)
 
 
-class Chunk:
-    __slots__ = ("session", "gamma", "enqueued", "event")
+class Answer(NamedTuple):
+    """A chunk's answer: tokens committed, the controller's γ for the next round (-1: no advice), and the service
+    time of the tick that answered it (what the drafter subtracts from its round trip to get the path)."""
 
-    def __init__(self, session: Session, gamma: int, enqueued: float, event: simpy.Event) -> None:
+    tokens: int
+    next_gamma: int
+    verify_s: float
+
+
+class Chunk:
+    __slots__ = ("session", "gamma", "enqueued", "event", "decode_left", "decoded", "draft_ms", "path_ms")
+
+    def __init__(self, session: Session, gamma: int, enqueued: float, event: simpy.Event, decode: int = 0,
+                 draft_ms: float = 0.0, path_ms: float = 0.0) -> None:
         self.session, self.gamma, self.enqueued, self.event = session, gamma, enqueued, event
+        self.decode_left = decode if gamma == 0 else 0  # decode mode: ticks (tokens) still to go
+        self.decoded = 0
+        self.draft_ms, self.path_ms = draft_ms, path_ms  # the drafter's reported costs (Verify.draft_ms, path_ms)
 
 
 class Target:
     def __init__(self, env: simpy.Environment, name: str, limits: BatchLimits, slots: int, cost: CostModel,
                  rng: random.Random, metrics: Metrics, group: str = "", queue_max: int = 1 << 30,
-                 on_tick: Callable[[float, list, float], None] | None = None, cost_scale: float = 1.0) -> None:
+                 on_tick: Callable[[float, list, float], None] | None = None, cost_scale: float = 1.0,
+                 controller: GoodputController | None = None, tick_overhead_ms: float = 0.0) -> None:
+        if tick_overhead_ms < 0:
+            raise ValueError(f"target {name}: tick_overhead_ms must be >= 0, got {tick_overhead_ms}")
+        self.tick_overhead_s = tick_overhead_ms / 1000.0  # host time per tick outside the forward
         self.env, self.name, self.group = env, name, group or name
+        self.controller = controller  # the goodput controller (None: chunks get no γ advice)
         self.cost_scale = cost_scale  # > 1: the device is shared (a 2-core CPU running the drafter too)
         self.limits, self.slots, self.cost, self.rng = limits, slots, cost, rng
         self.metrics = metrics
@@ -89,12 +114,16 @@ class Target:
         else:
             self.admit_q.append(sess)
 
-    def verify(self, sess: Session, gamma: int, done: simpy.Event) -> bool:
-        """VERIFY: queue a chunk of ``gamma`` draft tokens; False means BUSY (queue full, nothing enqueued)."""
+    def verify(self, sess: Session, gamma: int, done: simpy.Event, decode: int = 0, draft_ms: float = 0.0,
+               path_ms: float = 0.0) -> bool:
+        """VERIFY: queue a chunk of ``gamma`` draft tokens (γ = 0 with ``decode`` k: decode mode, k ticks); False
+        means BUSY (queue full, nothing enqueued)."""
+        if gamma == 0 and decode < 1:
+            raise ValueError(f"a chunk with no draft tokens must ask to decode >= 1 tokens, got decode={decode}")
         if len(self.verify_q) >= self.queue_max:
             self.metrics.busy_refusals += 1
             return False
-        self.verify_q.append(Chunk(sess, gamma, self.env.now, done))
+        self.verify_q.append(Chunk(sess, gamma, self.env.now, done, decode, draft_ms, path_ms))
         self.verify_tokens += gamma + 1
         self.outstanding += 1
         self._poke()
@@ -108,6 +137,8 @@ class Target:
         self._poke()
 
     def _release(self, sess: Session) -> None:
+        if self.controller is not None:
+            self.controller.forget(str(sess.req.id))
         self.active -= 1
         self.sessions -= 1
         if self.admit_q:
@@ -178,21 +209,46 @@ class Target:
             st.verified_chunks += len(chunks)
         if self.on_tick is not None:
             self.on_tick(start, [start - c.enqueued for c in chunks], service)
-        yield env.timeout(service)
+        yield env.timeout(service + self.tick_overhead_s)
         now = env.now
         m = self.metrics
-        self.outstanding -= len(chunks)
+        ctl = self.controller
+        if ctl is not None and chunks:
+            ctl.observe_tick(rows, tokens, ctx / rows, service * 1000.0)
         for c in chunks:
             s = c.session
-            k = s.acceptance.draw(c.gamma, s.rng)
-            m.rounds += 1
-            m.accepted += k
-            m.drafted += c.gamma
-            n_commit = min(k + 1, s.req.output_tokens - s.committed)
-            s.committed += n_commit
-            s.context += n_commit
-            deliver(env, c.event, n_commit, s.link.delay(RESULT_BYTES, s.rng) + s.delay_s)
-            if s.committed >= s.req.output_tokens:
+            n_left = s.req.output_tokens - s.committed
+            if c.decode_left > 0:  # decode mode: one token per tick; stays queued until k ticks are done
+                n_commit = min(1, n_left)
+                s.committed += n_commit
+                s.context += n_commit
+                c.decoded += n_commit
+                c.decode_left -= 1
+                if c.decode_left > 0 and s.committed < s.req.output_tokens:
+                    self.verify_q.append(c)  # a 1-token row in the next tick too
+                    self.verify_tokens += 1
+                    continue
+                n_commit = c.decoded
+                m.decode_rounds += 1
+            else:
+                k = s.acceptance.draw(c.gamma, s.rng)
+                m.rounds += 1
+                m.accepted += k
+                m.drafted += c.gamma
+                n_commit = min(k + 1, n_left)
+                s.committed += n_commit
+                s.context += n_commit
+                if ctl is not None:
+                    ctl.observe_round(str(s.req.id), k, c.gamma, c.draft_ms, c.path_ms, s.context)
+            self.outstanding -= 1
+            finished = s.committed >= s.req.output_tokens
+            advice = -1
+            if ctl is not None and not finished:
+                key = str(s.req.id)
+                ctl.track(key, s.context)
+                advice = ctl.next_gamma(key)
+            deliver(env, c.event, Answer(n_commit, advice, service), s.link.delay(RESULT_BYTES, s.rng) + s.delay_s)
+            if finished:
                 self._release(s)
         if plan.prefill:
             for s, take in plan.prefill:

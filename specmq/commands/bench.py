@@ -21,6 +21,7 @@ BENCHMARKS: dict[str, str] = {
     "gpu_e2e": "benchmarks.gpu_e2e",
     "replay": "benchmarks.replay",
     "sim_vs_real": "benchmarks.sim_vs_real",
+    "sim_vs_gpu": "benchmarks.sim_vs_gpu",
     "http": "benchmarks.http",
     "sampling": "benchmarks.sampling",
     "grow_cost": "benchmarks.grow_cost",
