@@ -29,9 +29,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import select
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -40,6 +38,7 @@ from typing import Any, Sequence
 
 from benchmarks import BenchmarkError, quiet_logs
 from benchmarks.e2e import DRAFT, ROOT, TARGET, child_env, heldout_prompts
+from benchmarks.gpu_e2e import DraftProcs as GpuE2eDraftProcs
 
 HELP = "sessions served at a TPOT SLO: target-only vs fixed gamma vs auto vs fused, through one broker and target"
 DESCRIPTION = __doc__.split("\n\n")[0]
@@ -125,34 +124,13 @@ def draft_proc() -> None:
         reply.write(json.dumps({"t0": t0, "t1": t1, "results": dicts, "rounds": sums}) + "\n")
 
 
-class DraftProcs:
-    """``n`` draft processes sharing each run's sessions (contiguous shares)."""
+class DraftProcs(GpuE2eDraftProcs):
+    """``n`` draft processes (``draft_proc`` of this module) sharing each run's sessions (contiguous shares)."""
 
-    def __init__(self, n: int, spec: dict, threads: int, logdir: Path) -> None:
-        self.logdir = logdir
-        self.procs: list[subprocess.Popen] = []
-        code = "from benchmarks.capacity import draft_proc; draft_proc()"
-        for i in range(n):
-            log = open(logdir / f"draft-{i}.log", "w")  # noqa: SIM115 (the process owns it)
-            self.procs.append(subprocess.Popen([sys.executable, "-c", code, json.dumps(spec)], stdin=subprocess.PIPE,
-                                               stdout=subprocess.PIPE, stderr=log, env=child_env(threads), cwd=ROOT))
+    CODE = "from benchmarks.capacity import draft_proc; draft_proc()"
 
-    def _reply(self, i: int, deadline: float) -> dict:
-        p = self.procs[i]
-        ready, _, _ = select.select([p.stdout], [], [], max(0.0, deadline - time.monotonic()))
-        line = p.stdout.readline() if ready else b""  # type: ignore[union-attr]
-        if not line:
-            why = "exited" if p.poll() is not None else "did not answer in time"
-            raise BenchmarkError(f"draft process {i} {why} (log: {self.logdir}/draft-{i}.log)")
-        msg = json.loads(line)
-        if msg.get("error"):
-            raise BenchmarkError(f"draft process {i}: {msg['error']} (log: {self.logdir}/draft-{i}.log)")
-        return msg
-
-    def wait_ready(self, timeout: float = 600.0) -> None:
-        deadline = time.monotonic() + timeout
-        for i in range(len(self.procs)):
-            self._reply(i, deadline)
+    def wait_ready(self, timeout: float = 600.0) -> None:  # growing and capturing a 1B-class draft takes a while
+        super().wait_ready(timeout)
 
     def run(self, prompt_ids: Sequence[list[int]], **cmd: Any) -> tuple[list[dict], float, dict]:
         """(results in prompt order, wall seconds first start to last end, summed round parts)."""
@@ -380,7 +358,7 @@ def summarise(rows: list[dict], slos: Sequence[float]) -> dict[str, Any]:
                            "met": ratio is not None and ratio >= 0.95 and (tp is None or tp <= 1.05)})
     out["goals"]["auto_never_loses"] = {"met": all(x["met"] for x in checks) if checks else None, "points": checks}
     one = {r["mode"]: r for r in greedy if r["sessions"] == 1 and r["context"] == min(contexts, default=0)}
-    if "auto" in one and "target-only" in one and one["auto"]["tpot_p50_ms"]:
+    if "auto" in one and "target-only" in one and one["auto"]["tpot_p50_ms"] and one["target-only"]["tpot_p50_ms"]:
         gain = one["target-only"]["tpot_p50_ms"] / one["auto"]["tpot_p50_ms"]
         out["goals"]["one_session_auto_tpot_gain"] = {"value": _r(gain), "met": gain >= 1.4}
     big = max(contexts, default=None)

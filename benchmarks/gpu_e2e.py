@@ -203,10 +203,12 @@ def round_breakdown(sums: Sequence[dict[str, float]]) -> dict[str, float]:
 class DraftProcs:
     """``n`` draft processes (``draft_proc``) sharing a run's sessions; ``run`` drives them all at once."""
 
+    CODE = "from benchmarks.gpu_e2e import draft_proc; draft_proc()"  # what each process runs
+
     def __init__(self, n: int, spec: dict, threads: int, logdir: Path) -> None:
         self.logdir = logdir
         self.procs: list[subprocess.Popen] = []
-        code = "from benchmarks.gpu_e2e import draft_proc; draft_proc()"
+        code = self.CODE
         env = child_env(threads)
         for i in range(n):
             log = open(logdir / f"draft-{i}.log", "w")

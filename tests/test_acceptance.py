@@ -229,6 +229,20 @@ def test_sample_draft_reports_its_exact_support():
         sample_draft(logits, 1.0)
 
 
+@pytest.mark.parametrize("top_p,top_k,dense", [(1.0, 0, True), (0.8, 0, False), (1.0, 5, False), (1.0, 40, True)])
+def test_sample_draft_q_is_the_truncated_distribution_in_float32(top_p, top_k, dense):
+    logits = torch.randn(64, generator=torch.Generator().manual_seed(2)) * 2
+    tok, ids, q = sample_draft_q(logits, 0.7, top_p, top_k, torch.Generator().manual_seed(0))
+    assert (ids is None) == dense and q.dtype == torch.float32
+    got = torch.zeros(64, dtype=torch.float64)
+    if ids is None:
+        got[:] = q.double()
+    else:
+        assert bool((ids[1:] > ids[:-1]).all())  # ascending, as on the wire
+        got[ids] = q.double()
+    assert torch.allclose(got, sampling_probs(logits, 0.7, top_p, top_k), atol=1e-6) and got[tok] > 0
+
+
 def test_truncate_top_p_keeps_smallest_nucleus_and_top_k():
     probs = torch.tensor([0.1, 0.4, 0.3, 0.2], dtype=torch.float64)
     assert truncate(probs, top_p=0.7).tolist() == pytest.approx([0, 4 / 7, 3 / 7, 0])

@@ -1,0 +1,103 @@
+"""``specmq bench sim_vs_gpu`` on a tiny synthetic capacity rows file: calibration only from N=1 and N=8, every
+other point predicted, signed errors, a markdown table; bad rows files give a one-line reason."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from benchmarks import BenchmarkError
+from benchmarks.sim_vs_gpu import calibrate, read_rows
+from workers.cost_table import load_table, write_table
+
+CONTEXT, OUTPUT = 96, 24
+
+
+@pytest.fixture
+def table(tmp_path):
+    path = tmp_path / "table.yaml"
+    batch, tokens, context = [1, 64], [1, 1024], [0, 4096]
+    write_table(path, model="t", device="test", dtype="float32", hardware="formula (test)",
+                target_axes={"batch": batch, "tokens": tokens, "context": context},
+                target_latency_ms=[[[3.0 + 0.02 * b + 0.01 * t for _ in context] for t in tokens] for b in batch],
+                draft_axes={"batch": batch, "context": context},
+                draft_latency_ms=[[0.3 for _ in context] for _ in batch], synthetic=True)
+    return path
+
+
+def row(mode: str, n: int, tok_s: float, tpot: float, **kw) -> dict:
+    base = {"context": CONTEXT, "mode": mode, "temperature": 0.0, "sessions": n, "tok_s": tok_s,
+            "tpot_p50_ms": tpot, "tpot_p90_ms": tpot * 1.1, "ttft_p50_s": 0.02, "target_batch": float(n),
+            "busy": 0.9, "mean_gamma": 0.0, "alpha": None}
+    if mode != "target-only":
+        g = {"g2": 2.0, "g4": 4.0, "auto": 3.0}.get(mode, 3.0)
+        base.update(mean_gamma=g, alpha=0.8, round_draft_ms=0.5 * g * (1 + n / 16), round_network_ms=1.0,
+                    round_verify_ms=3.2)
+    base.update(kw)
+    return base
+
+
+@pytest.fixture
+def rows_file(tmp_path, table):
+    path = tmp_path / "rows.jsonl"
+    setup = {"setup": {"device_name": "test GPU", "draft_device": "cpu", "sessions": [1, 8, 16],
+                       "contexts": [CONTEXT], "max_new_tokens": OUTPUT, "draft_procs": 2, "tick_ms": 2.0,
+                       "cost_table": str(table), "command": "specmq bench capacity (synthetic)"}}
+    rows = [row("target-only", 1, 250, 3.2), row("target-only", 8, 1800, 3.5), row("target-only", 16, 3000, 3.9),
+            row("g2", 1, 400, 2.0), row("g2", 8, 2000, 3.0), row("g2", 16, 3100, 4.0),
+            row("g4", 1, 450, 1.8), row("g4", 8, 1900, 3.4), row("g4", 16, 2800, 4.5),
+            row("auto", 1, 430, 1.9), row("auto", 8, 2100, 3.1), row("auto", 16, 3200, 3.8),
+            row("fused", 8, 5000, 1.0), row("g2", 8, 1, 99.0)]  # fused is not simulated; a repeat is ignored
+    path.write_text("\n".join(json.dumps(r) for r in [setup, *rows]) + "\n")
+    return path
+
+
+def run_cli(argv: list[str], capsys) -> tuple[int, str, str]:
+    from specmq.cli import main
+
+    rc = main(argv)
+    out = capsys.readouterr()
+    return rc, out.out, out.err
+
+
+def test_predicts_every_point_and_calibrates_on_n1_n8_only(rows_file, tmp_path, capsys):
+    md = tmp_path / "out.md"
+    rc, out, _ = run_cli(["bench", "sim_vs_gpu", "--rows", str(rows_file), "--seeds", "1", "--out", str(md),
+                          "--json"], capsys)
+    assert rc == 0
+    rep = json.loads(out.strip().splitlines()[-1])
+    pts = rep["points"]
+    assert {(p["mode"], p["sessions"]) for p in pts} == {(m, n) for m in ("target-only", "g2", "g4", "auto")
+                                                         for n in (1, 8, 16)}
+    assert {p["role"] for p in pts if p["sessions"] == 16} == {"predicted"}
+    assert {p["role"] for p in pts if p["sessions"] in (1, 8)} == {"calib"}
+    for p in pts:
+        assert p["tok_s_err"] == pytest.approx(p["tok_s_sim"] / p["tok_s_meas"] - 1, abs=1e-3)
+        assert p["tok_s_sim"] > 0 and p["tpot_p90_ms_sim"] >= p["tpot_p50_ms_sim"] > 0
+    assert [p["tok_s_meas"] for p in pts if p["mode"] == "g2" and p["sessions"] == 8] == [2000]  # first occurrence
+    assert rep["summary"]["tok_s"]["points"] == 4 and rep["synthetic_table"] is True
+    text = md.read_text()
+    assert "| 96 | g4 | 16 | predicted |" in text and "Worst predicted points" in text
+
+
+def test_calibration_ignores_the_predicted_points(rows_file, table):
+    _, rows = read_rows(rows_file)
+    cal = calibrate(rows, CONTEXT, load_table(table), OUTPUT)
+    changed = [dict(r, round_draft_ms=999.0, round_network_ms=999.0, tpot_p50_ms=999.0, busy=0.1)
+               if r["sessions"] == 16 else r for r in rows]
+    assert calibrate(changed, CONTEXT, load_table(table), OUTPUT) == cal
+    assert cal["path_ms"] == pytest.approx(1.0) and cal["draft_ms_1"] == pytest.approx(0.5 * (1 + 1 / 16))
+
+
+def test_bad_rows_files_are_named(tmp_path, capsys):
+    with pytest.raises(BenchmarkError, match="not found"):
+        read_rows(tmp_path / "missing.jsonl")
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"setup": {}}\nnot json\n')
+    with pytest.raises(BenchmarkError, match="line 2"):
+        read_rows(bad)
+    bad.write_text(json.dumps({"context": 96, "mode": "g2", "sessions": 1}) + "\n")
+    with pytest.raises(BenchmarkError, match="lacks tok_s"):
+        read_rows(bad)
+    rc, _, err = run_cli(["bench", "sim_vs_gpu", "--rows", str(tmp_path / "missing.jsonl")], capsys)
+    assert rc != 0 and "not found" in err
