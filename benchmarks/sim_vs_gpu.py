@@ -132,10 +132,14 @@ def draft_line(cal: dict[str, float], sessions: int) -> float:
 
 
 def sim_config(*, mode: str, sessions: int, context: int, output: int, alpha: float, cal: dict[str, float],
-               slots: int, draft_procs: int, tick_ms: float, seed: int) -> dict[str, Any]:
+               slots: int, draft_procs: int, tick_ms: float, seed: int, draft_step_ms: float | None | str = "line",
+               link: str = "local") -> dict[str, Any]:
+    """One capacity-run point as a simulation config. ``draft_step_ms``: "line" (the calibrated line at N), a
+    fixed ms per step, or None (the cost table's draft grid); ``link``: the drafts' link (a name in the defaults,
+    or "local": zero latency)."""
     from simulator.config import load_config
 
-    step = draft_line(cal, sessions)
+    step = draft_line(cal, sessions) if draft_step_ms == "line" else draft_step_ms
     cfg = load_config(None, {
         "seed": seed, "duration_s": 600.0, "burn_in_s": 0.0, "drain_s": 600.0, "sample_ms": 1000.0,
         "gamma": {"target-only": 0, "g2": 2, "g4": 4, "auto": "auto"}[mode], "decode_tokens": DECODE_TOKENS,
@@ -150,7 +154,7 @@ def sim_config(*, mode: str, sessions: int, context: int, output: int, alpha: fl
     cfg["links"]["local"] = {"latency_ms": 0.0, "jitter_ms": 0.0, "bandwidth_mbps": 1e6, "availability": 1.0}
     opening = max(0.0, cal.get("open_ms_1", 0.0) + (cal.get("open_ms_8", 0.0) - cal.get("open_ms_1", 0.0))
                   * (sessions - 1) / (CALIB_N[1] - CALIB_N[0]))
-    cfg["draft_classes"] = {"proc": {"link": "local", "step_ms": step, "path_ms": cal["path_ms"], "batched": True,
+    cfg["draft_classes"] = {"proc": {"link": link, "step_ms": step, "path_ms": cal["path_ms"], "batched": True,
                                      "open_ms": opening}}
     cfg["drafts"]["mix"] = {"proc": 1.0}
     cfg["acceptance"] = {"alpha": alpha, "rounds": None, "pairs": {}}
@@ -258,6 +262,60 @@ def reason(rec: dict[str, Any]) -> str:
     return "; ".join(why)
 
 
+# --------------------------------------------------------------------------- predicted capacity
+DRAFT_KINDS = {
+    # name: (draft devices for N sessions, ms per draft step (None: the table's draft grid), link)
+    "target-only": (lambda n: min(8, n), 0.0, "local"),
+    "laptop": (lambda n: n, "n1", "wifi"),  # one device per session at the N=1 CPU draft cost, over wifi
+    "gpu2": (lambda n: 1, None, "local"),  # one second GPU drafting every session: the table's draft grid
+}
+
+
+def capacity_grid(rows: list[dict[str, Any]], setup: dict[str, Any], table, alphas=(0.6, 0.75, 0.9),
+                  slos=(15.0, 30.0, 60.0), grid=(1, 8, 16, 32, 48, 64, 96, 128, 192, 256), seeds: int = 2,
+                  progress=None) -> list[dict[str, Any]]:
+    """Predicted sessions per target at each TPOT p90 SLO: the largest N of ``grid`` whose simulated TPOT p90
+    (mean of ``seeds`` runs) meets the SLO, for target-only and for auto with laptop-class and second-GPU drafts,
+    at each α and context of the run (the calibration of ``predict``: N = 1 and N = 8 rows only)."""
+    output = int(setup.get("max_new_tokens", 64))
+    tick = float(setup.get("tick_ms", 2.0))
+    slots = max(grid)
+    out = []
+    for c in sorted({r["context"] for r in rows}):
+        cal = calibrate(rows, c, table, output)
+        calibrate_opening(rows, cal, c, setup, table)
+        for kind, (devices, step, link) in DRAFT_KINDS.items():
+            for alpha in (alphas[:1] if kind == "target-only" else alphas):
+                p90 = {}
+                for n in grid:
+                    cfg_step = cal["draft_ms_1"] if step == "n1" else step
+                    runs = [simulate_point(sim_config(mode="target-only" if kind == "target-only" else "auto",
+                                                      sessions=n, context=c, output=output, alpha=alpha, cal=cal,
+                                                      slots=slots, draft_procs=devices(n), tick_ms=tick, seed=s,
+                                                      draft_step_ms=cfg_step, link=link), n, table)
+                            for s in range(seeds)]
+                    p90[n] = statistics.mean(r["tpot_p90_ms"] for r in runs)
+                    if progress is not None:
+                        progress(c, kind, alpha, n, p90[n])
+                rec = {"context": c, "kind": kind, "alpha": None if kind == "target-only" else alpha,
+                       "tpot_p90_ms": {n: round(v, 2) for n, v in p90.items()}}
+                for slo in slos:
+                    ok = [n for n, v in p90.items() if v <= slo]
+                    rec[f"sessions_at_{slo:g}ms"] = max(ok) if ok else 0
+                out.append(rec)
+    return out
+
+
+def capacity_markdown(cap: list[dict[str, Any]], slos=(15.0, 30.0, 60.0)) -> str:
+    lines = ["| context | drafts | α | " + " | ".join(f"sessions at TPOT p90 ≤ {s:g} ms" for s in slos) + " |",
+             "|---|---|---|" + "---|" * len(slos)]
+    for r in cap:
+        a = "—" if r["alpha"] is None else f"{r['alpha']:g}"
+        lines.append(f"| {r['context']} | {r['kind']} | {a} | "
+                     + " | ".join(str(r[f"sessions_at_{s:g}ms"]) for s in slos) + " |")
+    return "\n".join(lines) + "\n"
+
+
 # --------------------------------------------------------------------------- report
 def _pct(x: float | None) -> str:
     return "—" if x is None else f"{x * 100:+.1f}%"
@@ -325,6 +383,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--table", default=None, help="profile table (default: the setup row's cost_table)")
     p.add_argument("--seeds", type=int, default=3, help="simulated runs per point (mean)")
     p.add_argument("--out", type=Path, default=None, help="write the markdown table here")
+    p.add_argument("--capacity", action="store_true",
+                   help="instead: predicted sessions per target at TPOT p90 SLOs 15/30/60 ms for α 0.6/0.75/0.9, "
+                        "target-only vs auto with laptop-class and second-GPU drafts (same calibration)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -342,6 +403,18 @@ def run(args: argparse.Namespace) -> int:
         table = load_table(table_path)
     except CostTableError as exc:
         raise BenchmarkError(str(exc)) from None
+    if args.capacity:
+        cap = capacity_grid(rows, setup, table, seeds=args.seeds, progress=None if args.json else
+                            lambda c, k, a, n, v: print(f"sim_vs_gpu: capacity ctx {c} {k} α={a} N={n} "
+                                                        f"TPOT p90 {v:.1f} ms", file=sys.stderr))
+        if args.out:
+            args.out.parent.mkdir(parents=True, exist_ok=True)
+            args.out.write_text(capacity_markdown(cap))
+        if args.json:
+            print_json({"capacity": cap, "synthetic_table": bool(getattr(table, "synthetic", False))})
+        else:
+            print(capacity_markdown(cap), end="")
+        return 0
     results, cals = predict(rows, setup, table, args.seeds,
                             progress=None if args.json else lambda r: print(
                                 f"sim_vs_gpu: ctx {r['context']} {r['mode']:<11} N={r['sessions']:<4} tok/s "

@@ -14,7 +14,7 @@ from typing import Any
 import msgpack
 import zmq
 
-from protocol.codec import MAX_TOKEN_ID, TOKEN_FIELDS, from_fields
+from protocol.codec import MAX_TOKEN_ID, TOKEN_FIELDS, check_q, from_fields
 from protocol.errors import BAD_ENCODING, BAD_VERSION, TOO_LARGE, UNKNOWN_TYPE, ProtocolError
 from protocol.messages import MESSAGE_TYPES, VERSION, Message
 
@@ -35,6 +35,8 @@ _VERIFY_KEYS = frozenset(("v", "type", "session", "seq", "pos", "tokens", "sent_
                           "incarnation", "decode", "draft_ms", "path_ms", "q_lens"))
 _RESULT_KEYS = frozenset(("v", "type", "session", "seq", "accepted", "tokens", "pos", "finished", "sent_at",
                           "verify_ms", "queue_ms", "incarnation", "broker", "next_gamma"))
+_Q_BYTES = (bytes, type(None))
+_Q_LENS = (list, type(None))
 _TOKENS_KEYS = frozenset(("v", "type", "job", "tokens", "text", "index", "incarnation", "broker"))
 
 
@@ -60,7 +62,7 @@ def _ok_float(x: Any) -> bool:
 
 
 def _fast_verify(b: dict) -> bool:
-    """A plain Verify (no sparse q) checked in one function: the hot path, so no helper calls."""
+    """A Verify checked in one function: the hot path, so no helper calls but ``check_q`` (vectorised) for q."""
     if not b.keys() <= _VERIFY_KEYS:
         return False
     seq, pos, tokens, sent = b.get("seq"), b.get("pos"), b.get("tokens"), b.get("sent_at", 0.0)
@@ -68,7 +70,8 @@ def _fast_verify(b: dict) -> bool:
     if (type(b.get("session")) is not str or type(seq) is not int or type(pos) is not int
             or type(inc) is not int or not (-_INT_MAX <= inc <= _INT_MAX)
             or type(tokens) is not list or not (type(sent) is float or type(sent) is int)
-            or b.get("q_ids") is not None or b.get("q_probs") is not None or b.get("q_lens") is not None
+            or type(b.get("q_ids", b"")) not in _Q_BYTES or type(b.get("q_probs", b"")) not in _Q_BYTES
+            or type(b.get("q_lens", [])) not in _Q_LENS
             or not _ok_int(b.get("decode", 0)) or not _ok_float(b.get("draft_ms", 0.0))
             or not _ok_float(b.get("path_ms", 0.0))
             or not (-_INT_MAX <= seq <= _INT_MAX) or not (-_INT_MAX <= pos <= _INT_MAX)):
@@ -76,6 +79,11 @@ def _fast_verify(b: dict) -> bool:
     for t in tokens:
         if type(t) is not int or t < 0 or t >= MAX_TOKEN_ID:
             return False
+    q_lens = b.get("q_lens")
+    if q_lens is not None and any(type(n) is not int for n in q_lens):
+        return False
+    if q_lens is not None or b.get("q_ids") is not None or b.get("q_probs") is not None:
+        check_q(len(tokens), b.get("q_ids"), b.get("q_probs"), q_lens)  # raises ProtocolError, as the codec does
     return True
 
 

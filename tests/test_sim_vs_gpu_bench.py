@@ -101,3 +101,16 @@ def test_bad_rows_files_are_named(tmp_path, capsys):
         read_rows(bad)
     rc, _, err = run_cli(["bench", "sim_vs_gpu", "--rows", str(tmp_path / "missing.jsonl")], capsys)
     assert rc != 0 and "not found" in err
+
+
+def test_capacity_grid_reports_the_largest_n_within_each_slo(rows_file, table):
+    from benchmarks.sim_vs_gpu import capacity_grid
+
+    setup, rows = read_rows(rows_file)
+    cap = capacity_grid(rows, setup, load_table(table), alphas=(0.8,), slos=(4.0, 1000.0), grid=(1, 4, 16), seeds=1)
+    assert [(r["kind"], r["alpha"]) for r in cap] == [("target-only", None), ("laptop", 0.8), ("gpu2", 0.8)]
+    for r in cap:
+        p90 = r["tpot_p90_ms"]
+        assert r["sessions_at_1000ms"] == 16  # a loose SLO: the largest N tried
+        ok = [n for n, v in p90.items() if v <= 4.0]
+        assert r["sessions_at_4ms"] == (max(ok) if ok else 0)

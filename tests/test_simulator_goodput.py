@@ -114,3 +114,17 @@ def test_bad_gamma_settings_are_named(over, match):
     cfg.update(over)
     with pytest.raises(ConfigError, match=match):
         Simulation(cfg, costs=Roofline())
+
+
+def test_host_time_per_tick_and_session_start_add_where_they_should(linear_table):
+    cfg = closed(8, 0, 400, path_ms=0.0)
+    cfg["targets"][0]["tick_overhead_ms"] = 1.0
+    cfg["draft_classes"]["local"]["open_ms"] = 50.0
+    sim = Simulation(cfg, costs=linear_table)
+    out = sim.run()
+    tau = linear_table.verify_ms(8, 8, 0)
+    assert out["tpot_p50_ms"] == pytest.approx(tau + 1.0, rel=0.02)  # every tick pays the host time too
+    assert min(r.first_token for r in sim.requests) >= 0.050  # no open leaves before the session start
+    cfg["targets"][0]["tick_overhead_ms"] = -1.0
+    with pytest.raises(ValueError, match="tick_overhead_ms"):
+        Simulation(cfg, costs=linear_table)

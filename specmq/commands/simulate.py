@@ -2,6 +2,7 @@
 
     specmq simulate --config configs/sim/default.yaml [--set router=rr --set gamma=6] [--out DIR] [--json]
     specmq simulate sweep --config configs/sim/default.yaml --vary drafts=1..64 --vary router=rr,jsq2,wjsq2
+    specmq simulate plan --config configs/sim/default.yaml --sessions 256 --slo-tpot-ms 30
 
 ``--config`` here is the simulation config (nested YAML over ``simulator.config.DEFAULTS``), not a file of flag
 defaults as for other commands.
@@ -20,7 +21,8 @@ from specmq.logs import get_logger
 
 EXAMPLE = ("specmq simulate --config configs/sim/default.yaml --set router=rr --json\n"
            "  specmq simulate sweep --config configs/sim/default.yaml --vary drafts=4..64 --vary router=rr,jsq2 "
-           "--out sim-out/sweep")
+           "--out sim-out/sweep\n"
+           "  specmq simulate plan --config configs/sim/default.yaml --sessions 256 --slo-tpot-ms 30")
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -30,8 +32,9 @@ def register(sub: argparse._SubParsersAction) -> None:
         if "--config" in action.option_strings:
             action.dest = "sim_config"
             action.help = "simulation config YAML (see configs/sim/); defaults: simulator.config.DEFAULTS"
-    p.add_argument("action", nargs="?", choices=["run", "sweep"], default="run",
-                   help="run one configuration (default) or sweep the --vary values")
+    p.add_argument("action", nargs="?", choices=["run", "sweep", "plan"], default="run",
+                   help="run one configuration (default), sweep the --vary values, or plan: the fewest targets "
+                        "that serve --sessions within --slo-tpot-ms")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config key (dotted, e.g. targets.0.slots=64, or an alias: drafts, rate, "
                         "alpha, targets, router, gamma); repeatable")
@@ -40,7 +43,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", type=Path, default=None,
                    help="write results here (run: summary.json, requests.csv, queue_depth.csv/.png; "
                         "sweep: sweep.csv, sweep.json, plots; default for sweep: sim-out/sweep)")
-    p.add_argument("--no-progress", action="store_true", help="sweep: no progress bar")
+    p.add_argument("--no-progress", action="store_true", help="sweep, plan: no progress bar")
+    p.add_argument("--sessions", type=int, default=None,
+                   help="plan: concurrent sessions of the fleet (closed-loop users, one draft slot each)")
+    p.add_argument("--slo-tpot-ms", type=float, default=None, help="plan: TPOT p90 every plan must meet (ms)")
+    p.add_argument("--max-targets", type=int, default=64, help="plan: the most targets to try (default 64)")
 
 
 def _overrides(items: list[str]) -> dict[str, Any]:
@@ -66,6 +73,8 @@ def _main(args: argparse.Namespace) -> int:
         cfg = load_config(args.sim_config, _overrides(args.overrides))
         if args.action == "sweep":
             return _sweep(args, cfg, log)
+        if args.action == "plan":
+            return _plan(args, cfg, log)
         if args.vary:
             raise CommandError("--vary needs the sweep action: specmq simulate sweep --vary ...")
         return _run(args, cfg, log)
@@ -154,6 +163,40 @@ def _print_summary(res: dict[str, Any]) -> None:
             "events", "wall_s", "virtual_s"]
     for k in keys:
         print(f"{k:<22} {_fmt(res.get(k))}")
+
+
+def _plan(args: argparse.Namespace, cfg: dict[str, Any], log) -> int:
+    from simulator.plan import plan_targets
+    from simulator.simulation import simulate
+
+    if args.sessions is None or args.slo_tpot_ms is None:
+        raise CommandError("plan needs --sessions N and --slo-tpot-ms X")
+    if args.vary:
+        raise CommandError("--vary is for the sweep action, not plan")
+    json_out = getattr(args, "json", False)
+    plan = plan_targets(cfg, args.sessions, args.slo_tpot_ms, simulate, args.max_targets,
+                        progress=not args.no_progress and not json_out)
+    log.info("planned", sessions=plan.sessions, slo_tpot_ms=plan.slo_tpot_ms, targets=plan.targets,
+             runs=len(plan.tried))
+    if json_out:
+        print_json(plan.to_json())
+        return 0 if plan.targets is not None else 1
+    best = plan.point(plan.targets)
+    if best is not None:
+        print(f"{plan.sessions} sessions at TPOT p90 <= {plan.slo_tpot_ms:g} ms need {plan.targets} target(s): "
+              f"TPOT p90 {best.tpot_p90_ms:.1f} ms, p50 {best.tpot_p50_ms:.1f} ms, TTFT p90 {best.ttft_p90_ms:.0f} ms, "
+              f"{best.throughput_tok_s:,.0f} tok/s")
+        fewer = plan.point(plan.targets - 1)
+        if fewer is not None:
+            print(f"  with {fewer.targets}: TPOT p90 {fewer.tpot_p90_ms:.1f} ms (misses the SLO)")
+    else:
+        worst = plan.point(plan.max_targets)
+        got = f" (best: TPOT p90 {worst.tpot_p90_ms:.1f} ms)" if worst is not None else ""
+        print(f"{plan.sessions} sessions at TPOT p90 <= {plan.slo_tpot_ms:g} ms: not met with up to "
+              f"{plan.max_targets} target(s){got}; more targets will not help when drafting or the path dominates")
+    print(f"runs: {', '.join(f'{p.targets}->{p.tpot_p90_ms:.1f} ms' for p in sorted(plan.tried, key=lambda p: p.targets))}")
+    print(_costs_line([plan.to_json()]))
+    return 0 if plan.targets is not None else 1
 
 
 def _sweep(args: argparse.Namespace, cfg: dict[str, Any], log) -> int:
