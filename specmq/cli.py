@@ -28,7 +28,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "simulate": ("specmq.commands.simulate", "simulate a deployment in SimPy"),
     "profile": ("specmq.commands.profile", "measure a model's step-latency table for the simulator"),
     "model": ("specmq.commands.model", "model tools: grow a model to a larger shape with the same outputs"),
-    "bench": ("specmq.commands.bench", "run a benchmark (broker, e2e, simulator, gpu_engine, gpu_e2e)"),
+    "bench": ("specmq.commands.bench", "run a benchmark (specmq bench --help lists them)"),
 }
 
 EPILOG = "Run 'specmq COMMAND --help' for a command's flags and an example."
