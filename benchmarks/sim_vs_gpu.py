@@ -27,6 +27,13 @@ Predicted: aggregate tok/s (N × output tokens over first open to last token), T
 signed errors (sim / measured − 1) and the worst points; ``--out FILE`` writes it as markdown.
 
     specmq bench sim_vs_gpu --rows benchmarks/results/capacity_h200.jsonl --out benchmarks/results/sim_vs_gpu.md
+
+``--map`` predicts with the same calibration where the run did not go: draft devices (a second GPU; laptop- and
+phone-class 1B drafts at published tokens/s, one device per session) over links of RTT 1 / 10 / 40 ms, contexts 512 /
+2048 / 8192 (8192: calibration of 2048, the table extrapolated linearly in context, sessions capped by the KV cache
+that fits on one H200), and the H200s that 1,000 and 10,000 laptops need at TPOT p90 ≤ 30 ms:
+
+    specmq bench sim_vs_gpu --map --out benchmarks/results/capacity_map_predicted.md --plot docs/capacity_predicted.png
 """
 from __future__ import annotations
 
@@ -36,6 +43,7 @@ import math
 import platform
 import statistics
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -316,6 +324,261 @@ def capacity_markdown(cap: list[dict[str, Any]], slos=(15.0, 30.0, 60.0)) -> str
     return "\n".join(lines) + "\n"
 
 
+# --------------------------------------------------------------------------- predicted capacity map
+@dataclass(frozen=True)
+class DraftDevice:
+    """A draft device class of the map. ``step_ms``: one draft step of a 1B draft at short context (None: the
+    profile table's draft grid, one device drafting every session batched); otherwise one device per session."""
+    name: str
+    label: str
+    step_ms: float | None
+    source: str
+
+
+DRAFT_DEVICES = (
+    DraftDevice("gpu2", "second GPU", None,
+                "the profile table's draft grid: the grown 1B, bf16, on an H200 (measured)"),
+    DraftDevice("laptop", "laptop-class", 10.0,
+                "100 tok/s: a 1B model at 4 bits with llama.cpp on Metal, base-to-Pro Apple M-series laptop"),
+    DraftDevice("phone", "phone-class", 20.0,
+                "50 tok/s: Llama 3.2 1B SpinQuant (4-bit) with ExecuTorch on a OnePlus 12 (Snapdragon 8 Gen 3)"),
+)
+MAP_RTTS_MS = (1.0, 10.0, 40.0)
+MAP_CONTEXTS = (512, 2048, 8192)
+MAP_SLOS_MS = (15.0, 30.0, 60.0)
+MAP_GRID = (1, 8, 16, 24, 32, 48, 64, 96, 128)
+MAP_SLOTS = 256  # the measured run's KV slots (its largest N), fewer where the KV cache does not fit
+MAP_ALPHA = 0.75
+MAP_SIDE_ALPHAS = (0.6, 0.9)  # at the middle RTT only
+TRUSTED_N = 64  # the out-of-sample check holds up to here; past it the simulator is optimistic
+DRAFT_WEIGHT_BYTES = 1.0e9  # Llama-3.2-1B at 4 bits (8-bit embedding)
+DRAFT_KV_BYTES = 16 * 8 * 64 * 2 * 2  # per token: 16 layers x 8 KV heads x 64 dims x (K, V) x fp16
+TARGET_KV_BYTES = 32 * 8 * 128 * 2 * 2  # Llama-3.1-8B, bf16
+TARGET_KV_BUDGET_BYTES = (139 - 16 - 8) * 2**30  # H200 HBM less the bf16 weights and 8 GiB of workspace
+
+
+def device_step_ms(dev: DraftDevice, context: int) -> float | None:
+    """A one-session device's draft step at ``context``: the published short-context figure scaled by the bytes a
+    step reads (weights + the draft's KV cache): decoding on these devices is bandwidth-bound."""
+    if dev.step_ms is None:
+        return None
+    return dev.step_ms * (DRAFT_WEIGHT_BYTES + context * DRAFT_KV_BYTES) / DRAFT_WEIGHT_BYTES
+
+
+def kv_session_cap(context: int) -> int:
+    """Sessions whose KV cache fits next to the 8B target on one H200 at ``context``."""
+    return int(TARGET_KV_BUDGET_BYTES // (context * TARGET_KV_BYTES))
+
+
+def rtt_link(rtt_ms: float) -> dict[str, float]:
+    """A link of round trip ``rtt_ms``: half each way, lognormal with a quarter of that as jitter."""
+    return {"latency_ms": rtt_ms / 2, "jitter_ms": rtt_ms / 8, "bandwidth_mbps": 1000.0, "availability": 1.0}
+
+
+def _map_point(*, kind: str, n: int, context: int, rtt_ms: float | None, alpha: float, cal: dict[str, float],
+               output: int, tick: float, slots: int, seeds: int, table) -> float:
+    """Mean TPOT p90 (ms) over ``seeds`` runs of one map point."""
+    dev = next((d for d in DRAFT_DEVICES if d.name == kind), None)
+    link = "local" if rtt_ms is None else f"rtt{rtt_ms:g}"
+    p90 = []
+    for s in range(seeds):
+        cfg = sim_config(mode="target-only" if dev is None else "auto", sessions=n, context=context, output=output,
+                         alpha=alpha, cal=cal, slots=slots, tick_ms=tick, seed=s, link=link,
+                         draft_procs=min(8, n) if dev is None else (1 if dev.step_ms is None else n),
+                         draft_step_ms=0.0 if dev is None else device_step_ms(dev, context))
+        if rtt_ms is not None:
+            cfg["links"][link] = rtt_link(rtt_ms)
+        p90.append(simulate_point(cfg, n, table)["tpot_p90_ms"])
+    return statistics.mean(p90)
+
+
+def capacity_map(rows: list[dict[str, Any]], setup: dict[str, Any], table, *, contexts=MAP_CONTEXTS,
+                 rtts=MAP_RTTS_MS, slos=MAP_SLOS_MS, grid=MAP_GRID, alpha: float = MAP_ALPHA,
+                 side_alphas=MAP_SIDE_ALPHAS, plan_context: int = 2048, plan_slo_ms: float = 30.0,
+                 fleets=(1000, 10000), seeds: int = 2, progress=None) -> dict[str, Any]:
+    """Predicted sessions per target for every (context, draft device, RTT) at ``alpha`` (and ``side_alphas`` at the
+    middle RTT): the largest N of ``grid`` (up to the KV cap) whose TPOT p90 meets each SLO, scanning N upwards until
+    the loosest SLO is missed. A context the run did not measure takes the calibration of the nearest measured one
+    and the table's linear extrapolation in context. Then the targets for each fleet of laptops at ``plan_slo_ms``:
+    the exact sessions per target (bisected between grid points) and ceil(fleet / sessions)."""
+    output = int(setup.get("max_new_tokens", 64))
+    tick = float(setup.get("tick_ms", 2.0))
+    measured = sorted({r["context"] for r in rows})
+    cals: dict[int, dict[str, float]] = {}
+    for c in measured:
+        cals[c] = calibrate(rows, c, table, output)
+        calibrate_opening(rows, cals[c], c, setup, table)
+    series = [("target-only", None, alpha)]
+    series += [(d.name, r, alpha) for d in DRAFT_DEVICES for r in rtts]
+    series += [(d.name, rtts[len(rtts) // 2], a) for d in DRAFT_DEVICES for a in side_alphas]
+    out: dict[str, Any] = {"contexts": {}, "rows": [], "plan": [], "alpha": alpha, "slos_ms": list(slos),
+                           "rtts_ms": list(rtts), "grid": list(grid), "seeds": seeds,
+                           "devices": [vars(d) for d in DRAFT_DEVICES]}
+    for c in contexts:
+        near = min(measured, key=lambda m: abs(m - c))
+        cal, cap = cals[near], kv_session_cap(c)
+        pts = [n for n in grid if n <= cap]
+        slots = min(MAP_SLOTS, cap)
+        out["contexts"][str(c)] = {"calibrated_at": near, "measured": c in measured, "kv_cap": cap}
+        for kind, rtt, a in series:
+            p90: dict[int, float] = {}
+            for n in pts:
+                p90[n] = _map_point(kind=kind, n=n, context=c, rtt_ms=rtt, alpha=a, cal=cal, output=output,
+                                    tick=tick, slots=slots, seeds=seeds, table=table)
+                if progress is not None:
+                    progress(c, kind, rtt, a, n, p90[n])
+                if p90[n] > max(slos):
+                    break
+            rec = {"context": c, "kind": kind, "rtt_ms": rtt, "alpha": a, "extrapolated": c not in measured,
+                   "tpot_p90_ms": {n: round(v, 2) for n, v in p90.items()}}
+            for slo in slos:
+                ok = [n for n, v in p90.items() if v <= slo]
+                rec[f"sessions_at_{slo:g}ms"] = max(ok) if ok else 0
+            if a == alpha:  # the exact N at plan_slo_ms: bisect (hit, miss) between grid points
+                hit = max([n for n, v in p90.items() if v <= plan_slo_ms], default=0)
+                miss = min([n for n in p90 if n > hit], default=hit)
+                while miss - hit > 1:
+                    mid = (hit + miss) // 2
+                    v = _map_point(kind=kind, n=mid, context=c, rtt_ms=rtt, alpha=a, cal=cal, output=output,
+                                   tick=tick, slots=slots, seeds=seeds, table=table)
+                    hit, miss = (mid, miss) if v <= plan_slo_ms else (hit, mid)
+                rec["sessions_exact"], rec["exact_slo_ms"] = hit, plan_slo_ms
+            out["rows"].append(rec)
+    for kind, rtt, a in series:
+        if a != alpha or kind not in ("target-only", "laptop") or plan_context not in contexts:
+            continue
+        rec = next(r for r in out["rows"] if (r["context"], r["kind"], r["rtt_ms"], r["alpha"])
+                   == (plan_context, kind, rtt, a))
+        hit = rec["sessions_exact"]
+        out["plan"].append({"kind": kind, "rtt_ms": rtt, "context": plan_context, "alpha": a, "slo_ms": plan_slo_ms,
+                            "sessions_per_target": hit,
+                            "targets": {str(f): (math.ceil(f / hit) if hit else None) for f in fleets}})
+    return out
+
+
+def _cell(rec: dict[str, Any], slos) -> str:
+    vals = []
+    for s in slos:
+        n = rec[f"sessions_at_{s:g}ms"]
+        vals.append(f"{n}*" if n > TRUSTED_N else str(n))
+    return " / ".join(vals) + ("†" if rec["extrapolated"] else "")
+
+
+def capacity_map_markdown(m: dict[str, Any]) -> str:
+    """The map's tables: sessions per target (``a / b / c`` = TPOT p90 ≤ each SLO) by context, drafts and RTT; the
+    side α at the middle RTT; the fleet plan."""
+    slos, rtts, alpha = m["slos_ms"], m["rtts_ms"], m["alpha"]
+    rows = m["rows"]
+    slo_txt = " / ".join(f"{s:g}" for s in slos)
+    lines = [f"Sessions per H200 at TPOT p90 ≤ {slo_txt} ms, α = {alpha:g}; TPOT p90 at one session in brackets.",
+             "", "| context | drafts | " + " | ".join(f"RTT {r:g} ms" for r in rtts) + " |",
+             "|---|---|" + "---|" * len(rtts)]
+
+    def one(r: dict[str, Any]) -> str:
+        first = r["tpot_p90_ms"].get(1)
+        return _cell(r, slos) + (f" ({first:.1f} ms)" if first is not None else "")
+
+    for c in sorted({r["context"] for r in rows}):
+        base = next(r for r in rows if r["context"] == c and r["kind"] == "target-only")
+        lines.append(f"| {c} | target-only (decode mode, RTT-independent) | " + " | ".join(one(base) for _ in rtts)
+                     + " |")
+        for d in m["devices"]:
+            cells = [next(r for r in rows if (r["context"], r["kind"], r["rtt_ms"], r["alpha"])
+                          == (c, d["name"], t, alpha)) for t in rtts]
+            lines.append(f"| {c} | auto, {d['label']} | " + " | ".join(one(x) for x in cells) + " |")
+    exact = [r for r in rows if r.get("exact_slo_ms") is not None]
+    if exact:
+        lines += ["", (f"Sessions per H200 at TPOT p90 ≤ {exact[0]['exact_slo_ms']:g} ms, α = {alpha:g}, to the "
+                       "session (bisected between the points above; the plot):"), "",
+                  "| context | drafts | " + " | ".join(f"RTT {r:g} ms" for r in rtts) + " |",
+                  "|---|---|" + "---|" * len(rtts)]
+        for c in sorted({r["context"] for r in exact}):
+            base = next(r for r in exact if r["context"] == c and r["kind"] == "target-only")
+            lines.append(f"| {c} | target-only | " + " | ".join(str(base["sessions_exact"]) for _ in rtts) + " |")
+            for d in m["devices"]:
+                cells = [next(r for r in exact if (r["context"], r["kind"], r["rtt_ms"]) == (c, d["name"], t))
+                         for t in rtts]
+                lines.append(f"| {c} | auto, {d['label']} | " + " | ".join(str(x["sessions_exact"]) for x in cells)
+                             + " |")
+    side = [r for r in rows if r["alpha"] != alpha]
+    if side:
+        mid = side[0]["rtt_ms"]
+        alphas = sorted({r["alpha"] for r in side} | {alpha})
+        lines += ["", f"Other acceptance at RTT {mid:g} ms (sessions at TPOT p90 ≤ {slo_txt} ms):", "",
+                  "| context | drafts | " + " | ".join(f"α = {a:g}" for a in alphas) + " |",
+                  "|---|---|" + "---|" * len(alphas)]
+        for c in sorted({r["context"] for r in rows}):
+            for d in m["devices"]:
+                cells = [next(r for r in rows if (r["context"], r["kind"], r["rtt_ms"], r["alpha"])
+                              == (c, d["name"], mid, a)) for a in alphas]
+                lines.append(f"| {c} | auto, {d['label']} | " + " | ".join(_cell(x, slos) for x in cells) + " |")
+    if m["plan"]:
+        p0 = m["plan"][0]
+        fleets = list(p0["targets"])
+        lines += ["", (f"H200 targets for a fleet of laptops at TPOT p90 ≤ {p0['slo_ms']:g} ms (context "
+                       f"{p0['context']}, α = {p0['alpha']:g}): ceil(sessions / sessions per target):"), "",
+                  "| serving | RTT | sessions per target | " + " | ".join(f"{int(f):,} laptops" for f in fleets) + " |",
+                  "|---|---|---|" + "---|" * len(fleets)]
+        for p in m["plan"]:
+            what = ("target-only (laptops are clients)" if p["kind"] == "target-only"
+                    else "distributed, auto, laptop drafts")
+            rtt = "any" if p["rtt_ms"] is None else f"{p['rtt_ms']:g} ms"
+            lines.append(f"| {what} | {rtt} | {p['sessions_per_target']} | "
+                         + " | ".join("—" if v is None else f"{v:,}" for v in p["targets"].values()) + " |")
+    lines += ["", (f"\\* more than {TRUSTED_N} sessions per target: the simulator is optimistic there. "
+                   "† extrapolated context (no measured table at this context).")]
+    return "\n".join(lines) + "\n"
+
+
+def capacity_map_plot(m: dict[str, Any], path: str | Path, slo_ms: float = 30.0) -> None:
+    """Sessions per H200 at ``slo_ms`` against RTT, one panel per context, one line per draft device and
+    target-only."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows, rtts, alpha = m["rows"], m["rtts_ms"], m["alpha"]
+    contexts = sorted({r["context"] for r in rows})
+    fig, axes = plt.subplots(1, len(contexts), figsize=(4.2 * len(contexts), 3.8), squeeze=False)
+    styles = {"target-only": ("black", "--", "s", 1.0, "target-only"),
+              "gpu2": ("tab:blue", "-", "o", 0.94, "second GPU"),
+              "laptop": ("tab:green", "-", "^", 1.0, "laptop-class"),
+              "phone": ("tab:orange", "-", "v", 1.06, "phone-class")}
+
+    def sessions(r: dict[str, Any]) -> int:
+        return r["sessions_exact"] if r.get("exact_slo_ms") == slo_ms else r[f"sessions_at_{slo_ms:g}ms"]
+
+    for ax, c in zip(axes[0], contexts):
+        top = 0
+        for kind, (color, ls, marker, shift, label) in styles.items():
+            if kind == "target-only":
+                r = next(x for x in rows if x["context"] == c and x["kind"] == kind)
+                ys = [sessions(r)] * len(rtts)
+            else:
+                ys = [sessions(next(x for x in rows if (x["context"], x["kind"], x["rtt_ms"], x["alpha"])
+                                    == (c, kind, t, alpha))) for t in rtts]
+            ax.plot([t * shift for t in rtts], ys, ls, color=color, marker=marker, label=label)  # shift: no overlap
+            top = max(top, *ys)
+        ax.set_ylim(0, top * 1.3 + 1)
+        if TRUSTED_N < top * 1.3:
+            ax.axhline(TRUSTED_N, color="grey", lw=0.6, ls=":")
+        ax.set_ylabel(f"sessions per H200 at TPOT p90 ≤ {slo_ms:g} ms")
+        ext = any(x["extrapolated"] for x in rows if x["context"] == c)
+        ax.set_title(f"context {c}" + (" (extrapolated)" if ext else ""))
+        ax.set_xscale("log")
+        ax.set_xticks(rtts)
+        ax.set_xticklabels([f"{t:g}" for t in rtts])
+        ax.set_xlabel("draft link RTT (ms)")
+        ax.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=8, loc="best")
+    fig.suptitle(f"PREDICTED by the simulator (not measured): 8B-class target on one H200, α = {alpha:g}; "
+                 f"dotted: {TRUSTED_N} sessions, above it the simulator is optimistic", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 # --------------------------------------------------------------------------- report
 def _pct(x: float | None) -> str:
     return "—" if x is None else f"{x * 100:+.1f}%"
@@ -386,6 +649,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--capacity", action="store_true",
                    help="instead: predicted sessions per target at TPOT p90 SLOs 15/30/60 ms for α 0.6/0.75/0.9, "
                         "target-only vs auto with laptop-class and second-GPU drafts (same calibration)")
+    p.add_argument("--map", action="store_true",
+                   help="instead: the predicted capacity map: sessions per target at TPOT p90 SLOs 15/30/60 ms for "
+                        "contexts 512/2048/8192, draft devices second GPU / laptop / phone (1B) at RTT 1/10/40 ms, "
+                        "target-only, and the targets for 1,000 and 10,000 laptops")
+    p.add_argument("--plot", type=Path, default=None, help="--map: write the PNG (sessions at 30 ms vs RTT) here")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -393,6 +661,8 @@ def run(args: argparse.Namespace) -> int:
 
     if args.seeds < 1:
         raise BenchmarkError(f"--seeds must be >= 1, got {args.seeds}")
+    if args.plot and not args.map:
+        raise BenchmarkError("--plot draws the capacity map: pass --map with it")
     setup, rows = read_rows(args.rows)
     table_path = args.table or setup.get("cost_table")
     if not table_path:
@@ -403,6 +673,22 @@ def run(args: argparse.Namespace) -> int:
         table = load_table(table_path)
     except CostTableError as exc:
         raise BenchmarkError(str(exc)) from None
+    if args.map:
+        m = capacity_map(rows, setup, table, seeds=args.seeds, progress=None if args.json else
+                         lambda c, k, r, a, n, v: print(f"sim_vs_gpu: map ctx {c} {k} RTT {r} α={a} N={n} "
+                                                        f"TPOT p90 {v:.1f} ms", file=sys.stderr))
+        text = capacity_map_markdown(m)
+        if args.out:
+            args.out.parent.mkdir(parents=True, exist_ok=True)
+            args.out.write_text(text)
+        if args.plot:
+            args.plot.parent.mkdir(parents=True, exist_ok=True)
+            capacity_map_plot(m, args.plot)
+        if args.json:
+            print_json({"map": m, "synthetic_table": bool(getattr(table, "synthetic", False))})
+        else:
+            print(text, end="")
+        return 0
     if args.capacity:
         cap = capacity_grid(rows, setup, table, seeds=args.seeds, progress=None if args.json else
                             lambda c, k, a, n, v: print(f"sim_vs_gpu: capacity ctx {c} {k} α={a} N={n} "

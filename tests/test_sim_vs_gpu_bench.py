@@ -114,3 +114,50 @@ def test_capacity_grid_reports_the_largest_n_within_each_slo(rows_file, table):
         assert r["sessions_at_1000ms"] == 16  # a loose SLO: the largest N tried
         ok = [n for n, v in p90.items() if v <= 4.0]
         assert r["sessions_at_4ms"] == (max(ok) if ok else 0)
+
+
+def test_capacity_map_covers_devices_rtts_and_an_extrapolated_context(rows_file, table, tmp_path):
+    import math
+
+    from benchmarks.sim_vs_gpu import (
+        DRAFT_DEVICES,
+        capacity_map,
+        capacity_map_markdown,
+        capacity_map_plot,
+        device_step_ms,
+        kv_session_cap,
+        rtt_link,
+    )
+
+    setup, rows = read_rows(rows_file)
+    m = capacity_map(rows, setup, load_table(table), contexts=(CONTEXT, 4 * CONTEXT), rtts=(1.0, 40.0),
+                     slos=(4.0, 1000.0), grid=(1, 4), side_alphas=(0.9,), plan_context=CONTEXT, plan_slo_ms=6.0,
+                     fleets=(10,), seeds=1)
+    kinds = {(r["context"], r["kind"], r["rtt_ms"], r["alpha"]) for r in m["rows"]}
+    for c in (CONTEXT, 4 * CONTEXT):
+        assert (c, "target-only", None, 0.75) in kinds
+        for d in DRAFT_DEVICES:
+            assert {(c, d.name, 1.0, 0.75), (c, d.name, 40.0, 0.75), (c, d.name, 40.0, 0.9)} <= kinds
+    assert m["contexts"][str(4 * CONTEXT)] == {"calibrated_at": CONTEXT, "measured": False,
+                                               "kv_cap": kv_session_cap(4 * CONTEXT)}
+    assert all(r["extrapolated"] == (r["context"] != CONTEXT) for r in m["rows"])
+    for r in m["rows"]:
+        assert r["sessions_at_1000ms"] == 4  # a loose SLO: the largest N tried
+    # a longer link never makes a one-session round faster
+    laptop = {r["rtt_ms"]: r["tpot_p90_ms"][1] for r in m["rows"]
+              if (r["context"], r["kind"], r["alpha"]) == (CONTEXT, "laptop", 0.75)}
+    assert laptop[40.0] > laptop[1.0] + 2.0
+    # the fleet plan: ceil(fleet / sessions per target), target-only and laptops at each RTT
+    assert [(p["kind"], p["rtt_ms"]) for p in m["plan"]] == [("target-only", None), ("laptop", 1.0),
+                                                             ("laptop", 40.0)]
+    for p in m["plan"]:
+        s = p["sessions_per_target"]
+        assert p["targets"]["10"] == (math.ceil(10 / s) if s else None)
+    text = capacity_map_markdown(m)
+    assert "RTT 40 ms" in text and "†" in text and "10 laptops" in text
+    png = tmp_path / "map.png"
+    capacity_map_plot(m, png, slo_ms=1000.0)
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    laptop_dev = next(d for d in DRAFT_DEVICES if d.name == "laptop")
+    assert device_step_ms(laptop_dev, 8192) > device_step_ms(laptop_dev, 512) > laptop_dev.step_ms
+    assert rtt_link(40.0)["latency_ms"] == 20.0 and kv_session_cap(8192) == 115
