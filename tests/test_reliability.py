@@ -443,6 +443,17 @@ async def run_with_fault(cfg, prompts: list[str], fault, rounds: int = 2) -> tup
 
 
 @pytest.mark.slow
+async def holder_holds_a_job(frontend: str, timeout_s: float) -> bool:
+    """Poll the broker's stats off the event loop (the holder's link needs the loop to register)."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        snap = await asyncio.to_thread(request_stats, frontend, 0.5)
+        if (snap or {}).get("workers", {}).get("holder", {}).get("jobs") == 1:
+            return True
+        await asyncio.sleep(0.05)
+    return False
+
+
 def test_graceful_broker_restart_loses_no_session(procs, tiny_pair, expected):  # noqa: F811
     """SIGTERM while sessions run; a fused worker holds a job so the broker drains for its whole grace period and
     answers every new chunk ``shutting_down``; a new broker starts on the same ports. Every session completes with
@@ -461,8 +472,7 @@ def test_graceful_broker_restart_loses_no_session(procs, tiny_pair, expected):  
         try:
             async with BrokerClient(p.cluster.frontend) as c:
                 await c.send(Generate(job="hold", prompt_ids=[1]))
-                assert await wait_for(lambda: (request_stats(p.cluster.frontend, 0.5) or {}).get("workers", {})
-                                      .get("holder", {}).get("jobs") == 1, 10)
+                assert await holder_holds_a_job(p.cluster.frontend, 30.0)
 
                 def fault() -> None:
                     p.signal_broker(signal.SIGTERM)  # returns once the drain is over and the broker has exited
