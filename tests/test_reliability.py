@@ -443,12 +443,14 @@ async def run_with_fault(cfg, prompts: list[str], fault, rounds: int = 2) -> tup
 
 
 @pytest.mark.slow
-async def holder_holds_a_job(frontend: str, timeout_s: float) -> bool:
-    """Poll the broker's stats off the event loop (the holder's link needs the loop to register)."""
+async def holder_is(frontend: str, jobs: int | None, timeout_s: float) -> bool:
+    """Is the "holder" worker registered (holding ``jobs`` jobs, when given)? Polls the broker's stats off the event
+    loop, which the holder's own link needs to register."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         snap = await asyncio.to_thread(request_stats, frontend, 0.5)
-        if (snap or {}).get("workers", {}).get("holder", {}).get("jobs") == 1:
+        holder = (snap or {}).get("workers", {}).get("holder")
+        if holder is not None and (jobs is None or holder.get("jobs") == jobs):
             return True
         await asyncio.sleep(0.05)
     return False
@@ -471,8 +473,9 @@ def test_graceful_broker_restart_loses_no_session(procs, tiny_pair, expected):  
         await holder.start()
         try:
             async with BrokerClient(p.cluster.frontend) as c:
+                assert await holder_is(p.cluster.frontend, None, 30.0)  # registered before the job is sent
                 await c.send(Generate(job="hold", prompt_ids=[1]))
-                assert await holder_holds_a_job(p.cluster.frontend, 30.0)
+                assert await holder_is(p.cluster.frontend, 1, 30.0)
 
                 def fault() -> None:
                     p.signal_broker(signal.SIGTERM)  # returns once the drain is over and the broker has exited
