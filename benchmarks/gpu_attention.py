@@ -4,7 +4,7 @@ One layer of the Llama-3.1-8B shape (32 query heads, 8 KV heads, head_dim 128) a
 engine's cache layout ``[slots, cols, Hkv, D]`` with random contents, every row at ``ctx`` cached tokens. Per
 (B, T, ctx): microseconds per call (``triton.testing.do_bench_cudagraph``: replayed from a CUDA graph, as the
 engine runs it), the KV bytes floor (bytes of K and V read / the measured copy bandwidth) and the ratio.
-Device-only developer tool (issue 7); results in ``benchmarks/results/``.
+Device-only developer tool; results in ``benchmarks/results/``.
 
     python3 benchmarks/gpu_attention.py --out $OUT
 """
