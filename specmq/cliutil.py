@@ -109,3 +109,12 @@ def positive(name: str, value: float, minimum: float = 1) -> None:
 
 def print_json(obj: Any) -> None:
     print(json.dumps(obj, sort_keys=False, default=str), flush=True)
+
+
+def add_worker_liveness_flags(p: argparse.ArgumentParser) -> None:
+    """``--heartbeat-interval`` and ``--liveness`` of a worker's link to the broker (protocol's defaults)."""
+    from protocol.messages import HEARTBEAT_INTERVAL_S, HEARTBEAT_LIVENESS
+
+    p.add_argument("--heartbeat-interval", type=float, default=HEARTBEAT_INTERVAL_S, help="seconds between heartbeats")
+    p.add_argument("--liveness", type=int, default=HEARTBEAT_LIVENESS,
+                   help="missed beats before the broker is presumed dead")

@@ -414,14 +414,19 @@ class GoodputGammaPolicy:
         self.controller.forget(session.key)
 
 
+def load_cost(cost_table: str | None):
+    """The profile table at ``cost_table`` as the controller's step-cost model; None: fit the cost online."""
+    if not cost_table:
+        return None
+    from workers.cost_table import load_table
+
+    return load_table(cost_table)
+
+
 def fused_policy(cost_table: str | None = None, max_gamma: int = 8, tpot_slo_ms: float | None = None
                  ) -> GoodputGammaPolicy:
     """A fused worker's goodput policy over ``cost_table`` (target and draft grids), or fitted online."""
-    cost = draft = None
-    if cost_table:
-        from workers.cost_table import load_table
-
-        cost = load_table(cost_table)
-        draft = TableDraftCost(cost)
+    cost = load_cost(cost_table)
+    draft = TableDraftCost(cost) if cost is not None else None
     return GoodputGammaPolicy(GoodputController(cost, ControllerConfig(max_gamma=max_gamma, tpot_slo_ms=tpot_slo_ms,
                                                                        mode=FUSED), draft_cost=draft))

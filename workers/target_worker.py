@@ -33,7 +33,7 @@ from protocol.messages import (HEARTBEAT_INTERVAL_S, HEARTBEAT_LIVENESS, Busy, D
 from workers.acceptance import AcceptanceError, Policy, make_policy
 from workers.batching import BatchLimits, TickPlan, plan_tick, tick_due
 from workers.engine.base import Engine, EngineError, NoFreeSlot
-from workers.goodput import ControllerConfig, GoodputController, StepCost
+from workers.goodput import ControllerConfig, GoodputController, load_cost
 from workers.link import WorkerLink, echo_incarnation
 from workers.sampling import SamplingError, SamplingParams
 from workers.speculation import TargetSession, VerifyOutcome, eos_ids, q_from_wire, verify_batch
@@ -459,12 +459,7 @@ class TargetServer:
 
 def make_controller(config: TargetConfig) -> GoodputController:
     """The goodput controller over the configured profile table, or over a cost line fitted from measured ticks."""
-    cost: StepCost | None = None
-    if config.cost_table:
-        from workers.cost_table import load_table
-
-        cost = load_table(config.cost_table)
-    return GoodputController(cost, ControllerConfig(max_gamma=min(config.auto_max_gamma, config.max_gamma),
+    return GoodputController(load_cost(config.cost_table), ControllerConfig(max_gamma=min(config.auto_max_gamma, config.max_gamma),
                                                    tpot_slo_ms=config.tpot_slo_ms))
 
 

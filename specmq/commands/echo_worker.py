@@ -4,8 +4,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 
-from protocol.messages import HEARTBEAT_INTERVAL_S, HEARTBEAT_LIVENESS, WORKER_KINDS
-from specmq.cliutil import CommandError, add_command
+from protocol.messages import WORKER_KINDS
+from specmq.cliutil import add_worker_liveness_flags, CommandError, add_command
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -36,7 +36,5 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--capacity", type=int, default=256, help="session slots / concurrent jobs (default: 256)")
     p.add_argument("--name", default="echo", help="worker name shown in stats")
     p.add_argument("--vocab-size", type=int, default=32000, help="announced vocab size (default: 32000)")
-    p.add_argument("--heartbeat-interval", type=float, default=HEARTBEAT_INTERVAL_S, help="seconds between heartbeats")
-    p.add_argument("--liveness", type=int, default=HEARTBEAT_LIVENESS,
-                   help="missed beats before the broker is presumed dead")
+    add_worker_liveness_flags(p)
     p.add_argument("--delay-ms", type=float, default=0.0, help="simulated work per batch (default: 0)")

@@ -4,8 +4,7 @@ from __future__ import annotations
 import argparse
 import socket
 
-from protocol.messages import HEARTBEAT_INTERVAL_S, HEARTBEAT_LIVENESS
-from specmq.cliutil import CommandError, add_command, positive
+from specmq.cliutil import add_worker_liveness_flags, CommandError, add_command, positive
 from workers.serving import (DEFAULT_BACKEND, DEFAULT_DRAFT_MODEL, DEFAULT_TARGET_MODEL, capture_graphs,
                              load_engine_or_fail, run_service)
 
@@ -103,6 +102,4 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--tick-ms", type=float, default=0.0,
                    help="longest an idle worker's new job waits for more jobs to share its first tick (default: 0)")
     p.add_argument("--name", default="", help="worker name shown in stats (default: fused@HOST)")
-    p.add_argument("--heartbeat-interval", type=float, default=HEARTBEAT_INTERVAL_S, help="seconds between heartbeats")
-    p.add_argument("--liveness", type=int, default=HEARTBEAT_LIVENESS,
-                   help="missed beats before the broker is presumed dead")
+    add_worker_liveness_flags(p)

@@ -4,8 +4,7 @@ from __future__ import annotations
 import argparse
 import socket
 
-from protocol.messages import HEARTBEAT_INTERVAL_S, HEARTBEAT_LIVENESS
-from specmq.cliutil import add_command, positive
+from specmq.cliutil import add_worker_liveness_flags, add_command, positive
 from workers.serving import DEFAULT_BACKEND, DEFAULT_TARGET_MODEL, capture_graphs, load_engine_or_fail, run_service
 
 
@@ -72,6 +71,4 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="the controller keeps every session's predicted time per output token under this "
                         "(default: none; goodput only)")
     p.add_argument("--name", default="", help="worker name shown in stats (default: target@HOST)")
-    p.add_argument("--heartbeat-interval", type=float, default=HEARTBEAT_INTERVAL_S, help="seconds between heartbeats")
-    p.add_argument("--liveness", type=int, default=HEARTBEAT_LIVENESS,
-                   help="missed beats before the broker is presumed dead")
+    add_worker_liveness_flags(p)
