@@ -23,7 +23,7 @@ import uuid
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Awaitable, Callable
 
 import structlog
 from aiohttp import web
@@ -166,6 +166,8 @@ class Gateway:
                  chat_template=self.template.name, auth=bool(self.config.api_keys))
 
     async def stop(self) -> None:
+        """Stop within a bounded time: open requests get ``grace_s``; a step that still hangs (an HTTP client holding
+        a keep-alive connection, a broker that does not answer) is abandoned with a warning, never waited on."""
         if self._watch is not None:
             self._watch.cancel()
             try:
@@ -173,9 +175,16 @@ class Gateway:
             except asyncio.CancelledError:
                 pass
         if self._runner is not None:
-            await self._runner.cleanup()
-        await self.client.close()
+            await self._bounded(self._runner.cleanup(), self.config.grace_s + 3.0, "http")
+        await self._bounded(self.client.close(), 3.0, "broker_client")
         log.info("gateway.stopped", **dict(self.counters))
+
+    @staticmethod
+    async def _bounded(step: Awaitable[Any], timeout_s: float, what: str) -> None:
+        try:
+            await asyncio.wait_for(step, timeout_s)
+        except asyncio.TimeoutError:
+            log.warning("gateway.stop_slow", step=what, waited_s=timeout_s)
 
     # ------------------------------------------------------------------ the broker's health
     @property
