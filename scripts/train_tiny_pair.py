@@ -2,7 +2,7 @@
 """Train the project's tiny Llama pair (target + distilled draft) on the Python standard library's source.
 
 No model hub is reachable, so every demo, test and benchmark needs a real pair that loads through the same
-path as a real Llama directory. Three stages, each resumable and deterministic given --seed:
+path as a real Llama directory. Stages, each deterministic given --seed:
 
   prepare  list the running interpreter's Lib/*.py (tests excluded, sorted), split held-out files by hash,
            train a byte-level BPE tokenizer, write the token stream as uint16 .npy    (CPU, here)
@@ -10,11 +10,22 @@ path as a real Llama directory. Three stages, each resumable and deterministic g
            every --ckpt-every steps and resumes from them; writes weights + metrics    (CPU or CUDA)
   export   write two Hugging Face directories (config, safetensors, tokenizer, generation config) and
            the loss curve                                                               (CPU, here)
+  encode   the same corpus and split, encoded with the SHIPPED tokenizer into a small folder that can be
+           carried to a machine whose Python (and so whose Lib/) differs              (CPU, here)
+  distil   fine-tune a shipped draft against a shipped target on long windows (KL + a little CE), so the
+           draft also agrees with the target at positions it never saw; reports teacher-forced agreement
+           per position bucket before and after; writes a directory shaped like models/tiny-draft (CPU or CUDA)
 
 Example:
   python scripts/train_tiny_pair.py prepare --data-dir .tinydata
   python scripts/train_tiny_pair.py train --data-dir .tinydata --work-dir runs/tiny --device cuda
   python scripts/train_tiny_pair.py export --data-dir .tinydata --work-dir runs/tiny --out models
+
+  # long-context draft: encode here (6 MB), carry runs/distil-data to the GPU machine, distil there
+  python scripts/train_tiny_pair.py encode --data-dir runs/distil-data
+  python scripts/train_tiny_pair.py distil --data-dir runs/distil-data --target models/tiny-target \\
+      --draft models/tiny-draft --out runs/tiny-draft-2048 --device cuda --ctx 2048 --batch 16 \\
+      --steps 2000 --max-minutes 4
 """
 from __future__ import annotations
 
@@ -24,6 +35,7 @@ import json
 import math
 import os
 import platform
+import shutil
 import sys
 import sysconfig
 import time
@@ -36,6 +48,7 @@ SPECIAL_TOKENS = ["<|pad|>", "<|bos|>", "<|eos|>"]  # ids 0, 1, 2
 PAD, BOS, EOS = SPECIAL_TOKENS
 EXCLUDED_DIRS = {"test", "tests", "site-packages", "__pycache__", "idle_test"}
 MAX_SHARD_BYTES = 15_000_000  # every shipped file stays under 16 MB
+MODELS = Path(__file__).resolve().parents[1] / "models"
 
 
 # ----------------------------------------------------------------------------------------------- shapes
@@ -137,6 +150,73 @@ def cmd_prepare(args: argparse.Namespace) -> None:
     print(json.dumps({k: v for k, v in manifest.items() if not k.endswith("_files")}, indent=1))
 
 
+# ----------------------------------------------------------------------------------------------- encode
+def file_sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def cmd_encode(args: argparse.Namespace) -> None:
+    """Encode the corpus with the shipped tokenizer, so a fine-tune sees exactly the ids the shipped pair knows.
+
+    The held-out list written at export is authoritative (the target never trained on those files); without it
+    the hash rule of `prepare` recomputes the split. Training files are taken in sha256(path) order up to
+    --max-train-tokens (whole files), a deterministic subset that keeps the folder small enough to carry.
+    """
+    from tokenizers import Tokenizer
+
+    root = Path(args.stdlib or sysconfig.get_paths()["stdlib"])
+    tok_path, data = Path(args.tokenizer), Path(args.data_dir)
+    if not root.is_dir():
+        raise SystemExit(f"encode: --stdlib {root} is not a folder")
+    if not tok_path.is_file():
+        raise SystemExit(f"encode: --tokenizer {tok_path} does not exist")
+    listed = Path(args.heldout_list) if args.heldout_list else None
+    held_rels = set(json.loads(listed.read_text())) if listed is not None and listed.is_file() else None
+    tok = Tokenizer.from_file(str(tok_path))
+    train, held, skipped = [], [], []
+    for path in stdlib_files(root):
+        rel = path.relative_to(root).as_posix()
+        try:
+            text = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError:
+            skipped.append(rel)
+            continue
+        in_held = rel in held_rels if held_rels is not None else is_heldout(rel, args.heldout_every)
+        (held if in_held else train).append((rel, text))
+    if not train or not held:
+        raise SystemExit(f"encode: {len(train)} training and {len(held)} held-out files under {root}; need both")
+    train.sort(key=lambda rt: hashlib.sha256(rt[0].encode()).hexdigest())
+    parts, taken, total = [], [], 0
+    for rel, text in train:
+        ids = encode_stream(tok, [text])
+        if total + ids.size > args.max_train_tokens:
+            break
+        parts.append(ids)
+        taken.append(rel)
+        total += ids.size
+    if not parts:
+        raise SystemExit(f"encode: --max-train-tokens {args.max_train_tokens} is smaller than the first file")
+    data.mkdir(parents=True, exist_ok=True)
+    train_ids = np.concatenate(parts)
+    val_ids = encode_stream(tok, [t for _, t in held])
+    np.save(data / "train.npy", train_ids)
+    np.save(data / "val.npy", val_ids)
+    manifest = {
+        "stage": "encode", "python": platform.python_version(), "stdlib": str(root), "tokenizer": str(tok_path),
+        "tokenizer_sha256": file_sha256(tok_path), "vocab_size": tok.get_vocab_size(),
+        "heldout_split": f"list {listed}" if held_rels is not None else f"sha256 mod {args.heldout_every}",
+        "max_train_tokens": args.max_train_tokens, "train_files_available": len(train),
+        "train_files": taken, "heldout_files": [r for r, _ in held], "skipped": skipped,
+        "train_tokens": int(train_ids.size), "heldout_tokens": int(val_ids.size),
+    }
+    (data / "manifest.json").write_text(json.dumps(manifest, indent=1))
+    sizes = {f.name: f.stat().st_size for f in sorted(data.iterdir()) if f.is_file()}
+    report = {k: v for k, v in manifest.items() if not k.endswith("_files") and k != "skipped"}
+    report.update(train_files=len(taken), heldout_files=len(held), skipped=len(skipped), bytes=sizes,
+                  total_mb=round(sum(sizes.values()) / 1e6, 2))
+    print(json.dumps(report, indent=1))
+
+
 # ------------------------------------------------------------------------------------------------ train
 def batch_at(stream: np.ndarray, seed: int, step: int, batch: int, ctx: int):
     """Random windows chosen from (seed, step) alone, so a resumed run sees exactly the same batches."""
@@ -174,12 +254,12 @@ def autocast(device):
 
 
 def evaluate(model, val, device, bsz: int = 32, teacher=None) -> dict:
-    """Held-out mean cross-entropy (nats/token); with a teacher, also the teacher-forced argmax agreement."""
+    """Held-out mean cross-entropy (nats/token); with a teacher, also KL(teacher || model) and argmax agreement."""
     import torch
     import torch.nn.functional as F
 
     model.eval()
-    tot, n, agree = 0.0, 0, 0
+    tot, n, agree, kl = 0.0, 0, 0, 0.0
     with torch.no_grad(), autocast(device):
         for i in range(0, val.size(0), bsz):
             xb = val[i:i + bsz].to(device)
@@ -189,10 +269,13 @@ def evaluate(model, val, device, bsz: int = 32, teacher=None) -> dict:
             if teacher is not None:
                 t = teacher(xb[:, :-1]).logits
                 agree += (t.argmax(-1) == logits.argmax(-1)).sum().item()
+                t_logp = F.log_softmax(t.float(), -1)
+                kl += (t_logp.exp() * (t_logp - F.log_softmax(logits, -1))).sum().item()
     model.train()
     out = {"val_loss": tot / n, "val_ppl": math.exp(tot / n)}
     if teacher is not None:
         out["val_agree"] = agree / n
+        out["val_kl"] = kl / n
     return out
 
 
@@ -213,14 +296,44 @@ def set_rng_state(st: dict) -> None:
         torch.cuda.set_rng_state_all(st["cuda"])
 
 
-def run_phase(name: str, model, args, train, val, device, steps: int, peak_lr: float, teacher=None) -> dict:
+class _PlainProgress:
+    """What run_phase needs of a tqdm bar, printed as a line every `every_s` seconds (tqdm is optional)."""
+
+    def __init__(self, iterable, desc: str, initial: int, total: int, every_s: float = 30.0) -> None:
+        self.iterable, self.desc, self.initial, self.total, self.every_s = iterable, desc, initial, total, every_s
+        self.postfix: dict = {}
+
+    def __iter__(self):
+        last = time.time()
+        for i, item in enumerate(self.iterable):
+            if time.time() - last >= self.every_s:
+                last = time.time()
+                print(f"[{self.desc}] {self.initial + i}/{self.total} {self.postfix}", flush=True)
+            yield item
+
+    def set_postfix(self, postfix: dict) -> None:
+        self.postfix = postfix
+
+
+def progress(iterable, desc: str, initial: int, total: int):
+    """A tqdm bar when tqdm is installed, else a plain line every 30 s."""
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        return _PlainProgress(iterable, desc, initial, total)
+    return tqdm(iterable, desc=desc, initial=initial, total=total, mininterval=5)
+
+
+def run_phase(name: str, model, args, train, val, device, steps: int, peak_lr: float, teacher=None,
+              select: str = "val_loss") -> dict:
     """One training phase (target: next-token CE; draft: KL to the teacher's logits), checkpointed and resumable.
 
-    Keeps the weights with the best held-out loss, since the corpus is small enough for a 20M model to overfit.
+    Keeps the weights with the lowest held-out `select` metric (`val_loss`: CE; `val_kl` needs a teacher), since
+    the corpus is small enough for a 20M model to overfit. A deadline stops the phase after evaluating the last
+    weights, so they compete for best too.
     """
     import torch
     import torch.nn.functional as F
-    from tqdm import tqdm
 
     work = Path(args.work_dir)
     ckpt_path = work / f"ckpt-{name}.pt"
@@ -245,13 +358,25 @@ def run_phase(name: str, model, args, train, val, device, steps: int, peak_lr: f
         torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "state": state, "rng": rng_state()}, tmp)
         os.replace(tmp, ckpt_path)
 
+    def consider(rec: dict, done: int) -> None:
+        rec.update(evaluate(model, val, device, teacher=teacher))
+        if rec[select] < state["best_loss"]:
+            state["best_loss"] = rec[select]
+            state["best"] = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+            state["best_step"] = done
+
     model.train()
-    bar = tqdm(range(state["step"], steps), desc=name, initial=state["step"], total=steps, mininterval=5)
+    bar = progress(range(state["step"], steps), desc=name, initial=state["step"], total=steps)
     t0 = time.time()
     for step in bar:
         if args.deadline and time.time() > args.deadline:
             print(f"[{name}] deadline reached at step {step}: stopping early", flush=True)
             state["stopped_early"] = step
+            if step > 0 and not (state["history"] and state["history"][-1]["step"] == step
+                                 and select in state["history"][-1]):
+                rec = {"step": step, "elapsed_s": round(time.time() - t0, 1)}
+                consider(rec, step)
+                state["history"].append(rec)
             break
         for g in opt.param_groups:
             g["lr"] = lr_at(step, steps, peak_lr, args.warmup)
@@ -276,13 +401,10 @@ def run_phase(name: str, model, args, train, val, device, steps: int, peak_lr: f
             rec = {"step": done, "train_loss": loss.item(), "lr": opt.param_groups[0]["lr"],
                    "elapsed_s": round(time.time() - t0, 1)}
             if done % args.eval_every == 0 or done == steps:
-                rec.update(evaluate(model, val, device, teacher=teacher))
-                if rec["val_loss"] < state["best_loss"]:
-                    state["best_loss"] = rec["val_loss"]
-                    state["best"] = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
-                    state["best_step"] = done
+                consider(rec, done)
             state["history"].append(rec)
-            bar.set_postfix({k: round(v, 3) for k, v in rec.items() if k in ("train_loss", "val_loss", "val_agree")})
+            bar.set_postfix({k: round(v, 3) for k, v in rec.items()
+                             if k in ("train_loss", "val_loss", "val_kl", "val_agree")})
         state["step"] = done
         if done % args.ckpt_every == 0 or done == steps:
             save()
@@ -314,23 +436,37 @@ def save_sharded(state: dict, out: Path, prefix: str) -> list[str]:
     return names
 
 
+def pick_device(name: str):
+    """`auto` is CUDA when present, else CPU; TF32 matmuls on CUDA (the models compute under bf16 autocast)."""
+    import torch
+
+    device = torch.device("cuda" if name == "auto" and torch.cuda.is_available() else
+                          ("cpu" if name == "auto" else name))
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+    return device
+
+
+def device_name(device) -> str:
+    import torch
+
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
+
+
 def cmd_train(args: argparse.Namespace) -> None:
     import torch
     from transformers import LlamaForCausalLM
 
     data, work = Path(args.data_dir), Path(args.work_dir)
     work.mkdir(parents=True, exist_ok=True)
-    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
-                          ("cpu" if args.device == "auto" else args.device))
-    if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True
+    device = pick_device(args.device)
     args.deadline = time.time() + args.max_minutes * 60 if args.max_minutes else None
     vocab = json.loads((data / "manifest.json").read_text())["vocab_size"]
     train = np.load(data / "train.npy")
     val_stream = np.load(data / "val.npy")
     val = val_batches(val_stream, args.ctx, args.val_windows)
     t_start = time.time()
-    info = {"device": torch.cuda.get_device_name(0) if device.type == "cuda" else platform.processor() or "cpu",
+    info = {"device": device_name(device),
             "torch": torch.__version__, "args": vars(args)}
 
     torch.manual_seed(args.seed)

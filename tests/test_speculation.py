@@ -223,6 +223,45 @@ def test_verify_batch_isolates_a_malformed_chunk_and_carries_prefill_rows(engine
             target.free(s)
 
 
+class LogitsEngine(Engine):
+    """Answers every forward with fixed per-row logits (acceptance tests without a model)."""
+
+    def __init__(self, logits: list[torch.Tensor]) -> None:
+        self.logits = logits
+        self.info = EngineInfo("fixed", logits[0].shape[-1], 64, len(logits), None, "float32", "cpu")
+        self.rolled: dict[int, int] = {}
+
+    def forward(self, rows, last_only=None):
+        return [self.logits[i] for i, _ in enumerate(rows)]
+
+    def rollback(self, slot: int, n: int) -> None:
+        self.rolled[slot] = n
+
+
+def test_verify_batch_reads_greedy_rows_in_one_pass_with_the_same_outcomes_as_per_row_acceptance():
+    from workers.acceptance import accept
+    from workers.speculation import VerifyItem
+
+    gen = torch.Generator().manual_seed(0)
+    logits = [torch.randn(g + 1, VOCAB, generator=gen) for g in (3, 0, 2, 4, 1)]
+    hot = logits[0].argmax(-1).tolist()  # row 0's drafts follow the target's argmax for two tokens, then miss
+    drafts = [[hot[0], hot[1], (hot[2] + 1) % VOCAB], [], [5, 6], logits[3].argmax(-1).tolist()[:4], [7]]
+    kinds = [(make_policy("exact"), GREEDY), (make_policy("exact"), GREEDY),
+             (make_policy("exact"), SamplingParams(temperature=0.8, seed=1)), (make_policy("exact"), GREEDY),
+             (Confidence(threshold=0.0), GREEDY)]
+    items = [VerifyItem(slot, 9, d, None, None, params, policy,
+                        None if params.greedy else round_generator(params.seed, 4))
+             for slot, (d, (policy, params)) in enumerate(zip(drafts, kinds))]
+    engine = LogitsEngine(logits)
+    outcomes = verify_batch(engine, items)
+    for it, row, out in zip(items, logits, outcomes):
+        gen_row = None if it.params.greedy else round_generator(it.params.seed, 4)
+        want = accept(it.policy, row, it.tokens, None, None, it.params, gen_row)
+        assert (out.accepted, out.tokens) == (want.accepted, want.tokens)
+        assert engine.rolled[it.slot] == len(it.tokens) - want.accepted
+    assert outcomes[0].accepted == 2 and outcomes[3].accepted == 4 and outcomes[4].accepted == 1
+
+
 # --------------------------------------------------------------------------- sampling and policies end to end
 def test_sampled_generation_is_reproducible_per_seed(engines):
     target, draft = engines

@@ -31,7 +31,7 @@ from workers.sampling import SamplingError, SamplingParams, sample_draft, sample
 
 __all__ = [
     "AcceptResult", "AcceptanceError", "Policy", "Exact", "Confidence", "TopK", "Typical", "POLICIES",
-    "make_policy", "accept", "greedy_match", "rejection_sample", "sample_draft",
+    "make_policy", "accept", "argmax_only", "greedy_match", "match_argmax", "rejection_sample", "sample_draft",
 ]
 
 
@@ -48,7 +48,11 @@ class AcceptResult:
 # --------------------------------------------------------------------------- lossless
 def greedy_match(logits: torch.Tensor, draft_tokens: Sequence[int]) -> AcceptResult:
     """Temperature 0: keep draft tokens while they equal the target's argmax, then append the target's argmax."""
-    target = logits.argmax(-1).tolist()
+    return match_argmax(logits.argmax(-1).tolist(), draft_tokens)
+
+
+def match_argmax(target: Sequence[int], draft_tokens: Sequence[int]) -> AcceptResult:
+    """``greedy_match`` on the target's argmax ids, already on the host (a batch's argmax is read back once)."""
     k = 0
     while k < len(draft_tokens) and int(draft_tokens[k]) == target[k]:
         k += 1
@@ -275,6 +279,11 @@ def make_policy(name: str, args: Mapping[str, Any] | None = None) -> Policy:
     if cls is None:
         raise AcceptanceError(f"unknown acceptance policy {name!r}; valid: {', '.join(sorted(POLICIES))}")
     return cls.from_args(args)
+
+
+def argmax_only(policy: Policy, params: SamplingParams) -> bool:
+    """Whether judging a row needs nothing but the target's argmax per position (lossless greedy)."""
+    return isinstance(policy, Exact) and params.greedy
 
 
 def accept(policy: str | Policy, logits: torch.Tensor, draft_tokens: Sequence[int],

@@ -28,6 +28,7 @@ BENCHMARKS: dict[str, str] = {
     "capacity": "benchmarks.capacity",
     "broker_restart": "benchmarks.broker_restart",
     "chaos": "benchmarks.chaos",
+    "tick": "benchmarks.tick",
 }
 
 

@@ -1,0 +1,200 @@
+"""``specmq bench tick``: where a target tick's time goes, beside the engine's forward.
+
+A profile table (``specmq profile``) times ``engine.forward`` alone. A serving tick does more: it files each
+session's chunk (``handle``), plans the batch (``take_tick``), runs the forward, judges every row (acceptance and
+rollback), commits and answers (``finish``: the controller and one ``Result`` per session) and encodes the answers
+for the wire. This runs that exact path, ``TargetServer`` without sockets, on B open sessions at a given context,
+and reports each part per tick and per row. Anything here beyond ``forward_ms`` is host time the GPU may sit idle
+for, and it is what the simulator's table-driven ticks leave out.
+
+Sessions are placed straight into their slots (cache rows of random contents at ``--context``), so no prefill
+runs: the numbers are the steady state of B decoding (``--gamma 0``: decode mode, 1-token rows) or verifying
+(``--gamma N``: N random draft tokens a row, nearly all rejected) sessions.
+
+    specmq bench tick --device cuda --grow llama-3.1-8b --batches 1,8,32,64,128,256 --gammas 0,4 --json
+"""
+from __future__ import annotations
+
+import argparse
+import random
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from benchmarks import BenchmarkError, print_json
+from workers.profiling import ProfileError, build_engine, int_list, sync
+
+HELP = "a target tick's parts (handle, plan, forward, acceptance, finish, encode) per batch size"
+EXAMPLE = "specmq bench tick --device cuda --grow llama-3.1-8b --batches 1,8,64,256 --gammas 0,4 --json"
+ROOT = Path(__file__).resolve().parents[1]
+PARTS = ("handle_ms", "take_ms", "forward_ms", "accept_ms", "finish_ms", "encode_ms")
+
+
+def open_sessions(server: Any, n: int, context: int, temperature: float, seed: int) -> list[str]:
+    """``n`` sessions opened straight into slots whose cache holds ``context`` tokens (no prefill pass)."""
+    from workers.acceptance import make_policy
+    from workers.sampling import SamplingParams
+    from workers.target_worker import Served
+
+    rng = random.Random(seed)
+    engine, keys = server.engine, []
+    vocab = engine.info.vocab_size
+    for i in range(n):
+        slot = engine.allocate()
+        engine.table.lengths[slot] = context - 1
+        key = f"s{i}"
+        prompt = [rng.randrange(3, vocab) for _ in range(context)]
+        s = Served(key, slot, prompt, SamplingParams(temperature=temperature, seed=i), make_policy("exact"),
+                   max_new_tokens=1 << 30, arrived=time.monotonic(), prefilled=context - 1)
+        server.sessions[key] = s
+        server.opened(s)
+        keys.append(key)
+    server.take_credits()
+    return keys
+
+
+def chunk_for(server: Any, key: str, gamma: int, temperature: float, rng: random.Random) -> Any:
+    """The session's next chunk: decode mode (γ 0) or γ random draft tokens (with a random q when sampling)."""
+    from protocol.codec import pack_q
+    from protocol.messages import Verify
+
+    t = server.sessions[key].target
+    vocab = server.engine.info.vocab_size
+    tokens = [rng.randrange(3, vocab) for _ in range(gamma)]
+    q: tuple = (None, None, None)
+    if gamma and temperature > 0:
+        import numpy as np
+
+        rows = []
+        for x in tokens:
+            ids = np.array(sorted(set(rng.sample(range(vocab), 31)) | {x}), dtype=np.uint32)
+            p = np.full(ids.size, 1.0 / ids.size, dtype=np.float32)
+            rows.append((ids, p))
+        q = pack_q(rows)
+    return Verify(session=key, seq=t.last_seq + 1, pos=t.pos, tokens=tokens, q_ids=q[0], q_probs=q[1], q_lens=q[2],
+                  decode=0 if gamma else 1, draft_ms=2.0, path_ms=1.0)
+
+
+def measure_point(server: Any, keys: list[str], gamma: int, temperature: float, ticks: int, seed: int
+                  ) -> dict[str, float]:
+    """The parts of the median tick of ``ticks`` ticks, in ms (the first, warm-up/capture tick dropped)."""
+    from protocol.codec import encode
+
+    engine = server.engine
+    done = sync(engine)
+    rng = random.Random(seed)
+    forward = engine.forward
+    timing: dict[str, float] = {}
+
+    def timed_forward(*a: Any, **kw: Any) -> Any:
+        t0 = time.perf_counter()
+        out = forward(*a, **kw)
+        done()
+        timing["forward_ms"] = (time.perf_counter() - t0) * 1e3
+        return out
+
+    engine.forward = timed_forward
+    parts: dict[str, list[float]] = {p: [] for p in PARTS + ("tick_ms",)}
+    try:
+        for i in range(ticks + 1):
+            msgs = [chunk_for(server, k, gamma, temperature, rng) for k in keys]
+            t0 = time.perf_counter()
+            for m in msgs:
+                if server.handle(m):
+                    raise BenchmarkError(f"the target refused a chunk for {m.session}")
+            t1 = time.perf_counter()
+            tick = server.take_tick()
+            if tick is None or len(tick.verify) != len(keys):
+                raise BenchmarkError(f"the tick took {0 if tick is None else len(tick.verify)} of {len(keys)} "
+                                     "sessions: raise --max-batch-rows / --max-batch-tokens")
+            t2 = time.perf_counter()
+            outcomes = server.compute(tick)
+            done()
+            t3 = time.perf_counter()
+            if isinstance(outcomes, Exception):
+                raise BenchmarkError(f"the tick's forward failed: {outcomes!r}")
+            replies = server.finish(tick, outcomes, (t3 - t2) * 1e3)
+            t4 = time.perf_counter()
+            for r in replies:
+                encode(r)
+            t5 = time.perf_counter()
+            server.take_credits()
+            if not i:
+                continue
+            parts["handle_ms"].append((t1 - t0) * 1e3)
+            parts["take_ms"].append((t2 - t1) * 1e3)
+            parts["forward_ms"].append(timing["forward_ms"])
+            parts["accept_ms"].append((t3 - t2) * 1e3 - timing["forward_ms"])
+            parts["finish_ms"].append((t4 - t3) * 1e3)
+            parts["encode_ms"].append((t5 - t4) * 1e3)
+            parts["tick_ms"].append((t5 - t0) * 1e3)
+    finally:
+        engine.forward = forward
+    ticks_ms = parts["tick_ms"]
+    mid = sorted(range(len(ticks_ms)), key=ticks_ms.__getitem__)[len(ticks_ms) // 2]
+    return {p: v[mid] for p, v in parts.items() if v}  # the median tick, with its own parts (they add up)
+
+
+def run(args: argparse.Namespace) -> int:
+    from workers.target_worker import TargetConfig, TargetServer
+
+    say = lambda text: print(text, file=sys.stderr, flush=True)  # noqa: E731
+    top = max(args.batches)
+    max_ctx = args.context + (args.ticks + 2) * (max(args.gammas) + 1) + 16  # every point starts from --context
+    say(f"loading {Path(args.model).name}" + (f" grown to {args.grow}" if args.grow else "")
+        + f" on {args.device} ({top} slots, context {max_ctx}) ...")
+    try:
+        engine = build_engine(args.model, None, args.device, args.dtype, top, max_ctx, grow=args.grow)
+    except ProfileError as exc:
+        raise BenchmarkError(str(exc)) from None
+    rows = []
+    for gamma in args.gammas:
+        for b in args.batches:
+            for slot in [s for s, taken in enumerate(engine.table.taken) if taken]:
+                engine.free(slot)
+            cfg = TargetConfig(max_batch_rows=b, max_batch_tokens=b * (gamma + 1), max_gamma=max(gamma, 1),
+                               controller=not args.no_controller, cost_table=args.cost_table, tick_ms=0.0)
+            server = TargetServer(engine, cfg)
+            keys = open_sessions(server, b, args.context, args.temperature, args.seed)
+            med = measure_point(server, keys, gamma, args.temperature, args.ticks, args.seed)
+            host = med["tick_ms"] - med["forward_ms"]
+            row = {"batch": b, "gamma": gamma, "context": args.context, "temperature": args.temperature,
+                   **{k: round(v, 3) for k, v in med.items()},
+                   "host_ms": round(host, 3), "host_us_per_row": round(host * 1e3 / b, 1),
+                   "host_share": round(host / med["tick_ms"], 3)}
+            rows.append(row)
+            say(f"  γ={gamma} B={b:3d}: tick {row['tick_ms']:8.3f} ms, forward {row['forward_ms']:8.3f}, "
+                f"host {row['host_ms']:7.3f} ({row['host_us_per_row']:.0f} µs/row)")
+    head = {"device": args.device, "model": args.model, "grow": args.grow, "dtype": args.dtype,
+            "context": args.context, "ticks": args.ticks, "controller": not args.no_controller,
+            "command": "specmq bench tick " + " ".join(sys.argv[3:] if sys.argv[1:3] == ["bench", "tick"] else [])}
+    if args.json:
+        print_json({"header": head})
+        for r in rows:
+            print_json(r)
+        return 0
+    print(f"# target tick parts, ms, the median of {args.ticks} ticks: {head['model']}"
+          + (f" grown to {args.grow}" if args.grow else "") + f", {args.dtype} on {args.device}, context {args.context}")
+    cols = ("gamma", "batch", "tick_ms", "forward_ms") + tuple(p for p in PARTS if p != "forward_ms") + (
+        "host_ms", "host_us_per_row", "host_share")
+    print(" ".join(f"{c:>15s}" for c in cols))
+    for r in rows:
+        print(" ".join(f"{r[c]:>15}" for c in cols))
+    return 0
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default=str(ROOT / "models" / "tiny-target"), help="target model directory")
+    p.add_argument("--grow", default=None, help="grow the model in memory to this shape (e.g. llama-3.1-8b)")
+    p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default: cpu)")
+    p.add_argument("--dtype", default="float32", help="float32, bfloat16 or float16 (default: float32)")
+    p.add_argument("--batches", type=int_list, default=int_list("1,8,32"), help="sessions per tick (default: 1,8,32)")
+    p.add_argument("--gammas", type=int_list, default=int_list("0,4"),
+                   help="draft tokens a row; 0 = decode mode (default: 0,4)")
+    p.add_argument("--context", type=int, default=512, help="cached tokens per session (default: 512)")
+    p.add_argument("--temperature", type=float, default=0.0, help="sampling temperature of every session (default: 0)")
+    p.add_argument("--ticks", type=int, default=10, help="timed ticks per point (default: 10)")
+    p.add_argument("--cost-table", default=None, help="the controller's profile table (default: fitted online)")
+    p.add_argument("--no-controller", action="store_true", help="run the target without the goodput controller")
+    p.add_argument("--seed", type=int, default=0)

@@ -1,0 +1,31 @@
+"""``specmq bench tick`` on the CPU: every part of a serving tick is measured and they add up to the tick."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_tick_parts_add_up_and_every_row_is_a_full_batch():
+    out = subprocess.run([sys.executable, "-m", "specmq.cli", "bench", "tick", "--json", "--batches", "1,4",
+                          "--gammas", "0,2", "--ticks", "3", "--context", "32"], cwd=ROOT, capture_output=True,
+                         text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    lines = [json.loads(line) for line in out.stdout.splitlines()]
+    head, rows = lines[0]["header"], lines[1:]
+    assert head["context"] == 32 and head["device"] == "cpu"
+    assert [(r["gamma"], r["batch"]) for r in rows] == [(0, 1), (0, 4), (2, 1), (2, 4)]
+    for r in rows:
+        parts = sum(r[k] for k in ("handle_ms", "take_ms", "forward_ms", "accept_ms", "finish_ms", "encode_ms"))
+        assert r["forward_ms"] > 0 and r["tick_ms"] >= r["forward_ms"]
+        assert abs(parts - r["tick_ms"]) < 0.01  # the parts of one (the median) tick
+        assert abs(r["host_ms"] - (r["tick_ms"] - r["forward_ms"])) < 0.01
+
+
+def test_a_bad_model_directory_is_a_one_line_error(tmp_path):
+    out = subprocess.run([sys.executable, "-m", "specmq.cli", "bench", "tick", "--model", str(tmp_path / "none"),
+                          "--batches", "1", "--ticks", "1"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert out.returncode != 0 and "Traceback" not in out.stderr and out.stderr.strip()
