@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import itertools
 import json
 import math
 import os
@@ -350,6 +351,7 @@ def run_phase(name: str, model, args, train, val, device, steps: int, peak_lr: f
         state = ck["state"]
         set_rng_state(ck["rng"])
         print(f"[{name}] resumed at step {state['step']}", flush=True)
+    state["start_step"] = state["step"]
     if state["step"] >= steps:
         return state
 
@@ -499,6 +501,132 @@ def cmd_train(args: argparse.Namespace) -> None:
                       for k, v in info.items() if k != "args"}, indent=1))
 
 
+# ----------------------------------------------------------------------------------------------- distil
+def position_buckets(ctx: int, edges: list[int]) -> list[tuple[int, int]]:
+    """[lo, hi) ranges covering 0..ctx, cut at the `edges` that fall inside the window."""
+    cuts = [0] + sorted({e for e in edges if 0 < e < ctx}) + [ctx]
+    return list(itertools.pairwise(cuts))
+
+
+def agreement_by_position(target, draft, val_stream: np.ndarray, ctx: int, buckets: list[int],
+                          windows: int = 64, bsz: int = 16) -> dict:
+    """Teacher-forced argmax agreement of draft with target on held-out windows of `ctx` tokens, by position.
+
+    Greedy acceptance is this agreement along the target's own path, so a bucket the draft never trained at
+    (positions past its training window) shows up here as a drop. Positions count from the window start.
+    Returns {"ctx", "windows", "buckets": {"lo-hi": share}, "all": share}.
+    """
+    import torch
+
+    device = next(draft.parameters()).device
+    val = val_batches(val_stream, ctx, windows)
+    if val.size(0) == 0:
+        raise ValueError(f"held-out stream of {val_stream.size} tokens has no window of {ctx + 1} tokens")
+    hits = torch.zeros(ctx, dtype=torch.long)
+    was_training = draft.training
+    draft.eval()
+    with torch.no_grad(), autocast(device):
+        for i in range(0, val.size(0), bsz):
+            xb = val[i:i + bsz, :-1].to(device)
+            hits += (target(xb).logits.argmax(-1) == draft(xb).logits.argmax(-1)).sum(0).cpu()
+    draft.train(was_training)
+    n = val.size(0)
+    return {"ctx": ctx, "windows": n,
+            "buckets": {f"{lo}-{hi - 1}": round(hits[lo:hi].sum().item() / (n * (hi - lo)), 4)
+                        for lo, hi in position_buckets(ctx, buckets)},
+            "all": round(hits.sum().item() / (n * ctx), 4)}
+
+
+def write_draft_dir(model, source: Path, out: Path) -> None:
+    """A directory like the source draft's: its config, generation config and tokenizer files copied byte for
+    byte, and the new weights as one float32 model.safetensors (tied lm_head stored once), so the result does
+    not depend on the transformers version of the machine that trained it."""
+    from safetensors.torch import save_file
+
+    out.mkdir(parents=True, exist_ok=True)
+    for old in out.glob("*.safetensors*"):
+        old.unlink()
+    for f in sorted(source.iterdir()):
+        if f.is_file() and (f.name in ("config.json", "generation_config.json") or f.name.startswith("tokenizer")
+                            or f.name == "special_tokens_map.json"):
+            shutil.copyfile(f, out / f.name)
+    state = {k: v.detach().float().cpu().contiguous() for k, v in model.state_dict().items()
+             if not (k == "lm_head.weight" and model.config.tie_word_embeddings)}
+    save_file(state, str(out / "model.safetensors"), metadata={"format": "pt"})
+
+
+def cmd_distil(args: argparse.Namespace) -> None:
+    """Fine-tune the draft only: KL(target || draft) + distil_ce x CE on windows of --ctx tokens.
+
+    Best weights are chosen by held-out KL, the smooth quantity the loss optimises; agreement (what acceptance
+    follows) is reported per position bucket for the source draft and the chosen weights.
+    """
+    import torch
+    from transformers import LlamaForCausalLM
+
+    data, src, tgt, out = Path(args.data_dir), Path(args.draft), Path(args.target), Path(args.out)
+    for path in (data / "train.npy", data / "val.npy", tgt / "config.json", src / "config.json"):
+        if not path.is_file():
+            raise SystemExit(f"distil: {path} does not exist")
+    try:
+        buckets = [int(b) for b in args.buckets.split(",") if b.strip()]
+    except ValueError:
+        raise SystemExit(f"distil: --buckets {args.buckets!r} is not a comma-separated list of positions") from None
+    manifest = json.loads((data / "manifest.json").read_text()) if (data / "manifest.json").is_file() else {}
+    if manifest.get("tokenizer_sha256") and (src / "tokenizer.json").is_file() \
+            and file_sha256(src / "tokenizer.json") != manifest["tokenizer_sha256"]:
+        raise SystemExit(f"distil: {data} was encoded with another tokenizer than {src / 'tokenizer.json'}")
+    train, val_stream = np.load(data / "train.npy"), np.load(data / "val.npy")
+    for label, stream in (("train.npy", train), ("val.npy", val_stream)):
+        if stream.size < args.ctx + 2:
+            raise SystemExit(f"distil: {label} has {stream.size} tokens, fewer than --ctx {args.ctx} + 2")
+    device = pick_device(args.device)
+    torch.manual_seed(args.seed)
+    target = LlamaForCausalLM.from_pretrained(tgt).float().to(device).eval().requires_grad_(False)
+    draft = LlamaForCausalLM.from_pretrained(src).float().to(device)
+    vocab = draft.config.vocab_size
+    if target.config.vocab_size != vocab:
+        raise SystemExit(f"distil: target vocab {target.config.vocab_size} != draft vocab {vocab}")
+    if max(int(train.max()), int(val_stream.max())) >= vocab:
+        raise SystemExit(f"distil: {data} holds token ids >= the models' vocab {vocab}")
+    if args.ctx > draft.config.max_position_embeddings:
+        raise SystemExit(f"distil: --ctx {args.ctx} > max_position_embeddings {draft.config.max_position_embeddings}")
+    Path(args.work_dir).mkdir(parents=True, exist_ok=True)
+    t_start = time.time()
+    args.deadline = t_start + args.max_minutes * 60 if args.max_minutes else None
+    val = val_batches(val_stream, args.ctx, args.val_windows)
+
+    def measure() -> dict:
+        agree = agreement_by_position(target, draft, val_stream, args.ctx, buckets, args.val_windows, args.batch)
+        return {"agreement": agree, **{k: round(v, 4) for k, v in evaluate(draft, val, device, args.batch,
+                                                                         teacher=target).items()}}
+
+    before = measure()
+    print(json.dumps({"before": before}), flush=True)
+    t_train = time.time()
+    state = run_phase("distil", draft, args, train, val, device, args.steps, args.lr, teacher=target,
+                      select="val_kl")
+    train_s = time.time() - t_train
+    done = state.get("stopped_early", state["step"])
+    ran = done - state["start_step"]
+    draft.load_state_dict(state["best"])
+    after = measure()
+    write_draft_dir(draft, src, out)
+    summary = {
+        "device": device_name(device), "torch": torch.__version__, "source_draft": str(src), "target": str(tgt),
+        "data": {k: manifest.get(k) for k in ("python", "tokenizer_sha256", "train_tokens", "heldout_tokens")},
+        "steps_planned": args.steps, "steps_done": done, "steps_this_run": ran,
+        "stopped_early": "stopped_early" in state,
+        "best_step": state.get("best_step"), "selected_by": "val_kl",
+        "seconds": {"total": round(time.time() - t_start, 1), "train": round(train_s, 1),
+                    "per_step": round(train_s / max(1, ran), 4)},
+        "before": before, "after": after, "history": state["history"],
+        "args": {k: v for k, v in vars(args).items() if k not in ("deadline",)},
+    }
+    (out / "distil_summary.json").write_text(json.dumps(summary, indent=1) + "\n")
+    print(json.dumps({k: v for k, v in summary.items() if k not in ("history", "args")}, indent=1))
+
+
 # ----------------------------------------------------------------------------------------------- export
 def hf_tokenizer(path: Path):
     from transformers import PreTrainedTokenizerFast
@@ -610,8 +738,42 @@ def main(argv: list[str] | None = None) -> None:
     pe = sub.add_parser("export", parents=[common], help="write the Hugging Face directories and loss.png")
     pe.add_argument("--work-dir", default="runs/tiny-pair")
     pe.add_argument("--out", default="models")
+    pn = sub.add_parser("encode", parents=[common], help="corpus encoded with the shipped tokenizer (carryable)",
+                        epilog="example: train_tiny_pair.py encode --data-dir runs/distil-data")
+    pn.set_defaults(data_dir="runs/distil-data")
+    pn.add_argument("--stdlib", default=None, help="stdlib folder (default: the running interpreter's)")
+    pn.add_argument("--tokenizer", default=str(MODELS / "tiny-target" / "tokenizer.json"))
+    pn.add_argument("--heldout-list", default=str(MODELS / "heldout_files.json"),
+                    help="held-out files (authoritative when the file exists; else the hash rule)")
+    pn.add_argument("--heldout-every", type=int, default=20, help="hash rule: about 1 file in N is held out")
+    pn.add_argument("--max-train-tokens", type=int, default=4_000_000,
+                    help="whole training files in sha256(path) order up to this many tokens")
+    pd = sub.add_parser("distil", parents=[common], help="fine-tune a draft against a target on long windows",
+                        epilog="example: train_tiny_pair.py distil --data-dir runs/distil-data --device cuda "
+                               "--ctx 2048 --batch 16 --steps 2000 --max-minutes 4 --out runs/tiny-draft-2048")
+    pd.set_defaults(data_dir="runs/distil-data")
+    pd.add_argument("--target", default=str(MODELS / "tiny-target"), help="HF directory of the frozen target")
+    pd.add_argument("--draft", default=str(MODELS / "tiny-draft"), help="HF directory of the draft to start from")
+    pd.add_argument("--out", default="runs/tiny-draft-2048", help="HF directory to write (+ distil_summary.json)")
+    pd.add_argument("--work-dir", default="runs/tiny-distil", help="checkpoint (resumed from; delete to restart)")
+    pd.add_argument("--device", default="auto")
+    pd.add_argument("--ctx", type=int, default=2048)
+    pd.add_argument("--batch", type=int, default=16)
+    pd.add_argument("--steps", type=int, default=2000)
+    pd.add_argument("--lr", type=float, default=5e-4)
+    pd.add_argument("--warmup", type=int, default=50)
+    pd.add_argument("--weight-decay", type=float, default=0.1)
+    pd.add_argument("--distil-ce", type=float, default=0.1, help="weight of plain CE added to the KL")
+    pd.add_argument("--val-windows", type=int, default=64, help="held-out windows of --ctx for eval + agreement")
+    pd.add_argument("--buckets", default="512,1024", help="agreement bucket edges (positions), comma-separated")
+    pd.add_argument("--log-every", type=int, default=25)
+    pd.add_argument("--eval-every", type=int, default=100)
+    pd.add_argument("--ckpt-every", type=int, default=500)
+    pd.add_argument("--max-minutes", type=float, default=None,
+                    help="stop training past this wall time; the output is still written")
     args = p.parse_args(argv)
-    {"prepare": cmd_prepare, "train": cmd_train, "export": cmd_export}[args.cmd](args)
+    {"prepare": cmd_prepare, "train": cmd_train, "export": cmd_export, "encode": cmd_encode,
+     "distil": cmd_distil}[args.cmd](args)
 
 
 if __name__ == "__main__":

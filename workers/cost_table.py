@@ -243,3 +243,57 @@ def load_table(path: str | Path) -> CostTable:
     return CostTable(model=data.model, device=data.device, dtype=data.dtype, hardware=data.hardware,
                      target=Grid.of(data.target), draft=Grid.of(data.draft), draft_model=data.draft_model,
                      synthetic=data.synthetic, source=data.source)
+
+
+# --------------------------------------------------------------------------- merging profile runs
+def merge_tables(paths: Sequence[str | Path], out: str | Path) -> tuple[CostTableFile, int, int]:
+    """Merge profile runs of one model pair into one table: the union of every axis.
+
+    Each batch row comes from the last listed table that measured that batch (later runs win); where that table
+    has no point at a (tokens, context), the value is its own interpolation there (extrapolation past its grid,
+    counted). Returns (the written table, points taken from a measurement or interpolated inside a grid, points
+    extrapolated past their source's grid).
+    """
+    files = [read_table(p) for p in paths]
+    if len(files) < 2:
+        raise CostTableError("merging needs at least two cost tables")
+    first = files[0]
+    for f in files[1:]:
+        if (f.model, f.dtype, f.draft_model) != (first.model, first.dtype, first.draft_model):
+            raise CostTableError(f"{f.source}: model {f.model!r} / {f.dtype} / draft {f.draft_model!r} differs from "
+                                 f"{first.source}'s {first.model!r} / {first.dtype} / {first.draft_model!r}")
+    inside = outside = 0
+
+    def union(grids: list[LatencyGrid], axis: str) -> list[float]:
+        return sorted({float(v) for g in grids for v in g.axes[axis]})
+
+    def build(section: str) -> tuple[dict[str, list[float]], Any]:
+        nonlocal inside, outside
+        grids = [getattr(f, section) for f in files]
+        names = list(grids[0].axes)
+        axes = {n: union(grids, n) for n in names}
+        owner = {b: max(i for i, g in enumerate(grids) if b in map(float, g.axes["batch"])) for b in axes["batch"]}
+        lookups = [Grid.of(g) for g in grids]
+
+        def fill(b: float, rest: list[str], at: tuple) -> Any:
+            nonlocal inside, outside
+            if not rest:
+                g = grids[owner[b]]
+                past = any(v < min(g.axes[n]) or v > max(g.axes[n]) for n, v in zip(names[1:], at))
+                outside += past
+                inside += not past
+                return lookups[owner[b]].lookup(b, *at)
+            return [fill(b, rest[1:], at + (v,)) for v in axes[rest[0]]]
+
+        return axes, [fill(b, names[1:], ()) for b in axes["batch"]]
+
+    t_axes, t_lat = build("target")
+    d_axes, d_lat = build("draft")
+    note = (f"merged by specmq profile --merge from {', '.join(str(f.source) for f in files)}; each batch row from "
+            f"the last run that measured it; {outside} of {inside + outside} points extrapolated past their run's "
+            f"grid. Notes of the runs: " + " | ".join(f.note for f in files if f.note))
+    merged = write_table(out, model=first.model, device=first.device, dtype=first.dtype,
+                         hardware=" | ".join(dict.fromkeys(f.hardware for f in files)), target_axes=t_axes,
+                         target_latency_ms=t_lat, draft_axes=d_axes, draft_latency_ms=d_lat,
+                         draft_model=first.draft_model, synthetic=any(f.synthetic for f in files), note=note)
+    return merged, inside, outside

@@ -12,7 +12,8 @@ from specmq.cliutil import CommandError, add_command, print_json
 from workers.profiling import int_list
 
 EXAMPLE = ("specmq profile --shape llama-3.1-8b --device cuda --dtype bfloat16 --out configs/profiles/h100.yaml "
-           "--batches 1,4,16,64 --tokens 1,5,9 --contexts 512,2048")
+           "--batches 1,4,16,64 --tokens 1,5,9 --contexts 512,2048\n"
+           "  specmq profile --merge run1.yaml,run2.yaml --out configs/profiles/merged.yaml")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -22,6 +23,21 @@ def run(args: argparse.Namespace) -> int:
     from workers.cost_table import write_table
     from workers.profiling import hardware, measure
 
+    if args.merge:
+        from workers.cost_table import merge_tables
+
+        merged, inside, outside = merge_tables(args.merge, args.out)
+        summary = {"out": str(args.out), "merged": [str(p) for p in args.merge], "points": inside + outside,
+                   "extrapolated": outside, "batches": merged.target.axes["batch"],
+                   "contexts": merged.target.axes["context"]}
+        if getattr(args, "json", False):
+            print_json(summary)
+        else:
+            print(f"wrote {args.out}: {len(args.merge)} tables merged, batches {summary['batches']}, contexts "
+                  f"{summary['contexts']}; {outside} of {inside + outside} points extrapolated past their run's grid")
+        return 0
+    if not (args.model or args.shape):
+        raise CommandError("give --model DIR or --shape NAME (or --merge A.yaml,B.yaml)")
     if args.threads:
         torch.set_num_threads(args.threads)
     batches, contexts = args.batches, args.contexts
@@ -69,6 +85,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--contexts", type=int_list, default=int_list("512,2048"),
                    help="cached tokens per row (default 512,2048)")
     p.add_argument("--reps", type=int, default=10, help="timed steps per point (default 10)")
+    p.add_argument("--merge", type=lambda t: [x for x in str(t).split(",") if x], default=None,
+                   metavar="A.yaml,B.yaml",
+                   help="measure nothing: merge these tables of one model pair into --out (the union of their "
+                        "axes; a batch row comes from the last table that measured it)")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's choice)")
     p.set_defaults(func=_with_defaults)
 
@@ -84,4 +104,6 @@ def _with_defaults(args: argparse.Namespace) -> int:
             setattr(args, name, sorted(set(int(v) for v in val)))
     if args.reps < 1:
         raise CommandError("--reps must be >= 1")
+    if isinstance(args.merge, str):  # from --config YAML
+        args.merge = [x for x in args.merge.split(",") if x]
     return run(args)
