@@ -5,6 +5,10 @@
 #   bash benchmarks/device_capacity.sh ctx512    # bench capacity at context 512 (uses the table when present)
 #   bash benchmarks/device_capacity.sh ctx2048   # bench capacity at context 2048
 #   bash benchmarks/device_capacity.sh ctxall    # both contexts in one call (the table must exist already)
+#   bash benchmarks/device_capacity.sh tick      # bench tick: a serving tick's parts at batch 1..256, contexts 512/2048
+#                                                 # (with .whl_gpu/speculation_before.py: also the code before a change)
+#   bash benchmarks/device_capacity.sh profile2  # the table's missing points: batch 1-96 and context 8192 (merge here
+#                                                 # with 'specmq profile --merge')
 # Extra arguments go to 'specmq bench capacity'. Budget: each stage ends within 10 minutes.
 set -u
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
@@ -42,6 +46,30 @@ case "$STAGE" in
       2>"$OUT/capacity_ctx${ctx/,/_}.stderr"
     echo "capacity rc=$?"; tail -5 "$OUT/capacity_ctx${ctx/,/_}.stderr"
     (cd /tmp/caplogs 2>/dev/null && tail -n 30 $(find . -name '*.log') > "$OUT/capacity_ctx${ctx/,/_}_logs.txt" 2>&1)
+    ;;
+  tick)
+    for ctx in 512 2048; do
+      timeout 200 python3 -m specmq.cli bench tick --json --device cuda --dtype bfloat16 --grow llama-3.1-8b \
+        --batches 1,8,32,64,128,256 --gammas 0,4 --context $ctx --ticks 10 --cost-table "$TABLE" \
+        >"$OUT/tick_ctx$ctx.jsonl" 2>"$OUT/tick_ctx$ctx.log"; echo "tick ctx$ctx rc=$?"
+    done
+    if [ -f .whl_gpu/speculation_before.py ]; then  # the same ticks on the code before a change, for comparison
+      cp workers/speculation.py /tmp/speculation_now.py && cp .whl_gpu/speculation_before.py workers/speculation.py
+      timeout 150 python3 -m specmq.cli bench tick --json --device cuda --dtype bfloat16 --grow llama-3.1-8b \
+        --batches 8,64,128,256 --gammas 0,4 --context 512 --ticks 10 --cost-table "$TABLE" \
+        >"$OUT/tick_ctx512_before.jsonl" 2>"$OUT/tick_ctx512_before.log"; echo "tick before rc=$?"
+      cp /tmp/speculation_now.py workers/speculation.py
+    fi
+    ;;
+  profile2)
+    timeout 330 python3 -m specmq.cli profile --model models/tiny-target --grow llama-3.1-8b \
+      --draft-model models/tiny-draft --draft-grow llama-3.2-1b --device cuda --out "$OUT/h200-mid.yaml" \
+      --batches 1,16,48,64,96 --tokens 1,3,5,9 --contexts 512,2048 --reps 3 >"$OUT/profile_mid.log" 2>&1
+    echo "profile mid rc=$?"; tail -2 "$OUT/profile_mid.log"
+    timeout 220 python3 -m specmq.cli profile --model models/tiny-target --grow llama-3.1-8b \
+      --draft-model models/tiny-draft --draft-grow llama-3.2-1b --device cuda --out "$OUT/h200-8192.yaml" \
+      --batches 1,8,32,64 --tokens 1,5,9 --contexts 8192 --reps 3 >"$OUT/profile_8192.log" 2>&1
+    echo "profile 8192 rc=$?"; tail -2 "$OUT/profile_8192.log"
     ;;
   *) echo "unknown stage $STAGE"; exit 2 ;;
 esac

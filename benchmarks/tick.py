@@ -38,6 +38,7 @@ def open_sessions(server: Any, n: int, context: int, temperature: float, seed: i
     from workers.target_worker import Served
 
     rng = random.Random(seed)
+    server.eos = frozenset()  # random contexts may produce EOS: the sessions must not finish mid-measure
     engine, keys = server.engine, []
     vocab = engine.info.vocab_size
     for i in range(n):
@@ -101,8 +102,9 @@ def measure_point(server: Any, keys: list[str], gamma: int, temperature: float, 
             msgs = [chunk_for(server, k, gamma, temperature, rng) for k in keys]
             t0 = time.perf_counter()
             for m in msgs:
-                if server.handle(m):
-                    raise BenchmarkError(f"the target refused a chunk for {m.session}")
+                refused = server.handle(m)
+                if refused:
+                    raise BenchmarkError(f"the target refused a chunk for {m.session}: {refused[0]}")
             t1 = time.perf_counter()
             tick = server.take_tick()
             if tick is None or len(tick.verify) != len(keys):
