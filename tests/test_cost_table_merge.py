@@ -61,3 +61,12 @@ def test_profile_merge_command_reports_json(tmp_path):
     bad = subprocess.run([sys.executable, "-m", "specmq.cli", "profile", "--merge", f"{a},{tmp_path / 'no.yaml'}",
                           "--out", str(tmp_path / "x.yaml")], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert bad.returncode != 0 and "not found" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_a_run_at_another_context_does_not_override_a_batch_measured_at_this_one(tmp_path):
+    a = table(tmp_path / "a.yaml", [8, 32], [8, 32], [512, 2048], linear)
+    b = table(tmp_path / "b.yaml", [8], [8, 32], [8192], lambda *x: 3 * linear(*x))
+    merge_tables([a, b], tmp_path / "m.yaml")
+    t = load_table(tmp_path / "m.yaml")
+    assert t.verify_ms(8, 32, 512) == pytest.approx(linear(8, 32, 512), abs=1e-3)  # a's, not b's clamped 8192 value
+    assert t.verify_ms(8, 32, 8192) == pytest.approx(3 * linear(8, 32, 8192), abs=1e-3)

@@ -249,9 +249,9 @@ def load_table(path: str | Path) -> CostTable:
 def merge_tables(paths: Sequence[str | Path], out: str | Path) -> tuple[CostTableFile, int, int]:
     """Merge profile runs of one model pair into one table: the union of every axis.
 
-    Each batch row comes from the last listed table that measured that batch (later runs win); where that table
-    has no point at a (tokens, context), the value is its own interpolation there (extrapolation past its grid,
-    counted). Returns (the written table, points taken from a measurement or interpolated inside a grid, points
+    Each (batch, context) comes from the last listed table that measured that batch at that context (later runs
+    win), else from the last that measured the batch; the value is that table's own interpolation over tokens
+    (and context when it lacks that context: extrapolation past its grid, counted). Returns (the written table, points taken from a measurement or interpolated inside a grid, points
     extrapolated past their source's grid).
     """
     files = [read_table(p) for p in paths]
@@ -272,25 +272,31 @@ def merge_tables(paths: Sequence[str | Path], out: str | Path) -> tuple[CostTabl
         grids = [getattr(f, section) for f in files]
         names = list(grids[0].axes)
         axes = {n: union(grids, n) for n in names}
-        owner = {b: max(i for i, g in enumerate(grids) if b in map(float, g.axes["batch"])) for b in axes["batch"]}
         lookups = [Grid.of(g) for g in grids]
+
+        def owner(b: float, ctx: float) -> int:
+            """The last run that measured this batch at this context, else the last that measured the batch."""
+            has = [i for i, g in enumerate(grids) if b in map(float, g.axes["batch"])]
+            both = [i for i in has if ctx in map(float, grids[i].axes["context"])]
+            return (both or has)[-1]
 
         def fill(b: float, rest: list[str], at: tuple) -> Any:
             nonlocal inside, outside
             if not rest:
-                g = grids[owner[b]]
+                i = owner(b, at[-1])
+                g = grids[i]
                 past = any(v < min(g.axes[n]) or v > max(g.axes[n]) for n, v in zip(names[1:], at))
                 outside += past
                 inside += not past
-                return lookups[owner[b]].lookup(b, *at)
+                return lookups[i].lookup(b, *at)
             return [fill(b, rest[1:], at + (v,)) for v in axes[rest[0]]]
 
         return axes, [fill(b, names[1:], ()) for b in axes["batch"]]
 
     t_axes, t_lat = build("target")
     d_axes, d_lat = build("draft")
-    note = (f"merged by specmq profile --merge from {', '.join(str(f.source) for f in files)}; each batch row from "
-            f"the last run that measured it; {outside} of {inside + outside} points extrapolated past their run's "
+    note = (f"merged by specmq profile --merge from {', '.join(str(f.source) for f in files)}; each (batch, "
+            f"context) from the last run that measured it; {outside} of {inside + outside} points extrapolated past their run's "
             f"grid. Notes of the runs: " + " | ".join(f.note for f in files if f.note))
     merged = write_table(out, model=first.model, device=first.device, dtype=first.dtype,
                          hardware=" | ".join(dict.fromkeys(f.hardware for f in files)), target_axes=t_axes,
