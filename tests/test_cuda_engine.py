@@ -233,3 +233,18 @@ def test_cuda_float32_uses_portable_path():
     ref, fast = engines("cuda", torch.float32, graphs=True)
     assert fast.path == "portable" and "bf16/fp16" in fast.why_portable
     play(ref, fast, script(3), tol=2e-3)  # TF32 may be on for float32 matmuls
+
+
+def test_buckets_whose_logits_outgrow_the_budget_run_eagerly(monkeypatch):
+    """Graphs keep a logits buffer per (B, T): with a big vocabulary the largest buckets would hold gigabytes, so
+    shapes past ``GRAPH_LOGITS_BYTES`` leave the graph set and run eagerly at their exact size."""
+    import workers.engine.cuda_engine as ce
+
+    _, fast = engines()
+    per_row_token = ARGS.vocab_size * fast.model.output.weight.element_size()
+    monkeypatch.setattr(ce, "GRAPH_LOGITS_BYTES", 8 * per_row_token)  # B x T <= 8 stays on graphs
+    assert sorted(fast.buckets()) == [(1, 1), (1, 4), (1, 8), (2, 1), (2, 4), (4, 1)]
+    assert all(b * t <= 8 for b, t, _ in fast.default_shapes())
+    fast.graphs = True  # the shape logic as on a CUDA device
+    assert fast.shape_for(2, 3, 20)[3] is True and fast.shape_for(2, 3, 20)[:2] == (2, 4)
+    assert fast.shape_for(4, 3, 20) == (4, 3, fast.shape_for(4, 3, 20)[2], False)  # (4, 4) is over: exact, eager

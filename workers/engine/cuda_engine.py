@@ -46,7 +46,8 @@ from workers.engine.cuda_attention import (PAGE, flash_attention, flash_layout, 
 from workers.engine.llama import ModelArgs, RMSNorm, StaticOps, Transformer, apply_rope, rope_table, static_forward
 from workers.engine.slots import SlotTable, SlotTableEngine
 
-BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64)
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 96, 128, 192, 256)  # eager past 64 rows cost ~5-10 ms of launches a step
+GRAPH_LOGITS_BYTES = 512 << 20  # a bucket whose logits (B x T x vocab) outgrow this runs eagerly (memory, big vocab)
 TOKEN_BUCKETS = (1, 2, 3, 4, 5, 6, 8, 9, 12, 16)  # gamma+1 for gamma in 0..8 pads little
 SPAN_STEP = 128  # attention span buckets: multiples of this (a finer step reads fewer stale cache columns)
 
@@ -232,7 +233,11 @@ class CudaGraphEngine(SlotTableEngine):
 
     # ---- slots: bookkeeping is SlotTableEngine's (the padding slot is never handed out)
     def buckets(self) -> list[tuple[int, int]]:
-        return [(b, t) for b in self.batch_buckets for t in self.token_buckets]
+        """(B, T) shapes served on graphs: every bucket pair whose logits buffer fits ``GRAPH_LOGITS_BYTES``."""
+        return [(b, t) for b in self.batch_buckets for t in self.token_buckets if self._graphable(b, t)]
+
+    def _graphable(self, B: int, T: int) -> bool:
+        return B * T * self.info.vocab_size * self.model.output.weight.element_size() <= GRAPH_LOGITS_BYTES
 
     # ---- shapes
     @staticmethod
@@ -251,7 +256,7 @@ class CudaGraphEngine(SlotTableEngine):
         B, T = self._fit(self.batch_buckets, batch), self._fit(self.token_buckets, tokens)
         span = self._fit(self.spans, need_span)
         assert span is not None  # need_span <= max_context was checked
-        if B is None or T is None:
+        if B is None or T is None or not self._graphable(B, T):
             return batch, tokens, span, False
         return B, T, self.spans[-1] if self.span_free else span, self.graphs
 
