@@ -14,11 +14,17 @@ What comes from where (nothing is fitted to a predicted point):
   and never falling (the draft processes share one CPU, so more sessions cost more per step); path per round = the N = 1 rows'
   ``round_network_ms`` (median over g2, g4, auto: round trip less the target's forward, with nobody to wait for);
   host time per tick outside the forward = target-only N = 1 ``tpot_p50 × (1 − busy)`` less the path's share of
-  a decode request (path / decode tokens); the served forward's cost over the table's (``targets[].cost_scale``)
-  = target-only N = 8's forward per tick (``tpot_p50 × busy``) over the table at its mean batch: the serving
-  loop's forward (per-row inputs, acceptance, sync) costs more than the profiled step;
+  a decode request (path / decode tokens): the host time of a one-row tick; the served forward's cost over the
+  table's (``targets[].cost_scale``) = target-only N = 8's forward per tick (``tpot_p50 × busy``) over the table
+  at its mean batch: the serving loop's forward (per-row inputs, acceptance, sync) costs more than the profiled step;
 - the drafter's session start (``open_ms``: tokenizing, its own prompt prefill, the open's trip), linear in N
   through N = 1 and N = 8: measured TTFT p50 less the simulated TTFT without it (median over the modes);
+- host time per row of a tick (``targets[].tick_row_overhead_ms``): the slope b of a least-squares line
+  ``host_ms = a + b × batch`` through a ``specmq bench tick`` file (``--tick-rows``; default
+  ``benchmarks/results/tick_h200.jsonl`` when present, ``none``: 0), over every γ at the file's context nearest
+  the simulated one. A separate benchmark of the target's tick, not a capacity point, so nothing predicted feeds it.
+  Only the slope is taken: the one-row tick's host time above stays the intercept, so the per-tick constant becomes
+  that less b (a one-row tick still costs what N = 1 measured);
 - workload: each (context, N)'s acceptance α is the mean of the g2 and g4 rows' measured α (the prompts' acceptance
   under plain speculation, an input like the context length), drawn iid per token.
 
@@ -58,6 +64,7 @@ CALIB_N = (1, 8)
 GOALS = {"tok_s": 0.10, "tpot_p50_ms": 0.10, "tpot_p90_ms": 0.20}
 DECODE_TOKENS = 8
 ROOT = Path(__file__).resolve().parents[1]
+TICK_ROWS = "benchmarks/results/tick_h200.jsonl"  # the default --tick-rows, when present
 
 
 # --------------------------------------------------------------------------- reading the run
@@ -92,6 +99,54 @@ def read_rows(path: str | Path) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     return setup, [rows[k] for k in sorted(rows, key=lambda k: (k[0], MODES.index(k[1]), k[2]))]
 
 
+def read_tick_rows(path: str | Path) -> list[dict[str, float]]:
+    """A ``specmq bench tick`` file's measured ticks as ``{batch, gamma, context, host_ms}`` (header lines skipped)."""
+    try:
+        lines = Path(path).read_text().splitlines()
+    except FileNotFoundError:
+        raise BenchmarkError(f"tick rows file {path} not found") from None
+    out = []
+    for i, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise BenchmarkError(f"{path}: line {i} is not JSON ({exc.msg})") from None
+        if not isinstance(rec, dict):
+            raise BenchmarkError(f"{path}: line {i} is not an object")
+        if "batch" not in rec:  # a header line
+            continue
+        try:
+            pt = {k: float(rec[k]) for k in ("batch", "context", "host_ms")}
+        except KeyError as exc:
+            raise BenchmarkError(f"{path}: line {i} lacks {exc.args[0]}") from None
+        except (TypeError, ValueError):
+            raise BenchmarkError(f"{path}: line {i}: batch, context and host_ms must be numbers") from None
+        if pt["batch"] < 1 or pt["host_ms"] < 0:
+            raise BenchmarkError(f"{path}: line {i}: batch must be >= 1 and host_ms >= 0")
+        pt["gamma"] = float(rec.get("gamma") or 0)
+        out.append(pt)
+    if not out:
+        raise BenchmarkError(f"{path}: no tick rows (lines with batch, context, host_ms)")
+    return out
+
+
+def fit_tick_rows(points: list[dict[str, float]], context: float) -> dict[str, float]:
+    """Least squares ``host_ms = a + b × batch`` over every γ at the measured context nearest ``context``: the
+    host time a tick's rows add (b, ms per row; never below 0) and its intercept a, with the context used and the
+    number of points."""
+    near = min({p["context"] for p in points}, key=lambda c: (abs(c - context), c))
+    at = [p for p in points if p["context"] == near]
+    xs, ys = [p["batch"] for p in at], [p["host_ms"] for p in at]
+    if len(set(xs)) < 2:
+        raise BenchmarkError(f"tick rows at context {near:g}: need at least two batch sizes to fit a line")
+    mx, my = statistics.mean(xs), statistics.mean(ys)
+    b = sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sum((x - mx) ** 2 for x in xs)
+    return {"tick_row_overhead_ms": max(0.0, b), "tick_rows_a_ms": my - b * mx, "tick_rows_context": near,
+            "tick_rows_points": float(len(at))}
+
+
 def _median(xs: list[float], what: str) -> float:
     xs = [x for x in xs if x is not None and not math.isnan(x)]
     if not xs:
@@ -99,8 +154,10 @@ def _median(xs: list[float], what: str) -> float:
     return statistics.median(xs)
 
 
-def calibrate(rows: list[dict[str, Any]], context: int, table, output: int = 64) -> dict[str, float]:
-    """Per context, from the N = 1 and N = 8 rows only (see the module docstring)."""
+def calibrate(rows: list[dict[str, Any]], context: int, table, output: int = 64,
+              tick_rows: list[dict[str, float]] | None = None) -> dict[str, float]:
+    """Per context, from the N = 1 and N = 8 rows only, and the host time per row from ``tick_rows`` (a
+    ``read_tick_rows`` list; None: 0) (see the module docstring)."""
     at = {(r["mode"], r["sessions"]): r for r in rows if r["context"] == context and r["sessions"] in CALIB_N}
 
     def per_token(n: int) -> float:
@@ -119,8 +176,13 @@ def calibrate(rows: list[dict[str, Any]], context: int, table, output: int = 64)
     if eight and eight.get("busy") and eight.get("target_batch"):
         rows_ = max(1, round(eight["target_batch"]))
         scale = eight["tpot_p50_ms"] * eight["busy"] / table.verify_ms(rows_, rows_, context - output / 2)
-    return {"draft_ms_1": per_token(1), "draft_ms_8": per_token(8), "path_ms": path, "tick_overhead_ms": overhead,
-            "cost_scale": scale}
+    cal = {"draft_ms_1": per_token(1), "draft_ms_8": per_token(8), "path_ms": path, "tick_overhead_ms": overhead,
+           "cost_scale": scale, "host_one_row_ms": overhead, "tick_row_overhead_ms": 0.0}
+    if tick_rows:
+        cal.update(fit_tick_rows(tick_rows, context))
+        # the one-row tick's measured host time is the intercept: the per-tick constant is that less one row's share
+        cal["tick_overhead_ms"] = max(0.0, overhead - cal["tick_row_overhead_ms"])
+    return cal
 
 
 def acceptance(rows: list[dict[str, Any]], context: int, n: int) -> float:
@@ -158,7 +220,8 @@ def sim_config(*, mode: str, sessions: int, context: int, output: int, alpha: fl
     cfg["drafts"]["sessions"] = -(-sessions // min(draft_procs, sessions))
     cfg["targets"] = [{**cfg["targets"][0], "name": "t", "count": 1, "slots": slots, "max_batch_rows": max(64, slots),
                        "max_batch_tokens": max(512, slots * 9), "prefill_chunk": 256, "tick_ms": tick_ms,
-                       "tick_overhead_ms": cal["tick_overhead_ms"], "cost_scale": cal.get("cost_scale", 1.0)}]
+                       "tick_overhead_ms": cal["tick_overhead_ms"], "cost_scale": cal.get("cost_scale", 1.0),
+                       "tick_row_overhead_ms": cal.get("tick_row_overhead_ms", 0.0)}]
     cfg["links"]["local"] = {"latency_ms": 0.0, "jitter_ms": 0.0, "bandwidth_mbps": 1e6, "availability": 1.0}
     opening = max(0.0, cal.get("open_ms_1", 0.0) + (cal.get("open_ms_8", 0.0) - cal.get("open_ms_1", 0.0))
                   * (sessions - 1) / (CALIB_N[1] - CALIB_N[0]))
@@ -210,14 +273,15 @@ def calibrate_opening(rows: list[dict[str, Any]], cal: dict[str, float], context
         cal[f"open_ms_{n}"] = max(0.0, statistics.median(gaps)) if gaps else 0.0
 
 
-def predict(rows: list[dict[str, Any]], setup: dict[str, Any], table, seeds: int = 3,
-            progress=None) -> tuple[list[dict[str, Any]], dict[int, dict[str, float]]]:
+def predict(rows: list[dict[str, Any]], setup: dict[str, Any], table, seeds: int = 3, progress=None,
+            tick_rows: list[dict[str, float]] | None = None
+            ) -> tuple[list[dict[str, Any]], dict[int, dict[str, float]]]:
     """Every row simulated (mean of ``seeds`` runs) next to its measurement, and the per-context calibration."""
     output = int(setup.get("max_new_tokens", 64))
     slots = max(int(s) for s in setup.get("sessions") or [r["sessions"] for r in rows])
     procs = int(setup.get("draft_procs", 8))
     tick = float(setup.get("tick_ms", 2.0))
-    cals = {c: calibrate(rows, c, table, output) for c in sorted({r["context"] for r in rows})}
+    cals = {c: calibrate(rows, c, table, output, tick_rows) for c in sorted({r["context"] for r in rows})}
     for c, cal in cals.items():
         calibrate_opening(rows, cal, c, setup, table)
     out = []
@@ -281,7 +345,7 @@ DRAFT_KINDS = {
 
 def capacity_grid(rows: list[dict[str, Any]], setup: dict[str, Any], table, alphas=(0.6, 0.75, 0.9),
                   slos=(15.0, 30.0, 60.0), grid=(1, 8, 16, 32, 48, 64, 96, 128, 192, 256), seeds: int = 2,
-                  progress=None) -> list[dict[str, Any]]:
+                  progress=None, tick_rows: list[dict[str, float]] | None = None) -> list[dict[str, Any]]:
     """Predicted sessions per target at each TPOT p90 SLO: the largest N of ``grid`` whose simulated TPOT p90
     (mean of ``seeds`` runs) meets the SLO, for target-only and for auto with laptop-class and second-GPU drafts,
     at each α and context of the run (the calibration of ``predict``: N = 1 and N = 8 rows only)."""
@@ -290,7 +354,7 @@ def capacity_grid(rows: list[dict[str, Any]], setup: dict[str, Any], table, alph
     slots = max(grid)
     out = []
     for c in sorted({r["context"] for r in rows}):
-        cal = calibrate(rows, c, table, output)
+        cal = calibrate(rows, c, table, output, tick_rows)
         calibrate_opening(rows, cal, c, setup, table)
         for kind, (devices, step, link) in DRAFT_KINDS.items():
             for alpha in (alphas[:1] if kind == "target-only" else alphas):
@@ -395,7 +459,8 @@ def _map_point(*, kind: str, n: int, context: int, rtt_ms: float | None, alpha: 
 def capacity_map(rows: list[dict[str, Any]], setup: dict[str, Any], table, *, contexts=MAP_CONTEXTS,
                  rtts=MAP_RTTS_MS, slos=MAP_SLOS_MS, grid=MAP_GRID, alpha: float = MAP_ALPHA,
                  side_alphas=MAP_SIDE_ALPHAS, plan_context: int = 2048, plan_slo_ms: float = 30.0,
-                 fleets=(1000, 10000), seeds: int = 2, progress=None) -> dict[str, Any]:
+                 fleets=(1000, 10000), seeds: int = 2, progress=None,
+                 tick_rows: list[dict[str, float]] | None = None) -> dict[str, Any]:
     """Predicted sessions per target for every (context, draft device, RTT) at ``alpha`` (and ``side_alphas`` at the
     middle RTT): the largest N of ``grid`` (up to the KV cap) whose TPOT p90 meets each SLO, scanning N upwards until
     the loosest SLO is missed. A context the run did not measure takes the calibration of the nearest measured one
@@ -406,7 +471,7 @@ def capacity_map(rows: list[dict[str, Any]], setup: dict[str, Any], table, *, co
     measured = sorted({r["context"] for r in rows})
     cals: dict[int, dict[str, float]] = {}
     for c in measured:
-        cals[c] = calibrate(rows, c, table, output)
+        cals[c] = calibrate(rows, c, table, output, tick_rows)
         calibrate_opening(rows, cals[c], c, setup, table)
     series = [("target-only", None, alpha)]
     series += [(d.name, r, alpha) for d in DRAFT_DEVICES for r in rtts]
@@ -585,7 +650,7 @@ def _pct(x: float | None) -> str:
 
 
 def markdown(results: list[dict[str, Any]], cals: dict[int, dict[str, float]], setup: dict[str, Any],
-             rows_path: str, table_path: str, command: str) -> str:
+             rows_path: str, table_path: str, command: str, tick_rows_path: str | None = None) -> str:
     pred = [r for r in results if r["role"] == "predicted"]
     lines = ["# Simulator vs GPU: out-of-sample predictions of the H200 capacity run", "",
              f"Command: `{command}`  ", f"Measured rows: `{rows_path}` (machine: {setup.get('device_name', '?')} "
@@ -595,12 +660,21 @@ def markdown(results: list[dict[str, Any]], cals: dict[int, dict[str, float]], s
              f"Simulated on: {platform.machine()} {platform.python_implementation()} {platform.python_version()} "
              "(virtual time; the host does not matter)", "",
              "Calibration (per context, from the N = 1 and N = 8 rows only; see `benchmarks/sim_vs_gpu.py`):", "",
-             "| context | draft ms/token N=1 | draft ms/token N=8 | path ms/round | host ms/tick | "
-             "session start ms N=1 | N=8 | forward / table |", "|---|---|---|---|---|---|---|---|"]
+             ("| context | draft ms/token N=1 | draft ms/token N=8 | path ms/round | host ms/tick (1 row) | "
+              "host ms/row | session start ms N=1 | N=8 | forward / table |"), "|---|---|---|---|---|---|---|---|---|"]
     for c, cal in cals.items():
+        row_src = (f" (tick ctx {cal['tick_rows_context']:g})" if "tick_rows_context" in cal else "")
         lines.append(f"| {c} | {cal['draft_ms_1']:.2f} | {cal['draft_ms_8']:.2f} | {cal['path_ms']:.2f} | "
-                     f"{cal['tick_overhead_ms']:.2f} | {cal.get('open_ms_1', 0):.1f} | {cal.get('open_ms_8', 0):.1f} | "
-                     f"{cal.get('cost_scale', 1.0):.3f} |")
+                     f"{cal.get('host_one_row_ms', cal['tick_overhead_ms']):.2f} | "
+                     f"{cal.get('tick_row_overhead_ms', 0.0):.4f}{row_src} | {cal.get('open_ms_1', 0):.1f} | "
+                     f"{cal.get('open_ms_8', 0):.1f} | {cal.get('cost_scale', 1.0):.3f} |")
+    if tick_rows_path:
+        lines += ["", (f"Host ms/row: slope b of the least-squares line host_ms = a + b × batch through "
+                       f"`{tick_rows_path}` (`specmq bench tick`, a separate measurement: every γ at its context "
+                       "nearest the simulated one). A tick of R rows costs forward + (host ms/tick − b) + R × b: the "
+                       "one-row tick keeps its N = 1 value.")]
+    else:
+        lines += ["", "Host ms/row: none (`--tick-rows none`): every tick costs forward + host ms/tick."]
     lines += ["", "Errors are sim / measured − 1. Rows marked calib were used for calibration (N = 1, 8); "
               "all others are predictions.", "",
               "| ctx | mode | N | role | α in | tok/s meas | sim | err | TPOT p50 meas | sim | err | "
@@ -654,6 +728,34 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "contexts 512/2048/8192, draft devices second GPU / laptop / phone (1B) at RTT 1/10/40 ms, "
                         "target-only, and the targets for 1,000 and 10,000 laptops")
     p.add_argument("--plot", type=Path, default=None, help="--map: write the PNG (sessions at 30 ms vs RTT) here")
+    p.add_argument("--tick-rows", default=None, metavar="FILE",
+                   help=f"a 'specmq bench tick' file: host ms per tick row = the slope of host_ms over batch "
+                        f"(default: {TICK_ROWS} when present; 'none': no per-row host time)")
+
+
+def tick_rows_file(arg: str | None) -> str | None:
+    """``--tick-rows``: the file to fit (None: none). Unset means the shipped H200 measurement when present."""
+    if arg is None:
+        return TICK_ROWS if (ROOT / TICK_ROWS).exists() else None
+    if arg.strip().lower() == "none":
+        return None
+    if not Path(arg).exists() and (ROOT / arg).exists():
+        return arg
+    if not Path(arg).exists():
+        raise BenchmarkError(f"tick rows file {arg} not found (pass --tick-rows none to go without)")
+    return arg
+
+
+def _tick_rows_info(path: str | None, cals: dict[int, dict[str, float]] | None = None) -> dict[str, Any]:
+    """What the JSON output says about the per-row host time: the file, the fit, and b per context."""
+    info: dict[str, Any] = {"file": path, "fit": None if path is None else
+                            "least squares host_ms = a + b x batch, every gamma, the file's context nearest the "
+                            "simulated one; tick_row_overhead_ms = b, tick_overhead_ms = N=1 host time - b"}
+    if cals is not None:
+        info["per_context"] = {str(c): {k: cal[k] for k in ("tick_row_overhead_ms", "tick_rows_a_ms",
+                                                            "tick_rows_context", "tick_rows_points") if k in cal}
+                               for c, cal in cals.items()}
+    return info
 
 
 def run(args: argparse.Namespace) -> int:
@@ -673,10 +775,15 @@ def run(args: argparse.Namespace) -> int:
         table = load_table(table_path)
     except CostTableError as exc:
         raise BenchmarkError(str(exc)) from None
+    ticks_path = tick_rows_file(args.tick_rows)
+    ticks = None
+    if ticks_path is not None:
+        ticks = read_tick_rows(ticks_path if Path(ticks_path).exists() else ROOT / ticks_path)
     if args.map:
-        m = capacity_map(rows, setup, table, seeds=args.seeds, progress=None if args.json else
+        m = capacity_map(rows, setup, table, seeds=args.seeds, tick_rows=ticks, progress=None if args.json else
                          lambda c, k, r, a, n, v: print(f"sim_vs_gpu: map ctx {c} {k} RTT {r} α={a} N={n} "
                                                         f"TPOT p90 {v:.1f} ms", file=sys.stderr))
+        m["tick_rows"] = _tick_rows_info(ticks_path)
         text = capacity_map_markdown(m)
         if args.out:
             args.out.parent.mkdir(parents=True, exist_ok=True)
@@ -690,18 +797,19 @@ def run(args: argparse.Namespace) -> int:
             print(text, end="")
         return 0
     if args.capacity:
-        cap = capacity_grid(rows, setup, table, seeds=args.seeds, progress=None if args.json else
+        cap = capacity_grid(rows, setup, table, seeds=args.seeds, tick_rows=ticks, progress=None if args.json else
                             lambda c, k, a, n, v: print(f"sim_vs_gpu: capacity ctx {c} {k} α={a} N={n} "
                                                         f"TPOT p90 {v:.1f} ms", file=sys.stderr))
         if args.out:
             args.out.parent.mkdir(parents=True, exist_ok=True)
             args.out.write_text(capacity_markdown(cap))
         if args.json:
-            print_json({"capacity": cap, "synthetic_table": bool(getattr(table, "synthetic", False))})
+            print_json({"capacity": cap, "tick_rows": _tick_rows_info(ticks_path),
+                        "synthetic_table": bool(getattr(table, "synthetic", False))})
         else:
             print(capacity_markdown(cap), end="")
         return 0
-    results, cals = predict(rows, setup, table, args.seeds,
+    results, cals = predict(rows, setup, table, args.seeds, tick_rows=ticks,
                             progress=None if args.json else lambda r: print(
                                 f"sim_vs_gpu: ctx {r['context']} {r['mode']:<11} N={r['sessions']:<4} tok/s "
                                 f"{_pct(r['tok_s_err'])} p50 {_pct(r['tpot_p50_ms_err'])} "
@@ -710,10 +818,11 @@ def run(args: argparse.Namespace) -> int:
         if "sim_vs_gpu" in sys.argv else "specmq bench sim_vs_gpu"
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(markdown(results, cals, setup, str(args.rows), str(table_path), command))
+        args.out.write_text(markdown(results, cals, setup, str(args.rows), str(table_path), command, ticks_path))
     s = summary(results)
     if args.json:
         print_json({"calibration": {str(c): v for c, v in cals.items()}, "points": results, "summary": s,
+                    "tick_rows": _tick_rows_info(ticks_path, cals),
                     "synthetic_table": bool(getattr(table, "synthetic", False))})
     else:
         for k, st in s.items():

@@ -43,7 +43,8 @@ DEFAULTS: dict[str, Any] = {
     "targets": [{"name": "t", "count": 2, "slots": 32, "max_batch_tokens": 512, "max_batch_rows": 64,
                  "prefill_chunk": 256, "tick_ms": 2.0, "costs": None,
                  "cost_scale": 1.0,  # x every forward's table cost: a CPU/GPU shared with other work
-                 "tick_overhead_ms": 0.0}],  # host time per tick outside the forward (plan, accept, answer)
+                 "tick_overhead_ms": 0.0,  # host time per tick outside the forward (plan, accept, answer)
+                 "tick_row_overhead_ms": 0.0}],  # and per row of the tick: a tick of R rows adds R x this
     "fused": {"count": 0, "slots": 16, "max_batch_tokens": 512, "max_batch_rows": 32, "prefill_chunk": 256,
               "tick_ms": 0.0, "costs": None, "client_link": "datacenter", "gamma": None},
     "acceptance": {"alpha": 0.7, "rounds": None, "pairs": {}},

@@ -116,6 +116,7 @@ class Simulation:
                                                queue_max=int(bcfg["verify_queue_max"]),
                                                cost_scale=float(group.get("cost_scale", 1.0)),
                                                tick_overhead_ms=float(group.get("tick_overhead_ms", 0.0)),
+                                               tick_row_overhead_ms=float(group.get("tick_row_overhead_ms", 0.0)),
                                                controller=self._controller(cost)))
             if not self.targets:
                 raise ConfigError("a distributed deployment needs at least one target")

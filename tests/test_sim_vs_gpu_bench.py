@@ -161,3 +161,96 @@ def test_capacity_map_covers_devices_rtts_and_an_extrapolated_context(rows_file,
     laptop_dev = next(d for d in DRAFT_DEVICES if d.name == "laptop")
     assert device_step_ms(laptop_dev, 8192) > device_step_ms(laptop_dev, 512) > laptop_dev.step_ms
     assert rtt_link(40.0)["latency_ms"] == 20.0 and kv_session_cap(8192) == 115
+
+
+def tick_file(path, lines: list[dict]) -> str:
+    path.write_text("\n".join(json.dumps(x) for x in [{"machine": "test"}, {"header": {"context": 512}}, *lines])
+                    + "\n")
+    return str(path)
+
+
+def tick(batch: int, gamma: int, context: int, host_ms: float) -> dict:
+    return {"batch": batch, "gamma": gamma, "context": context, "tick_ms": 5.0 + host_ms, "forward_ms": 5.0,
+            "host_ms": host_ms, "host_us_per_row": host_ms * 1000 / batch}
+
+
+@pytest.fixture
+def ticks_file(tmp_path):
+    """Host time 0.2 + 0.01 × batch at context 512 (γ 0 and γ 4 straddle the line), 0.1 + 0.05 × batch at 4096."""
+    lines = [tick(b, g, 512, 0.2 + 0.01 * b + (0.003 if g else -0.003)) for b in (1, 8, 64) for g in (0, 4)]
+    lines += [tick(b, 0, 4096, 0.1 + 0.05 * b) for b in (1, 32)]
+    return tick_file(tmp_path / "ticks.jsonl", lines)
+
+
+def test_tick_rows_fit_a_line_over_every_gamma_at_the_nearest_context(ticks_file):
+    from benchmarks.sim_vs_gpu import fit_tick_rows, read_tick_rows
+
+    pts = read_tick_rows(ticks_file)
+    assert len(pts) == 8  # header lines skipped
+    near = fit_tick_rows(pts, CONTEXT)
+    assert near["tick_row_overhead_ms"] == pytest.approx(0.01) and near["tick_rows_a_ms"] == pytest.approx(0.2)
+    assert (near["tick_rows_context"], near["tick_rows_points"]) == (512, 6)
+    far = fit_tick_rows(pts, 3000)
+    assert far["tick_row_overhead_ms"] == pytest.approx(0.05) and far["tick_rows_context"] == 4096
+
+
+def test_tick_rows_slope_adds_per_row_and_keeps_the_one_row_tick(rows_file, table, ticks_file):
+    from benchmarks.sim_vs_gpu import read_tick_rows, sim_config
+
+    _, rows = read_rows(rows_file)
+    plain = calibrate(rows, CONTEXT, load_table(table), OUTPUT)
+    cal = calibrate(rows, CONTEXT, load_table(table), OUTPUT, read_tick_rows(ticks_file))
+    assert plain["tick_row_overhead_ms"] == 0.0 and plain["tick_overhead_ms"] > 0.01
+    assert cal["tick_row_overhead_ms"] == pytest.approx(0.01)
+    assert cal["tick_overhead_ms"] + cal["tick_row_overhead_ms"] == pytest.approx(plain["tick_overhead_ms"])
+    assert cal["host_one_row_ms"] == plain["tick_overhead_ms"]
+    cfg = sim_config(mode="target-only", sessions=16, context=CONTEXT, output=OUTPUT, alpha=0.8, cal=cal, slots=16,
+                     draft_procs=2, tick_ms=2.0, seed=0)
+    assert cfg["targets"][0]["tick_row_overhead_ms"] == pytest.approx(0.01)
+
+
+def test_tick_rows_option_reaches_the_prediction_and_the_report(rows_file, tmp_path, capsys):
+    steep = tick_file(tmp_path / "steep.jsonl", [tick(b, 0, 512, 0.1 + 0.5 * b) for b in (1, 16)])
+
+    def predicted(arg: str) -> tuple[dict, float]:
+        rc, out, _ = run_cli(["bench", "sim_vs_gpu", "--rows", str(rows_file), "--seeds", "1", "--json",
+                              "--tick-rows", arg], capsys)
+        assert rc == 0
+        rep = json.loads(out.strip().splitlines()[-1])
+        return rep, next(p["tpot_p50_ms_sim"] for p in rep["points"]
+                         if (p["mode"], p["sessions"]) == ("target-only", 16))
+
+    with_rows, tpot = predicted(steep)
+    without, tpot_plain = predicted("none")
+    assert with_rows["tick_rows"]["file"] == steep and without["tick_rows"]["file"] is None
+    assert with_rows["calibration"][str(CONTEXT)]["tick_row_overhead_ms"] == pytest.approx(0.5)
+    assert with_rows["tick_rows"]["per_context"][str(CONTEXT)]["tick_rows_context"] == 512
+    assert without["calibration"][str(CONTEXT)]["tick_row_overhead_ms"] == 0.0
+    assert tpot - tpot_plain > 0.5 * 15 * 0.5  # 16-row ticks pay 15 more rows of host time
+    md = tmp_path / "out.md"
+    rc, _, _ = run_cli(["bench", "sim_vs_gpu", "--rows", str(rows_file), "--seeds", "1", "--out", str(md),
+                        "--tick-rows", steep], capsys)
+    assert rc == 0 and "| 0.5000 (tick ctx 512) |" in md.read_text() and steep in md.read_text()
+
+
+def test_bad_tick_rows_files_are_named(tmp_path, rows_file, capsys):
+    from benchmarks.sim_vs_gpu import fit_tick_rows, read_tick_rows
+
+    with pytest.raises(BenchmarkError, match="not found"):
+        read_tick_rows(tmp_path / "missing.jsonl")
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"machine": "x"}\nnot json\n')
+    with pytest.raises(BenchmarkError, match="line 2"):
+        read_tick_rows(bad)
+    bad.write_text(json.dumps({"batch": 8, "context": 512}) + "\n")
+    with pytest.raises(BenchmarkError, match="lacks host_ms"):
+        read_tick_rows(bad)
+    bad.write_text(json.dumps({"machine": "x"}) + "\n")
+    with pytest.raises(BenchmarkError, match="no tick rows"):
+        read_tick_rows(bad)
+    one = read_tick_rows(tick_file(tmp_path / "one.jsonl", [tick(8, 0, 512, 1.0), tick(8, 4, 512, 1.2)]))
+    with pytest.raises(BenchmarkError, match="two batch sizes"):
+        fit_tick_rows(one, 512)
+    rc, _, err = run_cli(["bench", "sim_vs_gpu", "--rows", str(rows_file), "--tick-rows",
+                          str(tmp_path / "missing.jsonl")], capsys)
+    assert rc != 0 and "tick rows file" in err and "not found" in err

@@ -197,3 +197,32 @@ def test_fused_worker_ticks_like_the_real_one(tick_ms):
     assert req.finished * 1000 == pytest.approx(first + 10.0 + 3 * 1.0, abs=0.01)
     assert (metrics.rounds, metrics.drafted, req.committed) == (2, 7, 9)
     assert worker.stats.ticks == 4 and worker.stats.tokens == 64 + 64 + 5 + 4 and not worker.jobs
+
+
+@pytest.mark.parametrize("rows", [1, 5, 12])
+def test_tick_costs_forward_plus_host_time_per_tick_and_per_row(rows):
+    """A tick of R rows answers after forward × cost_scale + tick_overhead_ms + R × tick_row_overhead_ms."""
+    forward, scale, per_tick, per_row = 7.0, 1.5, 0.4, 0.03
+    env = simpy.Environment()
+    limits = BatchLimits(max_batch_tokens=1 << 20, max_batch_rows=rows, prefill_chunk=1, tick_ms=0.0)
+    target = Target(env, "t0", limits, slots=1 << 30, cost=ConstantCost(forward), rng=random.Random(0),
+                    metrics=Metrics(start=0.0, end=math.inf), cost_scale=scale, tick_overhead_ms=per_tick,
+                    tick_row_overhead_ms=per_row)
+    link = Link("instant", 0.0, bandwidth_mbps=1e15)
+    answered: list[float] = []
+    for i in range(rows):
+        sess = Session(Request(i, 0.0, 1, 1 << 20), link, random.Random(i), IidAcceptance(0.5))
+        done = env.event()
+        done.callbacks.append(lambda _ev: answered.append(env.now))
+        assert target.verify(sess, 2, done)
+    env.run(until=1.0)
+    assert len(answered) == rows
+    expected_ms = forward * scale + per_tick + rows * per_row
+    assert all(t * 1000.0 == pytest.approx(expected_ms, abs=1e-6) for t in answered)
+
+
+def test_negative_host_time_per_row_is_named():
+    limits = BatchLimits(max_batch_tokens=64, max_batch_rows=4, prefill_chunk=1, tick_ms=0.0)
+    with pytest.raises(ValueError, match="tick_row_overhead_ms must be >= 0"):
+        Target(simpy.Environment(), "t0", limits, slots=4, cost=ConstantCost(1.0), rng=random.Random(0),
+               metrics=Metrics(start=0.0, end=math.inf), tick_row_overhead_ms=-0.01)

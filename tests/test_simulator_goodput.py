@@ -128,3 +128,14 @@ def test_host_time_per_tick_and_session_start_add_where_they_should(linear_table
     cfg["targets"][0]["tick_overhead_ms"] = -1.0
     with pytest.raises(ValueError, match="tick_overhead_ms"):
         Simulation(cfg, costs=linear_table)
+
+
+def test_host_time_per_row_adds_to_every_tick_from_the_config(linear_table):
+    cfg = closed(8, 0, 400, path_ms=0.0)
+    cfg["targets"][0]["tick_overhead_ms"] = 1.0
+    cfg["targets"][0]["tick_row_overhead_ms"] = 0.25
+    out = Simulation(cfg, costs=linear_table).run()
+    assert out["tpot_p50_ms"] == pytest.approx(linear_table.verify_ms(8, 8, 0) + 1.0 + 8 * 0.25, rel=0.02)
+    cfg["targets"][0]["tick_row_overhead_ms"] = -0.1
+    with pytest.raises(ValueError, match="tick_row_overhead_ms"):
+        Simulation(cfg, costs=linear_table)

@@ -2,9 +2,11 @@
 
 Per tick (one SimPy timeout): ``tick_due`` decides when, ``plan_tick`` decides what (verify chunks first, then
 chunked prefills in the leftover token budget), the cost model prices the mixed batch
-``(rows, new tokens, mean context)``, and at the end each chunk's accepted count is drawn from the pair's
-acceptance model. Answers reach the drafter after its link's downlink delay (one scheduled event, no extra
-process). Sessions beyond the slot count wait for a slot (admission queue), as the real target queues them.
+``(rows, new tokens, mean context)`` (× ``cost_scale``), the host's work adds ``tick_overhead_ms`` per tick and
+``tick_row_overhead_ms`` per row (the real tick's Python time grows with its rows: ``specmq bench tick``), and at
+the end each chunk's accepted count is drawn from the pair's acceptance model. Answers reach the drafter after its
+link's downlink delay (one scheduled event, no extra process). Sessions beyond the slot count wait for a slot
+(admission queue), as the real target queues them.
 
 Decode mode and the goodput controller, as in ``workers.target_worker``: a chunk of γ = 0 asking for ``decode`` k
 tokens is a 1-token row in each of the next k ticks and is answered after the k-th (or when the output is complete).
@@ -81,10 +83,14 @@ class Target:
     def __init__(self, env: simpy.Environment, name: str, limits: BatchLimits, slots: int, cost: CostModel,
                  rng: random.Random, metrics: Metrics, group: str = "", queue_max: int = 1 << 30,
                  on_tick: Callable[[float, list, float], None] | None = None, cost_scale: float = 1.0,
-                 controller: GoodputController | None = None, tick_overhead_ms: float = 0.0) -> None:
+                 controller: GoodputController | None = None, tick_overhead_ms: float = 0.0,
+                 tick_row_overhead_ms: float = 0.0) -> None:
         if tick_overhead_ms < 0:
             raise ValueError(f"target {name}: tick_overhead_ms must be >= 0, got {tick_overhead_ms}")
+        if tick_row_overhead_ms < 0:
+            raise ValueError(f"target {name}: tick_row_overhead_ms must be >= 0, got {tick_row_overhead_ms}")
         self.tick_overhead_s = tick_overhead_ms / 1000.0  # host time per tick outside the forward
+        self.tick_row_overhead_s = tick_row_overhead_ms / 1000.0  # and per row (file, accept, answer, encode)
         self.env, self.name, self.group = env, name, group or name
         self.controller = controller  # the goodput controller (None: chunks get no γ advice)
         self.cost_scale = cost_scale  # > 1: the device is shared (a 2-core CPU running the drafter too)
@@ -209,7 +215,7 @@ class Target:
             st.verified_chunks += len(chunks)
         if self.on_tick is not None:
             self.on_tick(start, [start - c.enqueued for c in chunks], service)
-        yield env.timeout(service + self.tick_overhead_s)
+        yield env.timeout(service + self.tick_overhead_s + rows * self.tick_row_overhead_s)
         now = env.now
         m = self.metrics
         ctl = self.controller
