@@ -144,7 +144,8 @@ def test_decode_mode_equals_target_only_and_is_checked(tiny_pair):
         replies = _ticks(server)
         ticks += server.counters["ticks"] - t0
         (res,) = replies
-        assert isinstance(res, Result) and res.accepted == 0 and res.next_gamma >= 0
+        assert isinstance(res, Result) and res.accepted == 0
+        assert res.next_gamma == -1  # nothing has reported a drafting cost: no advice, the drafter keeps its γ
         out += res.tokens
         pos, seq = res.pos, seq + 1
         if res.finished:
@@ -224,3 +225,32 @@ def test_planning_groups_alike_sessions():
     assert len(plan.gammas) == 153
     same = evaluate_plan(cost, ss, plan.gammas)  # the grouped prediction is the per-session one
     assert plan.goodput_tok_s == pytest.approx(same.goodput_tok_s, rel=1e-6)
+
+
+def test_no_advice_until_a_drafting_cost_is_known_then_newcomers_borrow_the_fleets():
+    ctl = GoodputController(Roofline(weights_ms=5.0), ControllerConfig(max_gamma=6, replan_ms=0.0))
+    ctl.observe_round("a", accepted=3, drafted=4, context=100)  # a first round: acceptance, no costs (catch-up)
+    assert ctl.next_gamma("a") == -1
+    for _ in range(5):  # drafting is slow (20 ms a token): speculation cannot pay against a 5 ms step
+        ctl.observe_round("a", accepted=3, drafted=4, draft_ms=80.0, path_ms=1.0, context=100)
+    assert ctl.next_gamma("a") == 0
+    ctl.track("b", 100)  # a newcomer has reported nothing: it is planned with the fleet's costs, not as free
+    assert ctl.knows_costs("b") and ctl.next_gamma("b") == 0
+    fast = GoodputController(Roofline(weights_ms=5.0), ControllerConfig(max_gamma=6, replan_ms=0.0))
+    fast.observe_round("a", accepted=4, drafted=4, draft_ms=0.4, path_ms=0.5, context=100)
+    fast.track("b", 100)
+    assert fast.next_gamma("b") >= 2
+
+
+def test_a_session_whose_acceptance_moves_follows_the_plan_at_once():
+    """The plan is kept per α group for ``replan_ms``; a session whose α changes group gets that group's γ, or a
+    fresh plan, on its next round instead of its old γ until the next replan."""
+    t = [0.0]
+    ctl = GoodputController(Roofline(weights_ms=5.0), ControllerConfig(max_gamma=6, replan_ms=1e9),
+                            clock=lambda: t[0])
+    for _ in range(10):
+        ctl.observe_round("s", accepted=4, drafted=4, draft_ms=0.4, path_ms=0.5, context=100)
+    assert ctl.next_gamma("s") >= 3
+    for _ in range(40):  # its draft stops agreeing: the long replan interval must not hold the old γ
+        ctl.observe_round("s", accepted=0, drafted=2, draft_ms=2.0, path_ms=3.0, context=100)
+    assert ctl.next_gamma("s") <= 1

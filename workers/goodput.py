@@ -41,6 +41,7 @@ from workers.adaptive_gamma import expected_tokens
 DISTRIBUTED = "distributed"
 FUSED = "fused"
 ALPHA_BUCKET = 0.05  # sessions whose α estimates round to the same multiple form one group
+FLEET_WEIGHT = 0.1  # weight of each report in the worker-wide draft and path cost averages
 
 
 class StepCost(Protocol):
@@ -185,6 +186,11 @@ def _better(a: PlanOutcome, b: PlanOutcome | None, slo: float | None) -> bool:
     return a.goodput_tok_s >= b.goodput_tok_s * 0.995 and sum(a.gammas) < sum(b.gammas)
 
 
+def alpha_bucket(alpha: float) -> int:
+    """The α group a session belongs to (``ALPHA_BUCKET`` wide)."""
+    return int(round(alpha / ALPHA_BUCKET))
+
+
 def group_sessions(sessions: Sequence[SessionCosts]) -> tuple[list[SessionCosts], list[float], list[int]]:
     """Sessions with α in the same bucket of width ``ALPHA_BUCKET`` as one entry (mean costs, weight = members):
     (group costs, weights, each session's group index). Planning then costs O(groups), not O(sessions)."""
@@ -192,7 +198,7 @@ def group_sessions(sessions: Sequence[SessionCosts]) -> tuple[list[SessionCosts]
     members: list[list[SessionCosts]] = []
     of: list[int] = []
     for s in sessions:
-        b = int(round(s.alpha / ALPHA_BUCKET))
+        b = alpha_bucket(s.alpha)
         if b not in index:
             index[b] = len(members)
             members.append([])
@@ -236,7 +242,7 @@ def choose_plan(cost: StepCost, sessions: Sequence[SessionCosts], config: Contro
 
 PRIOR_ALPHA = 0.6  # acceptance assumed before a session's first round...
 PRIOR_TOKENS = 2.0  # ...worth this many examined draft tokens
-DECAY = 0.8  # each round's weight relative to the one before (recent rounds count most)
+DECAY = 0.9  # each round's weight relative to the one before (recent rounds count most)
 PROBE_GAMMA = 2  # γ of a probe round, which keeps a decoding session's acceptance estimate fresh
 PROBE_FIRST, PROBE_MAX = 4, 32  # decode requests between probes: from PROBE_FIRST, doubling up to PROBE_MAX
 
@@ -274,10 +280,12 @@ class GoodputController:
         self.correction = 1.0
         self.sessions: dict[str, _Tracked] = {}
         self.plan: PlanOutcome | None = None
-        self._by_key: dict[str, int] = {}
+        self._by_bucket: dict[int, int] = {}  # the plan's γ per α bucket: a session moving buckets follows at once
         self._planned_at = -math.inf
         self._planned_n = -1
         self._clock = clock
+        self.fleet_draft_ms = 0.0  # EWMA over every session's reports: the estimate for a session with none yet
+        self.fleet_path_ms = 0.0
 
     # ------------------------------------------------------------------ observations
     def track(self, key: str, context: int = 0) -> None:
@@ -295,9 +303,14 @@ class GoodputController:
         if drafted > 0:
             t.update(accepted, drafted)
             if draft_ms > 0:
-                t.draft_ms = 0.7 * t.draft_ms + 0.3 * (draft_ms / drafted) if t.draft_ms else draft_ms / drafted
+                per = draft_ms / drafted
+                t.draft_ms = 0.7 * t.draft_ms + 0.3 * per if t.draft_ms else per
+                self.fleet_draft_ms = (1 - FLEET_WEIGHT) * self.fleet_draft_ms + FLEET_WEIGHT * per \
+                    if self.fleet_draft_ms else per
         if path_ms > 0:
             t.path_ms = 0.7 * t.path_ms + 0.3 * path_ms if t.path_ms else path_ms
+            self.fleet_path_ms = (1 - FLEET_WEIGHT) * self.fleet_path_ms + FLEET_WEIGHT * path_ms \
+                if self.fleet_path_ms else path_ms
         if context:
             t.context = context
 
@@ -315,8 +328,13 @@ class GoodputController:
 
     # ------------------------------------------------------------------ decisions
     def _views(self, keys: Iterable[str]) -> list[SessionCosts]:
-        return [SessionCosts(min(self.sessions[k].alpha, 0.999), self.sessions[k].draft_ms,
-                             self.sessions[k].path_ms, self.sessions[k].context) for k in keys]
+        """Each session's costs; one that has reported none yet borrows the fleet's (drafters are mostly alike)."""
+        return [SessionCosts(min(self.sessions[k].alpha, 0.999), self.sessions[k].draft_ms or self.fleet_draft_ms,
+                             self.sessions[k].path_ms or self.fleet_path_ms, self.sessions[k].context) for k in keys]
+
+    def knows_costs(self, key: str) -> bool:
+        """Whether a drafting cost is known for this session (its own reports, or the fleet's)."""
+        return bool(self.sessions[key].draft_ms or self.fleet_draft_ms)
 
     def replan(self, force: bool = False) -> PlanOutcome | None:
         now = self._clock()
@@ -325,26 +343,31 @@ class GoodputController:
             return self.plan
         keys = list(self.sessions)
         if not keys:
-            self.plan, self._by_key = None, {}
+            self.plan, self._by_bucket = None, {}
             return None
         draft_step = 0.0
         if self.config.mode == FUSED and self.draft_cost is not None:
             draft_step = self.draft_cost.verify_ms(n, n, sum(s.context for s in self.sessions.values()) / n)
-        self.plan = choose_plan(self.cost, self._views(keys), self.config, self.correction, draft_step)
-        self._by_key = dict(zip(keys, self.plan.gammas))
+        views = self._views(keys)
+        self.plan = choose_plan(self.cost, views, self.config, self.correction, draft_step)
+        self._by_bucket = {alpha_bucket(v.alpha): g for v, g in zip(views, self.plan.gammas)}
         self._planned_at, self._planned_n = now, n
         return self.plan
 
     def next_gamma(self, key: str) -> int:
-        """This session's γ for its next round (0: decode mode). A session kept in decode mode gets a probe round
+        """This session's γ for its next round (0: decode mode; -1: no advice, the drafter keeps its γ, while no
+        drafting cost has been reported by this session or any other). A session kept in decode mode gets a probe round
         (γ = ``PROBE_GAMMA``) after ``probe_every`` decode requests, the interval doubling while decoding stays
         best, so a changed acceptance or load is noticed."""
         self.track(key)
+        if self.config.mode == DISTRIBUTED and not self.knows_costs(key):
+            return -1  # no drafting cost known anywhere yet: planning would take drafting as free; no advice
         self.replan()
-        g = self._by_key.get(key)
-        if g is None:
+        bucket = alpha_bucket(min(self.sessions[key].alpha, 0.999))
+        g = self._by_bucket.get(bucket)
+        if g is None:  # its α left every group of the plan: plan again now, not at the next replan_ms
             self.replan(force=True)
-            g = self._by_key.get(key, 1)
+            g = self._by_bucket.get(bucket, 1)
         t = self.sessions[key]
         if g > 0:
             t.decodes, t.probe_every = 0, PROBE_FIRST

@@ -227,7 +227,10 @@ def run_session(env: simpy.Environment, sim, req, device: DraftDevice):
         while not target.verify(sess, g, done, decode, reported, path_ms):  # BUSY: wait the retry hint, resend
             yield env.timeout(retry_s + link.delay(CHUNK_BYTES + 4 * g, rng))
         ans: Answer = yield done
-        path_ms = max(0.0, (out_s + env.now - sent - ans.verify_s) * 1000.0)
+        # a decode request spans its k ticks, and the first round waits behind every session's prompt: neither
+        # round trip measures a round's path
+        if g > 0 and req.rounds > 0:
+            path_ms = max(0.0, (out_s + env.now - sent - ans.verify_s) * 1000.0)
         catch_up = g == 0
         if auto and ans.next_gamma >= 0:
             advised = ans.next_gamma
