@@ -14,7 +14,9 @@ For each context length (prompt + output ≈ ``--contexts``) and each N of ``--s
 tokens/s, TPOT p50/p90 (per session: the time from its first delivered tokens to its last over the tokens delivered
 after the first delivery: decode mode delivers ``--decode-tokens`` at a time, speculation a round's tokens), TTFT p50, the target's mean batch rows per tick
 and busy fraction (time in forwards over wall), the mean round breakdown (draft, network = round trip minus the
-target's verify time, verify, queue), and ``lossless``: the fraction of sessions whose tokens equal target-only's.
+target's verify time, verify, queue; and the split of a round into draft_wait + draft + path + busy_wait + verify,
+where path is the software path: drafter loop, serialisation, broker hops, the target's gather window; with the
+per-round p50 of path), and ``lossless``: the fraction of sessions whose tokens equal target-only's.
 Per mode and SLO, the summary gives the most sessions whose TPOT p90 meets the SLO.
 
 On the lent 2-GPU machine: the grown 8B-class target (``--target-grow llama-3.1-8b``, bf16) on cuda:0 and the grown
@@ -46,8 +48,11 @@ EXAMPLE = "specmq bench capacity --device cpu --sessions 1,2 --contexts 96 --max
 MODES = ("target-only", "g2", "g4", "auto", "fused")
 COLUMNS = ("context", "mode", "temperature", "sessions", "tok_s", "tpot_p50_ms", "tpot_p90_ms", "ttft_p50_s",
            "target_batch", "busy", "mean_gamma", "alpha", "round_draft_ms", "round_network_ms", "round_verify_ms",
-           "lossless", "errors")
+           "round_draft_wait_ms", "round_path_ms", "round_busy_wait_ms", "round_path_p50_ms", "lossless", "errors")
 RUN_TIMEOUT_S = 480.0
+# a speculative round's parts (workers.draft_worker.RoundRow), summed over rounds per draft process; a round is
+# draft_wait + draft + path + busy_wait + verify (network = round trip less verify; queue = busy_wait + gather)
+ROUND_PARTS = ("draft_ms", "network_ms", "verify_ms", "queue_ms", "draft_wait_ms", "path_ms", "busy_wait_ms")
 HB = ("--heartbeat-interval", "0.2", "--liveness", "10")
 
 
@@ -118,9 +123,9 @@ def draft_proc() -> None:
         t1 = time.time()
         dicts = [{k: v for k, v in r.to_json().items() if k not in ("prompt", "text")} for r in results]
         rounds = [r for r in worker.rows if r.gamma > 0]
-        sums = {k: float(sum(getattr(r, k) for r in rounds)) for k in ("draft_ms", "network_ms", "verify_ms",
-                                                                       "queue_ms")}
+        sums: dict[str, Any] = {k: float(sum(getattr(r, k) for r in rounds)) for k in ROUND_PARTS}
         sums["n"] = len(rounds)
+        sums["path_ms_rounds"] = [r.path_ms for r in rounds]  # per round, for the path's percentiles
         reply.write(json.dumps({"t0": t0, "t1": t1, "results": dicts, "rounds": sums}) + "\n")
 
 
@@ -145,8 +150,16 @@ class DraftProcs(GpuE2eDraftProcs):
         replies = [self._reply(i, deadline) for i in used]
         results = [r for rep in replies for r in rep["results"]]
         wall = max(r["t1"] for r in replies) - min(r["t0"] for r in replies)
-        rounds = {k: sum(rep["rounds"][k] for rep in replies) for k in replies[0]["rounds"]}
-        return results, wall, rounds
+        return results, wall, merge_rounds([rep["rounds"] for rep in replies])
+
+
+def merge_rounds(parts: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """The round parts of several draft processes as one: sums add up, per-round lists join."""
+    out: dict[str, Any] = {}
+    for k in parts[0]:
+        vals = [p.get(k, 0) for p in parts]
+        out[k] = [x for v in vals for x in v] if isinstance(vals[0], list) else sum(vals)
+    return out
 
 
 # --------------------------------------------------------------------------- one point
@@ -188,8 +201,11 @@ def make_row(context: int, mode: str, temperature: float, results: list[dict], w
         "tokens": tokens, "wall_s": round(wall, 3), "errors": sum(1 for r in results if r.get("error")),
     }
     if rounds and rounds.get("n"):
-        for k in ("draft_ms", "network_ms", "verify_ms", "queue_ms"):
-            row[f"round_{k}"] = round(rounds[k] / rounds["n"], 3)
+        for k in ROUND_PARTS:
+            if k in rounds:
+                row[f"round_{k}"] = round(rounds[k] / rounds["n"], 3)
+        if rounds.get("path_ms_rounds"):
+            row["round_path_p50_ms"] = _r(percentile(rounds["path_ms_rounds"], 0.5))
     first_error = next((r["error"] for r in results if r.get("error")), None)
     if first_error:
         row["first_error"] = first_error
@@ -472,7 +488,8 @@ def load_rows(path: Path) -> tuple[dict, list[dict]]:
 def markdown(setup: dict, rows: list[dict], slos: Sequence[float]) -> str:
     """Tables for docs/capacity.md: every point, then sessions at each SLO per mode."""
     cols = ("mode", "sessions", "tok_s", "tpot_p50_ms", "tpot_p90_ms", "ttft_p50_s", "target_batch", "busy",
-            "mean_gamma", "alpha", "round_draft_ms", "round_network_ms", "round_verify_ms", "lossless")
+            "mean_gamma", "alpha", "round_draft_ms", "round_network_ms", "round_verify_ms", "round_path_p50_ms",
+            "lossless")
     out = []
     for c in sorted({r["context"] for r in rows}):
         for temp in sorted({r["temperature"] for r in rows if r["context"] == c}):

@@ -34,7 +34,7 @@ _INT_MAX = 1 << 62
 _VERIFY_KEYS = frozenset(("v", "type", "session", "seq", "pos", "tokens", "sent_at", "q_ids", "q_probs",
                           "incarnation", "decode", "draft_ms", "path_ms", "q_lens"))
 _RESULT_KEYS = frozenset(("v", "type", "session", "seq", "accepted", "tokens", "pos", "finished", "sent_at",
-                          "verify_ms", "queue_ms", "incarnation", "broker", "next_gamma"))
+                          "verify_ms", "queue_ms", "busy_wait_ms", "incarnation", "broker", "next_gamma"))
 _Q_BYTES = (bytes, type(None))
 _Q_LENS = (list, type(None))
 _TOKENS_KEYS = frozenset(("v", "type", "job", "tokens", "text", "index", "incarnation", "broker"))
@@ -96,7 +96,8 @@ def _fast_result(b: dict) -> bool:
             or type(inc) is not int or not (-_INT_MAX <= inc <= _INT_MAX)
             or type(tokens) is not list or type(b.get("finished", False)) is not bool
             or not _ok_float(b.get("sent_at", 0.0)) or not _ok_float(b.get("verify_ms", 0.0))
-            or not _ok_float(b.get("queue_ms", 0.0)) or type(b.get("broker", "")) is not str
+            or not _ok_float(b.get("queue_ms", 0.0)) or not _ok_float(b.get("busy_wait_ms", 0.0))
+            or type(b.get("broker", "")) is not str
             or not _ok_int(b.get("next_gamma", -1))
             or not (-_INT_MAX <= seq <= _INT_MAX) or not (-_INT_MAX <= pos <= _INT_MAX)
             or not (-_INT_MAX <= acc <= _INT_MAX)):

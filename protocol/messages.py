@@ -88,7 +88,8 @@ class Verify(Message):
     sent_at: float = 0.0  # sender's clock, echoed back for latency accounting
     decode: int = 0  # with no draft tokens: the target decodes this many tokens itself (decode mode, γ = 0)
     draft_ms: float = 0.0  # drafter's time to draft this chunk (goodput controller input; 0 = not measured)
-    path_ms: float = 0.0  # drafter's last round trip minus the target's verify time (link, broker, loop, tick wait)
+    path_ms: float = 0.0  # what the drafter's last round cost beyond drafting and verifying: link, broker, loops,
+    # and every wait (for a draft step, at the target); goodput controller input
     incarnation: int = 0  # set by the broker: the target's registration this was forwarded under (fencing)
 
 
@@ -99,6 +100,11 @@ class Result(Message):
     ``accepted`` draft tokens were kept; ``tokens`` is the committed extension: the accepted draft prefix plus the
     target's own token (correction or bonus). ``pos`` is the new committed length. ``finished`` says the target
     saw EOS or the session's token budget is spent.
+
+    Timing, so the drafter can split its round trip: ``verify_ms`` is the answering tick's forward; ``queue_ms`` the
+    chunk's wait at the target from arrival to that tick's start, of which ``busy_wait_ms`` passed while earlier
+    ticks ran (the device was busy: a pipeline wait) and the rest, ``queue_ms - busy_wait_ms``, was the gather
+    window (the device idle, waiting up to ``tick_ms`` for company) plus the loop's handling.
     """
 
     TYPE: ClassVar[str] = "result"
@@ -111,6 +117,7 @@ class Result(Message):
     sent_at: float = 0.0
     verify_ms: float = 0.0  # time the chunk spent in the target's forward pass
     queue_ms: float = 0.0  # time the chunk waited at the target before its tick
+    busy_wait_ms: float = 0.0  # the part of queue_ms spent while an earlier tick was running
     next_gamma: int = -1  # the target's choice for the session's next chunk (0: decode mode; -1: no advice)
     incarnation: int = 0  # echoed from the Verify it answers (fencing)
     broker: str = ""  # instance id of the broker that sent it on (the broker sets it on every reply to a client)

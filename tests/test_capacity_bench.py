@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks.capacity import capacity_at, summarise
+from benchmarks.capacity import capacity_at, make_row, merge_rounds, summarise
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -34,6 +34,21 @@ def test_summary_counts_sessions_within_each_slo_and_checks_auto_against_the_bes
     assert s["goals"]["auto_never_loses"]["met"] is False
 
 
+def test_row_reports_each_round_part_and_the_path_median_over_every_process():
+    one = {"draft_ms": 10.0, "network_ms": 20.0, "verify_ms": 30.0, "queue_ms": 8.0, "draft_wait_ms": 4.0,
+           "path_ms": 6.0, "busy_wait_ms": 14.0, "n": 2, "path_ms_rounds": [1.0, 5.0]}
+    two = dict(one, path_ms=9.0, path_ms_rounds=[2.0, 3.0, 4.0], n=3)
+    rounds = merge_rounds([one, two])
+    assert rounds["n"] == 5 and rounds["path_ms"] == 15.0 and sorted(rounds["path_ms_rounds"]) == [1, 2, 3, 4, 5]
+    counters = {"ticks": 0.0, "rows": 0.0, "busy_ms": 0.0, "rounds": 0.0}
+    results = [{"new_tokens": 4, "tpot_ms": 2.0, "ttft_s": 0.1}]
+    row = make_row(96, "g2", 0.0, results, 1.0, counters, counters, rounds)
+    assert row["round_path_ms"] == 3.0 and row["round_busy_wait_ms"] == 5.6 and row["round_draft_wait_ms"] == 1.6
+    assert row["round_network_ms"] == 8.0 and row["round_queue_ms"] == 3.2  # the old parts keep their meaning
+    assert row["round_path_p50_ms"] == 3.0  # the median round, not the mean of sums
+    assert "round_path_p50_ms" not in make_row(96, "g2", 0.0, results, 1.0, counters, counters, None)
+
+
 @pytest.mark.slow
 def test_cpu_run_every_mode_is_lossless_and_the_report_renders(tmp_path):
     out = tmp_path / "rows.jsonl"
@@ -50,6 +65,9 @@ def test_cpu_run_every_mode_is_lossless_and_the_report_renders(tmp_path):
                                                             for n in (1, 2)}
     assert all(r["lossless"] == 1.0 and r["errors"] == 0 and r["tokens"] == 6 * r["sessions"] for r in points)
     assert all(r["mean_gamma"] == 0.0 for r in points if r["mode"] == "target-only")  # decode mode throughout
+    for r in points:
+        if r["mode"] in ("g2", "auto") and r.get("round_path_ms") is not None:  # the round split and its median
+            assert r["round_path_p50_ms"] >= 0 and r["round_busy_wait_ms"] <= r["round_queue_ms"] + 1e-6
     assert "summary" in rows[-1]
     png = tmp_path / "plot.png"
     rep = subprocess.run([sys.executable, "-m", "specmq.cli", "bench", "capacity", "--report", str(out), "--plot",

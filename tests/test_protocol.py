@@ -138,8 +138,10 @@ def test_fast_paths_take_the_controller_fields():
     from protocol.frames import _fast_result, _fast_verify
     from protocol.messages import Result
 
-    res = msgpack.unpackb(encode(Result(session="s", seq=1, accepted=2, tokens=[3, 4, 5], pos=9, next_gamma=0)))
-    assert _fast_result(res)
+    res = msgpack.unpackb(encode(Result(session="s", seq=1, accepted=2, tokens=[3, 4, 5], pos=9, next_gamma=0,
+                                        queue_ms=3.5, busy_wait_ms=2.5)))
+    assert _fast_result(res) and res["busy_wait_ms"] == 2.5
+    assert not _fast_result({**res, "busy_wait_ms": "2.5"})  # mistyped: the codec's checks answer it
     ver = msgpack.unpackb(encode(Verify(session="s", seq=2, pos=9, tokens=[], decode=8, draft_ms=1.5, path_ms=2)))
     assert _fast_verify(ver)
     assert not _fast_verify({**ver, "decode": "8"}) and not _fast_result({**res, "next_gamma": 1.5})

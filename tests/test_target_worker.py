@@ -324,14 +324,46 @@ def test_chunks_arriving_during_a_tick_are_read_then_and_handled_after_it(tiny_p
         return outcomes, arrivals, read_by
 
     outcomes, arrivals, read_by = run_async(scenario(), 60)
+    ended = time.monotonic()
     assert [m for m, _ in arrivals] == [verify_b, verify_a]
     assert all(tick.started <= at <= read_by for _, at in arrivals)  # stamped when read, during the forward
     server.count_mid_tick(tick, arrivals)
     assert server.stats()["mid_tick_chunks"] == 2
-    (result_a,) = server.finish(tick, outcomes, 1.0)
+    (result_a,) = server.finish(tick, outcomes, 1.0, ended)
     assert isinstance(result_a, Result) and result_a.seq == 0
     replies = [r for m, at in arrivals for r in server.handle(m, at)]
     assert replies == [result_a]  # the resend got the cached answer, never a second verify
     assert server.due(time.monotonic())  # b waited out the tick: the next tick starts now
     (result_b,) = _run_ticks(server)
     assert isinstance(result_b, Result) and result_b.session == "b" and result_b.queue_ms > 0
+    # b came during a's tick: the wait until that tick ended is busy wait, not gather
+    assert 2 * server.limits.tick_ms <= result_b.busy_wait_ms <= result_b.queue_ms
+
+
+def test_busy_wait_is_the_part_of_the_queue_spent_while_earlier_ticks_ran(tiny_pair, prompts):
+    """queue_ms = busy_wait_ms (a tick was running: it arrived during one, or was left out of one for budget) +
+    the gather window and the loop's handling (the device idle)."""
+    engine = load_engine(tiny_pair.target, slots=3, max_context=256)
+    server = TargetServer(engine, TargetConfig(tick_ms=2.0, max_batch_rows=1))
+    for key, p in zip("abc", prompts):
+        server.handle(SessionOpen(session=key, prompt_ids=p, max_new_tokens=8))
+    _run_ticks(server)
+
+    def chunk(key: str, i: int) -> Verify:
+        return Verify(session=key, seq=0, pos=len(prompts[i]), tokens=[5])
+
+    t = server.busy_until + 100.0  # virtual time from here: every stamp is given, nothing depends on this machine
+    assert server.handle(chunk("a", 0), now=t) == []
+    tick_a = server.take_tick(now=t + 0.001)  # a alone: 1 ms of gather
+    (res_a,) = server.finish(tick_a, server.compute(tick_a), 30.0, ended=t + 0.031)
+    assert res_a.queue_ms == 1.0 and res_a.busy_wait_ms == 0.0
+    # b arrived 10 ms into a's tick (read then, handled after it); c before a tick that had no room for it
+    assert server.handle(chunk("b", 1), now=t + 0.011) == []
+    assert server.handle(chunk("c", 2), now=t + 0.032) == []
+    tick_b = server.take_tick(now=t + 0.033)
+    assert [k for k, _ in tick_b.verify] == ["b"]  # max_batch_rows=1: c waits out b's tick
+    (res_b,) = server.finish(tick_b, server.compute(tick_b), 20.0, ended=t + 0.053)
+    assert res_b.queue_ms == 22.0 and res_b.busy_wait_ms == 20.0  # 20 ms on a's tick, 2 ms gather and loop
+    tick_c = server.take_tick(now=t + 0.054)
+    (res_c,) = server.finish(tick_c, server.compute(tick_c), 20.0, ended=t + 0.074)
+    assert res_c.queue_ms == 22.0 and res_c.busy_wait_ms == 20.0  # b's whole tick; 1 ms idle before it, 1 ms after

@@ -4,7 +4,8 @@ Each prompt is a session: ``SessionOpen`` (prompt ids, tokenizer fingerprint, sa
 draft γ -> ``Verify`` -> ``Result`` -> roll the draft cache back (``apply_result_to_draft``), until the target says
 ``finished``; then ``SessionClose``. Sessions run as coroutines; a ``DraftBatcher`` collects every session that
 wants to draft at the same moment and drafts them in ONE ``draft_batch`` call, so 16 sessions cost about one
-session's drafting.
+session's drafting; the call runs in a worker thread, so the loop keeps reading other sessions' replies meanwhile.
+Each round's time is split in ``RoundRow`` (the ``--profile`` columns).
 
 Recovery (protocol/FLOW.md, docs/operations.md): ``Busy`` and transient errors (a draining or just-restarted
 broker) are waited out by ``BrokerClient.request`` with jittered back-off until ``queue_timeout``; a timed-out
@@ -37,7 +38,7 @@ log = structlog.get_logger("draft")
 DEFAULT_MODEL = Path(__file__).resolve().parent.parent / "models" / "tiny-draft"
 DEFAULT_BROKER = "tcp://127.0.0.1:5555"
 PROFILE_COLUMNS = ("session", "round", "gamma", "accepted", "draft_ms", "network_ms", "verify_ms", "queue_ms",
-                   "batch")
+                   "batch", "draft_wait_ms", "path_ms", "busy_wait_ms")
 
 
 class DraftError(SpecmqError):
@@ -90,6 +91,7 @@ class DraftConfig:
     heartbeat_interval: float = HEARTBEAT_INTERVAL_S  # beats to the broker while requests wait (restart detection)
     connect_timeout: float = 5.0  # the broker must answer a stats request within this on start
     gather_ms: float = 2.0  # how long the batcher waits for more sessions to draft with
+    gather_quiet_ms: float = 0.5  # ... but it stops after this long without a new one (their replies came together)
     policy: str = "exact"
     max_reopens: int = 20
     threads: int = 0  # torch threads (0: torch's default)
@@ -102,15 +104,29 @@ class DraftConfig:
 
 @dataclass
 class RoundRow:
+    """Where one round's time went (``--profile`` columns). A round is: wait for a draft step (``draft_wait_ms``),
+    draft (``draft_ms``), then the chunk's trip to the target and back, which is ``path_ms + busy_wait_ms +
+    verify_ms`` measured from the end of its draft step to the reply reaching the session.
+
+    ``network_ms`` is the round trip from the chunk's send minus ``verify_ms``, waits at the target included;
+    ``queue_ms`` the chunk's wait at the target before its tick, of which ``busy_wait_ms`` passed while earlier ticks
+    ran. ``path_ms`` is the software path: the drafter's loop handing the chunk on, serialisation, broker hops, the
+    target's gather window and loop. The goodput controller receives ``draft_wait_ms + network_ms`` (``Verify.path_ms``:
+    all the round costs beyond drafting and verifying, waits included, as they are part of every token's time).
+    """
+
     session: int
     round: int
     gamma: int
     accepted: int
-    draft_ms: float
+    draft_ms: float  # the shared draft step's time (0: decode mode)
     network_ms: float
     verify_ms: float
     queue_ms: float
     batch: int  # sessions drafted in the same forward
+    draft_wait_ms: float = 0.0  # draft request to the start of its step: the gather and a step already running
+    path_ms: float = 0.0
+    busy_wait_ms: float = 0.0
 
 
 @dataclass
@@ -219,55 +235,139 @@ async def _stats_once(client: BrokerClient, timeout: float) -> dict:
 
 
 # --------------------------------------------------------------------------- batched drafting
-class DraftBatcher:
-    """Collects draft requests from session coroutines and serves them with one ``draft_batch`` per step."""
+@dataclass
+class Drafted:
+    """One session's share of a draft step."""
 
-    def __init__(self, engine: Any, gather_s: float = 0.002) -> None:
+    chunk: Any  # speculation.DraftChunk
+    draft_ms: float  # the shared step's time
+    batch: int  # sessions in the step
+    wait_ms: float  # from the request to the step's start (the gather, and a step already running)
+    ended: float  # time.perf_counter() when the step ended: the chunk's round trip starts here
+
+
+class DraftBatcher:
+    """Collects draft requests from session coroutines and serves them with one ``draft_batch`` per step.
+
+    The step runs in a worker thread, so the event loop keeps reading replies while the draft device works: a reply
+    for a session outside the step reaches it when it arrives, and drafting is never booked as network time (a
+    step that holds every live session runs on the loop: nobody else's reply can come). One step at a time;
+    requests that come meanwhile form the next one. Before a step it gathers (``_gather``): every
+    live session, or the burst of requests that one tick's replies set off.
+
+    The engine needs no lock: while a step runs, the loop only allocates slots for new sessions, rolls back or frees
+    the slots of sessions OUTSIDE the step (``apply_result_to_draft``, ``release``). Slot-table engines
+    (``engine/slots.py``) keep per-slot state only (``taken[slot]``, ``lengths[slot]``, the slot's KV rows, the
+    reference engine's ``seqs[slot]``); a step reads and writes only its own slots, which are taken, so ``allocate``
+    never hands them out; each list item write is atomic under the GIL. A session in the step awaits its result and
+    cannot touch its slot, except when it is cancelled: ``release`` then defers the free until the step has ended.
+    """
+
+    def __init__(self, engine: Any, gather_s: float = 0.002, quiet_s: float = 0.0005) -> None:
         self.engine = engine
         self.gather_s = gather_s
+        self.quiet_s = quiet_s
         self.active = 0  # live sessions: the batcher waits (at most gather_s) until all of them have submitted
-        self._queue: list[tuple[Any, asyncio.Future]] = []
+        self._queue: list[tuple[Any, asyncio.Future, float]] = []
         self._wake = asyncio.Event()
+        self._stepping: frozenset[int] = frozenset()  # slots of the step running in the thread
+        self._release_after: list[int] = []  # slots released during that step: freed when it ends
         self.steps = 0
         self.rows = 0
 
-    async def draft(self, request: Any) -> tuple[Any, float, int]:
-        """Draft for one session; returns (chunk, draft_ms of the shared batch, batch size)."""
+    async def draft(self, request: Any) -> Drafted:
+        """Draft for one session (``request``: ``speculation.DraftRequest``)."""
         fut = asyncio.get_running_loop().create_future()
-        self._queue.append((request, fut))
+        self._queue.append((request, fut, time.perf_counter()))
         self._wake.set()
         return await fut
 
-    async def run(self) -> None:
+    def release(self, slot: int) -> None:
+        """Free a session's draft slot; a slot in the running step is freed when the step ends."""
+        if slot in self._stepping:
+            self._release_after.append(slot)
+        else:
+            self.engine.free(slot)
+
+    def _step(self, requests: list[Any]) -> tuple[list[Any], float, float]:
+        """The draft step, in a worker thread: (chunks, start, end) in ``time.perf_counter``."""
         from workers.speculation import draft_batch
 
+        device = str(getattr(getattr(self.engine, "info", None), "device", "cpu"))
+        start = time.perf_counter()
+        if device.startswith("cuda"):  # the current CUDA device is per thread: launch on the engine's
+            import torch
+
+            with torch.cuda.device(torch.device(device)):
+                chunks = draft_batch(self.engine, requests)
+        else:
+            chunks = draft_batch(self.engine, requests)
+        return chunks, start, time.perf_counter()
+
+    def _step_inline(self, requests: list[Any]) -> tuple[list[Any], float, float]:
+        """The draft step on the loop, when it holds every live session (no thread handoff to pay)."""
+        try:
+            return self._step(requests)
+        finally:
+            self._step_over(None)
+
+    def _step_over(self, _: object) -> None:
+        """The thread left the engine (called on the loop, even when ``run`` was cancelled meanwhile)."""
+        self._stepping = frozenset()
+        freed, self._release_after = self._release_after, []
+        for slot in freed:
+            self.engine.free(slot)
+
+    async def _gather(self) -> None:
+        """Wait until every live session has asked, so they share one step; but stop once the requests stop coming
+        (``quiet_s`` without a new one: the burst of replies that woke them is over, the rest are still at the
+        target, a tick or more away) and at the latest ``gather_s`` after the first. Each new request wakes this
+        (no polling: a timed asyncio wait lasts a millisecond at least, epoll's resolution)."""
+        start = last = time.perf_counter()
+        for _ in range(3):  # sessions whose replies were just read ask now
+            await asyncio.sleep(0)
+        n = len(self._queue)
+        while n < self.active:
+            left = min(start + self.gather_s, last + self.quiet_s) - time.perf_counter()
+            if left <= 0:
+                return
+            self._wake.clear()
+            try:
+                await asyncio.wait_for(self._wake.wait(), left)
+            except asyncio.TimeoutError:
+                return
+            if len(self._queue) > n:
+                n, last = len(self._queue), time.perf_counter()
+
+    async def run(self) -> None:
+        loop = asyncio.get_running_loop()
         while True:
             await self._wake.wait()
             self._wake.clear()
-            start = time.perf_counter()
-            while True:  # let sessions whose results just arrived join this step
-                for _ in range(3):
-                    await asyncio.sleep(0)
-                if len(self._queue) >= self.active or time.perf_counter() - start >= self.gather_s:
-                    break
-                await asyncio.sleep(0.0003)
+            await self._gather()
             batch, self._queue = self._queue, []
             if not batch:
                 continue
-            t0 = time.perf_counter()
+            requests = [r for r, _, _ in batch]
+            self._stepping = frozenset(r.slot for r in requests)
             try:
-                chunks = draft_batch(self.engine, [r for r, _ in batch])
+                if len(batch) >= self.active:  # every live session is in it: no reply can come meanwhile
+                    chunks, start, end = self._step_inline(requests)
+                else:
+                    work = loop.run_in_executor(None, self._step, requests)
+                    work.add_done_callback(self._step_over)
+                    chunks, start, end = await asyncio.shield(work)  # cancelled: the thread still ends the step
             except Exception as exc:  # engine error: every requester learns it
-                for _, fut in batch:
+                for _, fut, _ in batch:
                     if not fut.done():
                         fut.set_exception(exc)
                 continue
-            ms = (time.perf_counter() - t0) * 1000
+            ms = (end - start) * 1000
             self.steps += 1
             self.rows += len(batch)
-            for (_, fut), chunk in zip(batch, chunks):
+            for (_, fut, asked), chunk in zip(batch, chunks):
                 if not fut.done():
-                    fut.set_result((chunk, ms, len(batch)))
+                    fut.set_result(Drafted(chunk, ms, len(batch), max(0.0, (start - asked) * 1000), end))
 
 
 # --------------------------------------------------------------------------- the worker
@@ -323,7 +423,7 @@ class DraftWorker:
         try:
             await probe_broker(client, cfg.broker, cfg.connect_timeout)  # before the model load: fail fast
             self._load([r.prompt_ids for r in results])
-            batcher = DraftBatcher(self.engine, cfg.gather_ms / 1000.0)
+            batcher = DraftBatcher(self.engine, cfg.gather_ms / 1000.0, cfg.gather_quiet_ms / 1000.0)
             batch_task = asyncio.create_task(batcher.run())
             gate = asyncio.Semaphore(max(1, cfg.concurrency))
             run_id = uuid.uuid4().hex[:6]
@@ -412,7 +512,7 @@ class DraftWorker:
         controller = AdaptiveGamma(cfg.max_gamma) if cfg.adaptive_gamma else None
         auto = cfg.gamma == "auto"
         advised = cfg.initial_gamma if auto else int(cfg.gamma)  # auto: what the target said last
-        path_ms = 0.0
+        wait_and_path_ms = 0.0  # the last round's cost beyond drafting and verifying: the controller's Verify.path_ms
         slot = self.engine.allocate()
         batcher.active += 1
         opened = False
@@ -429,15 +529,18 @@ class DraftWorker:
                 g = controller.next_gamma() if controller else min(advised, cfg.max_gamma) if auto else advised
                 pos = len(res.prompt_ids) + len(res.token_ids)
                 if g <= 0:  # decode mode: the target decodes the next tokens itself, the draft cache catches up
-                    chunk, draft_ms, bsize = DraftChunk([]), 0.0, 0
+                    drafted = Drafted(DraftChunk([]), 0.0, 0, 0.0, time.perf_counter())
                     decode = min(cfg.decode_tokens, remaining)
                 else:
                     g, decode = max(1, min(g, remaining - 1)), 0
                     gen = None if sampling.greedy else round_generator(sampling.seed, pos, STREAM_DRAFT)
-                    chunk, draft_ms, bsize = await batcher.draft(DraftRequest(slot, uncached, g, sampling, gen))
+                    drafted = await batcher.draft(DraftRequest(slot, uncached, g, sampling, gen))
+                chunk, draft_ms = drafted.chunk, drafted.draft_ms
                 catch_up = len(uncached) > 2  # the draft fed tokens it had not seen (prompt, decode output)
                 reply, seq, rtt_ms = await self._verify(client, res, sid, seq, pos, chunk, decode=decode,
-                                                        draft_ms=0.0 if catch_up else draft_ms, path_ms=path_ms)
+                                                        draft_ms=0.0 if catch_up else draft_ms,
+                                                        wait_and_path_ms=wait_and_path_ms)
+                trip_ms = (time.perf_counter() - drafted.ended) * 1000  # from the chunk's draft step to its reply
                 if not isinstance(reply, Result):
                     raise SessionFailed("bad_reply", f"unexpected {reply.TYPE} to verify")
                 k = reply.accepted
@@ -446,7 +549,9 @@ class DraftWorker:
                 if decode and not reply.finished and len(reply.tokens) != decode:
                     raise SessionFailed(E.BAD_SEQUENCE, f"asked the target to decode {decode} tokens, got "
                                         f"{len(reply.tokens)}")
-                path_ms = max(0.0, rtt_ms - reply.verify_ms)  # link, broker, drafter loop and the wait for a tick
+                network_ms = max(0.0, rtt_ms - reply.verify_ms)  # link, broker, loops and the waits at the target
+                if g > 0 and res.rounds > 0:  # a decode request spans its k ticks, and the first round waits behind
+                    wait_and_path_ms = drafted.wait_ms + network_ms  # every new prompt: neither is a steady round
                 if auto and reply.next_gamma >= 0:
                     advised = reply.next_gamma
                 res.token_ids += list(reply.tokens)
@@ -458,9 +563,11 @@ class DraftWorker:
                 res.accepted += k
                 res.rejections += int(k < g and not reply.finished)
                 res.gammas.append(max(g, 0))
-                self.rows.append(RoundRow(res.index, res.rounds, g, k, round(draft_ms, 3),
-                                          round(max(0.0, rtt_ms - reply.verify_ms), 3), round(reply.verify_ms, 3),
-                                          round(reply.queue_ms, 3), bsize))
+                self.rows.append(RoundRow(
+                    res.index, res.rounds, g, k, round(draft_ms, 3), round(network_ms, 3), round(reply.verify_ms, 3),
+                    round(reply.queue_ms, 3), drafted.batch, draft_wait_ms=round(drafted.wait_ms, 3),
+                    path_ms=round(max(0.0, trip_ms - reply.verify_ms - reply.busy_wait_ms), 3),
+                    busy_wait_ms=round(reply.busy_wait_ms, 3)))
                 if controller and g > 0:
                     controller.update(k, g)
                 if reply.finished or len(res.token_ids) >= cfg.max_new_tokens:
@@ -479,7 +586,7 @@ class DraftWorker:
             log.warning("session.failed", session=sid, error=res.error)
         finally:
             batcher.active -= 1
-            self.engine.free(slot)
+            batcher.release(slot)  # a slot still in a running draft step (this task was cancelled) is freed after it
             res.wall_s = time.perf_counter() - t_start
             if opened:
                 try:
@@ -488,9 +595,11 @@ class DraftWorker:
                     pass
 
     async def _verify(self, client: BrokerClient, res: PromptResult, sid: str, seq: int, pos: int,
-                      chunk: Any, decode: int = 0, draft_ms: float = 0.0, path_ms: float = 0.0
+                      chunk: Any, decode: int = 0, draft_ms: float = 0.0, wait_and_path_ms: float = 0.0
                       ) -> tuple[Message, int, float]:
-        """Send a chunk until it is answered; on Reopen re-open and resend it as seq 0.
+        """Send a chunk until it is answered; on Reopen re-open and resend it as seq 0. ``wait_and_path_ms``: what
+        the last round cost beyond drafting and verifying (its wait for a draft step, its round trip less verify),
+        sent as ``Verify.path_ms`` for the goodput controller.
 
         Returns (reply, the seq it was answered under, round trip ms).
         """
@@ -499,7 +608,7 @@ class DraftWorker:
         q = chunk.q_wire()  # packed once: resends reuse it
         for _ in range(cfg.max_reopens + 1):
             msg = Verify(session=sid, seq=used_seq, pos=pos, tokens=list(chunk.tokens), **q, sent_at=time.time(),
-                         decode=decode, draft_ms=round(draft_ms, 3), path_ms=round(path_ms, 3))
+                         decode=decode, draft_ms=round(draft_ms, 3), path_ms=round(wait_and_path_ms, 3))
             t0 = time.perf_counter()
             try:
                 reply = await client.request(msg, timeout=cfg.timeout, retries=cfg.retries,

@@ -13,7 +13,9 @@
 ``serve_target`` puts it on a ``WorkerLink``; ``compute`` runs in a thread and the loop keeps reading the link
 meanwhile (``compute_draining``): messages that arrive during a tick are stamped when they arrive and handled right
 after ``finish`` (never during the tick: a resend of a chunk in flight must meet its cached answer), so chunks that
-waited out a whole tick start the next one at once instead of waiting another ``tick_ms`` for company.
+waited out a whole tick start the next one at once instead of waiting another ``tick_ms`` for company. A chunk's
+``Result`` splits its wait (``queue_ms``) into ``busy_wait_ms``, the part spent while earlier ticks ran (it arrived
+during one, or was left out of one for budget), and the rest: the gather window and the loop's own handling.
 Token positions follow protocol/FLOW.md: a slot caches every committed token but the pending one.
 """
 from __future__ import annotations
@@ -75,6 +77,7 @@ class Chunk:
     decode_left: int = 0  # decode mode: tokens still to decode (one per tick)
     decoded: list[int] = field(default_factory=list)  # decode mode: tokens committed so far
     q: tuple = (None, None)  # the draft q as acceptance rows (q_ids, q_probs), unpacked from the wire
+    busy_s: float = 0.0  # of its wait so far, the time an earlier tick was running (Result.busy_wait_ms)
 
     @property
     def decoding(self) -> bool:
@@ -133,6 +136,7 @@ class TargetServer:
         self.counters = {"ticks": 0, "drafted": 0, "accepted": 0, "rows": 0, "tokens": 0, "errors": 0,
                          "max_rows": 0, "mid_tick_chunks": 0, "near_miss_chunks": 0, "busy_ms": 0.0}
         self.tick_ms = 0.0
+        self.busy_until = -float("inf")  # when the last tick's forward ended (a chunk that arrived before waited on it)
         self.last_rows = 0
         self.last_tokens = 0
         self.controller = make_controller(self.config) if self.config.controller else None
@@ -276,7 +280,8 @@ class TargetServer:
             t.last_result = Result(session=key, seq=seq, accepted=0, tokens=[], pos=t.pos, finished=True,
                                    sent_at=msg.sent_at)
             return [t.last_result]
-        s.chunk = Chunk(msg, now, decode_left=msg.decode if not msg.tokens else 0, q=q)
+        s.chunk = Chunk(msg, now, decode_left=msg.decode if not msg.tokens else 0, q=q,
+                        busy_s=max(0.0, self.busy_until - now))  # read during a tick: waited on it until it ended
         self.verify_order.append(key)
         return []
 
@@ -363,7 +368,16 @@ class TargetServer:
         except Exception as exc:  # answered per request by finish(); the loop never dies of it
             return exc
 
-    def finish(self, tick: Tick, outcomes: list[VerifyOutcome] | Exception, verify_ms: float) -> list[Message]:
+    def finish(self, tick: Tick, outcomes: list[VerifyOutcome] | Exception, verify_ms: float,
+               ended: float | None = None) -> list[Message]:
+        """Answer the tick's work. ``ended``: when its forward ended (``time.monotonic``; default ``tick.started`` +
+        ``verify_ms``): chunks that arrived meanwhile, or waited out the tick without a place in it, count the time
+        until then as ``busy_wait_ms`` (the device was busy), not as gather time."""
+        ended = tick.started + verify_ms / 1000.0 if ended is None else ended
+        self.busy_until = ended
+        for key in self.verify_order:  # queued before the tick but left out of it (budget): waited on it whole
+            c = self.sessions[key].chunk
+            c.busy_s += max(0.0, ended - max(tick.started, c.arrived))
         self.counters["ticks"] += 1
         self.counters["rows"] += tick.plan.rows
         self.counters["max_rows"] = max(self.counters["max_rows"], tick.plan.rows)
@@ -391,6 +405,7 @@ class TargetServer:
                 chunk.decoded += tokens
                 chunk.decode_left -= 1
                 if chunk.decode_left > 0 and not t.finished:  # stays queued: a 1-token row in the next tick too
+                    chunk.busy_s += max(0.0, ended - max(tick.started, chunk.arrived))
                     s.chunk = chunk
                     self.verify_order.append(key)
                     continue
@@ -398,9 +413,11 @@ class TargetServer:
             elif self.controller is not None:
                 self.controller.observe_round(key, o.accepted, len(m.tokens), m.draft_ms, m.path_ms, t.pos)
             t.last_seq = m.seq
+            queue_ms = max(0.0, (tick.started - chunk.arrived) * 1000.0)
+            busy_ms = min(chunk.busy_s * 1000.0, queue_ms)
             t.last_result = Result(session=key, seq=m.seq, accepted=min(o.accepted, len(tokens)), tokens=tokens,
                                    pos=t.pos, finished=t.finished, sent_at=m.sent_at, verify_ms=round(verify_ms, 3),
-                                   queue_ms=round((tick.started - chunk.arrived) * 1000.0, 3),
+                                   queue_ms=round(queue_ms, 3), busy_wait_ms=round(busy_ms, 3),
                                    next_gamma=self.next_gamma(key, t.pos), incarnation=m.incarnation)
             self.credits += 1
             out.append(t.last_result)
@@ -527,7 +544,8 @@ async def serve_target(broker: str, engine: Engine, config: TargetConfig | None 
                 if tick is not None:
                     t0 = time.perf_counter()
                     outcomes, early = await compute_draining(link, server, tick)
+                    ended = time.monotonic()
                     server.count_mid_tick(tick, early)
-                    await _send_all(link, server.finish(tick, outcomes, (time.perf_counter() - t0) * 1000.0))
+                    await _send_all(link, server.finish(tick, outcomes, (time.perf_counter() - t0) * 1000.0, ended))
             link.grant(server.take_credits())
     log.info("target.stopped", **server.stats())

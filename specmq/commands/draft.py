@@ -183,8 +183,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--top-k", type=int, default=0, help="top-k truncation, 0 = off (default: 0)")
     p.add_argument("--policy", default="exact", help="acceptance policy on the target (default: exact, lossless)")
     p.add_argument("--profile", type=Path, default=None,
-                   help="write per-round rows (session, round, gamma, accepted, draft_ms, network_ms, verify_ms) "
-                        "to this .csv or .json file (network_ms = round trip minus verify_ms)")
+                   help="write per-round rows (session, round, gamma, accepted, draft_ms, network_ms, verify_ms, "
+                        "queue_ms, batch, draft_wait_ms, path_ms, busy_wait_ms) to this .csv or .json file "
+                        "(network_ms = round trip minus verify_ms; a round = draft_wait + draft + path + busy_wait "
+                        "+ verify)")
     p.add_argument("--link-delay-ms", type=float, default=0.0,
                    help="artificial one-way delay added to every send and every receive (default: 0)")
     p.add_argument("--threads", type=int, default=0, help="torch threads for drafting (default: torch's choice)")
