@@ -130,7 +130,8 @@ def test_greedy_matches_target_only_in_prompt_order(cluster, tiny_pair, expected
     check_rows(rows, expected)
     assert sum(r["accepted"] for r in rows) > 0  # the noisy draft agrees sometimes
     header = profile.read_text().splitlines()[0].split(",")
-    for col in ("round", "gamma", "accepted", "draft_ms", "network_ms", "verify_ms"):
+    for col in ("round", "gamma", "accepted", "draft_ms", "network_ms", "verify_ms", "draft_wait_ms", "path_ms",
+                "busy_wait_ms"):
         assert col in header
     assert len(profile.read_text().splitlines()) - 1 == sum(r["rounds"] for r in rows)
 
