@@ -10,8 +10,8 @@ from protocol.messages import Result, SessionOpen, SessionOpened, Verify
 from tests.model_fixtures import tiny_pair  # noqa: F401  (fixture)
 from workers.adaptive_gamma import expected_tokens
 from workers.engine import load_engine
-from workers.goodput import (FUSED, PROBE_GAMMA, ControllerConfig, GoodputController, OnlineStepCost, SessionCosts,
-                             choose_plan, evaluate_plan, group_sessions)
+from workers.goodput import (FLEET_EVIDENCE, FUSED, MIN_EVIDENCE, PROBE_GAMMA, ControllerConfig, GoodputController,
+                             OnlineStepCost, SessionCosts, choose_plan, evaluate_plan, group_sessions)
 from workers.sampling import SamplingParams
 from workers.speculation import autoregressive_generate
 from workers.target_worker import TargetConfig, TargetServer
@@ -99,7 +99,8 @@ def test_online_cost_fits_a_line_and_never_decreases():
 def test_controller_tracks_sessions_and_corrects_the_table():
     ctl = GoodputController(Roofline(weights_ms=5.0), ControllerConfig(max_gamma=6, replan_ms=0.0))
     for i in range(4):
-        ctl.observe_round(f"s{i}", accepted=4, drafted=4, draft_ms=1.0, path_ms=0.5, context=300)
+        for _ in range(2):
+            ctl.observe_round(f"s{i}", accepted=4, drafted=4, draft_ms=1.0, path_ms=0.5, context=300)
     assert all(ctl.next_gamma(f"s{i}") >= 2 for i in range(4))
     for _ in range(30):  # the device is 3x slower than the table said
         ctl.observe_tick(4, 20, 300, 15.0)
@@ -231,15 +232,34 @@ def test_no_advice_until_a_drafting_cost_is_known_then_newcomers_borrow_the_flee
     ctl = GoodputController(Roofline(weights_ms=5.0), ControllerConfig(max_gamma=6, replan_ms=0.0))
     ctl.observe_round("a", accepted=3, drafted=4, context=100)  # a first round: acceptance, no costs (catch-up)
     assert ctl.next_gamma("a") == -1
-    for _ in range(5):  # drafting is slow (20 ms a token): speculation cannot pay against a 5 ms step
+    for _ in range(12):  # drafting is slow (20 ms a token): speculation cannot pay against a 5 ms step
         ctl.observe_round("a", accepted=3, drafted=4, draft_ms=80.0, path_ms=1.0, context=100)
     assert ctl.next_gamma("a") == 0
     ctl.track("b", 100)  # a newcomer has reported nothing: it is planned with the fleet's costs, not as free
     assert ctl.knows_costs("b") and ctl.next_gamma("b") == 0
     fast = GoodputController(Roofline(weights_ms=5.0), ControllerConfig(max_gamma=6, replan_ms=0.0))
-    fast.observe_round("a", accepted=4, drafted=4, draft_ms=0.4, path_ms=0.5, context=100)
+    for _ in range(12):
+        fast.observe_round("a", accepted=4, drafted=4, draft_ms=0.4, path_ms=0.5, context=100)
     fast.track("b", 100)
     assert fast.next_gamma("b") >= 2
+
+
+def test_a_session_is_not_sent_to_decode_mode_on_two_unlucky_first_rounds():
+    """Until a session has examined MIN_EVIDENCE draft tokens (or the worker has pooled FLEET_EVIDENCE), its own
+    acceptance gives no advice: a bad start does not buy the rest of the session in decode mode. Once the fleet
+    has evidence, its pooled acceptance is a newcomer's prior."""
+    ctl = GoodputController(Roofline(weights_ms=5.0), ControllerConfig(max_gamma=6, replan_ms=0.0))
+    for _ in range(2):
+        ctl.observe_round("s", accepted=0, drafted=4, draft_ms=8.0, path_ms=3.0, context=100)
+    assert ctl.sessions["s"].examined < MIN_EVIDENCE and ctl.next_gamma("s") == -1
+    for _ in range(6):  # the draft keeps missing: now it is evidence
+        ctl.observe_round("s", accepted=0, drafted=4, draft_ms=8.0, path_ms=3.0, context=100)
+    assert ctl.sessions["s"].examined >= MIN_EVIDENCE and ctl.next_gamma("s") == 0
+    for i in range(12):  # a fleet of good sessions: a newcomer starts from their acceptance, not the default
+        ctl.observe_round(f"g{i}", accepted=4, drafted=4, draft_ms=0.4, path_ms=0.5, context=100)
+    assert ctl.fleet_examined >= FLEET_EVIDENCE and ctl.prior_alpha() > 0.7
+    ctl.track("new", 100)
+    assert ctl.alpha_of("new") == pytest.approx(ctl.prior_alpha()) and ctl.next_gamma("new") >= 1
 
 
 def test_a_session_whose_acceptance_moves_follows_the_plan_at_once():

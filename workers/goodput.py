@@ -42,6 +42,7 @@ DISTRIBUTED = "distributed"
 FUSED = "fused"
 ALPHA_BUCKET = 0.05  # sessions whose α estimates round to the same multiple form one group
 FLEET_WEIGHT = 0.1  # weight of each report in the worker-wide draft and path cost averages
+FLEET_DECAY = 0.99  # per round, of the worker's pooled acceptance
 
 
 class StepCost(Protocol):
@@ -240,11 +241,13 @@ def choose_plan(cost: StepCost, sessions: Sequence[SessionCosts], config: Contro
     return PlanOutcome([best.gammas[i] for i in of], best.goodput_tok_s, best.tick_ms, [best.tpot_ms[i] for i in of])
 
 
-PRIOR_ALPHA = 0.6  # acceptance assumed before a session's first round...
-PRIOR_TOKENS = 2.0  # ...worth this many examined draft tokens
+PRIOR_ALPHA = 0.6  # acceptance assumed before a session's first round (until the fleet's is known)...
+PRIOR_TOKENS = 4.0  # ...worth this many examined draft tokens
+MIN_EVIDENCE = 4.0  # examined draft tokens a session needs before its own acceptance steers it...
+FLEET_EVIDENCE = 32.0  # ...unless the worker has pooled this many: then the fleet's acceptance is its prior
 DECAY = 0.9  # each round's weight relative to the one before (recent rounds count most)
 PROBE_GAMMA = 2  # γ of a probe round, which keeps a decoding session's acceptance estimate fresh
-PROBE_FIRST, PROBE_MAX = 4, 32  # decode requests between probes: from PROBE_FIRST, doubling up to PROBE_MAX
+PROBE_FIRST, PROBE_MAX = 2, 32  # decode requests between probes: from PROBE_FIRST, doubling up to PROBE_MAX
 
 
 @dataclass
@@ -261,7 +264,10 @@ class _Tracked:
     def alpha(self) -> float:
         """Accepted over examined draft tokens (a rejection examines one), with a weak prior: one bad round moves
         the estimate, it does not sentence the session to decode mode forever."""
-        return (self.accepted + PRIOR_ALPHA * PRIOR_TOKENS) / (self.examined + PRIOR_TOKENS)
+        return self.alpha_with(PRIOR_ALPHA)
+
+    def alpha_with(self, prior: float) -> float:
+        return (self.accepted + prior * PRIOR_TOKENS) / (self.examined + PRIOR_TOKENS)
 
     def update(self, accepted: int, drafted: int) -> None:
         self.accepted = DECAY * self.accepted + accepted
@@ -286,6 +292,8 @@ class GoodputController:
         self._clock = clock
         self.fleet_draft_ms = 0.0  # EWMA over every session's reports: the estimate for a session with none yet
         self.fleet_path_ms = 0.0
+        self.fleet_accepted = 0.0  # pooled, slowly decayed acceptance over every session's rounds
+        self.fleet_examined = 0.0
 
     # ------------------------------------------------------------------ observations
     def track(self, key: str, context: int = 0) -> None:
@@ -302,6 +310,8 @@ class GoodputController:
         t = self.sessions[key]
         if drafted > 0:
             t.update(accepted, drafted)
+            self.fleet_accepted = FLEET_DECAY * self.fleet_accepted + accepted
+            self.fleet_examined = FLEET_DECAY * self.fleet_examined + accepted + (1 if accepted < drafted else 0)
             if draft_ms > 0:
                 per = draft_ms / drafted
                 t.draft_ms = 0.7 * t.draft_ms + 0.3 * per if t.draft_ms else per
@@ -327,9 +337,19 @@ class GoodputController:
             self.correction = (1 - w) * self.correction + w * (ms / predicted)
 
     # ------------------------------------------------------------------ decisions
+    def prior_alpha(self) -> float:
+        """The acceptance a session is assumed to have before its own rounds say otherwise: the fleet's pooled
+        acceptance once the worker has seen ``FLEET_EVIDENCE`` examined tokens, else ``PRIOR_ALPHA``."""
+        if self.fleet_examined >= FLEET_EVIDENCE:
+            return self.fleet_accepted / self.fleet_examined
+        return PRIOR_ALPHA
+
+    def alpha_of(self, key: str) -> float:
+        return min(self.sessions[key].alpha_with(self.prior_alpha()), 0.999)
+
     def _views(self, keys: Iterable[str]) -> list[SessionCosts]:
         """Each session's costs; one that has reported none yet borrows the fleet's (drafters are mostly alike)."""
-        return [SessionCosts(min(self.sessions[k].alpha, 0.999), self.sessions[k].draft_ms or self.fleet_draft_ms,
+        return [SessionCosts(self.alpha_of(k), self.sessions[k].draft_ms or self.fleet_draft_ms,
                              self.sessions[k].path_ms or self.fleet_path_ms, self.sessions[k].context) for k in keys]
 
     def knows_costs(self, key: str) -> bool:
@@ -362,8 +382,12 @@ class GoodputController:
         self.track(key)
         if self.config.mode == DISTRIBUTED and not self.knows_costs(key):
             return -1  # no drafting cost known anywhere yet: planning would take drafting as free; no advice
+        t = self.sessions[key]
+        if (self.config.mode == DISTRIBUTED and t.examined < MIN_EVIDENCE
+                and self.fleet_examined < FLEET_EVIDENCE):
+            return -1  # two unlucky first rounds are no evidence: decoding on them costs the rest of the session
         self.replan()
-        bucket = alpha_bucket(min(self.sessions[key].alpha, 0.999))
+        bucket = alpha_bucket(self.alpha_of(key))
         g = self._by_bucket.get(bucket)
         if g is None:  # its α left every group of the plan: plan again now, not at the next replan_ms
             self.replan(force=True)
