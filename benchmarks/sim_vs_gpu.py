@@ -36,7 +36,8 @@ signed errors (sim / measured − 1) and the worst points; ``--out FILE`` writes
 
 ``--map`` predicts with the same calibration where the run did not go: draft devices (a second GPU; laptop- and
 phone-class 1B drafts at published tokens/s, one device per session) over links of RTT 1 / 10 / 40 ms, contexts 512 /
-2048 / 8192 (8192: calibration of 2048, the table extrapolated linearly in context, sessions capped by the KV cache
+2048 / 8192 (8192: calibration of 2048, the table measured at 8192 for batches up to 64 and extrapolated past them,
+sessions capped by the KV cache
 that fits on one H200), and the H200s that 1,000 and 10,000 laptops need at TPOT p90 ≤ 30 ms:
 
     specmq bench sim_vs_gpu --map --out benchmarks/results/capacity_map_predicted.md --plot docs/capacity_predicted.png
@@ -315,10 +316,6 @@ def reason(rec: dict[str, Any]) -> str:
     """A likely cause of a large error, from what the row and the calibration show (explanation only: nothing
     here feeds the prediction)."""
     why = []
-    if rec["sessions"] > 64 and rec["mode"] in ("target-only", "auto"):
-        why.append("past 64 rows the engine leaves its CUDA-graph batch buckets (eager forward) and prefill chunks "
-                   "run as a second eager forward: the table's interpolation between batch 32 and 128 misses it "
-                   f"(measured mean batch {rec.get('batch_meas')} for N={rec['sessions']})")
     line, meas = rec.get("draft_ms_line"), rec.get("draft_ms_meas")
     if line and meas and meas > 1.3 * line:
         what = "incl. catch-up after decode rounds" if rec["mode"] == "auto" else "the draft processes saturate " \
@@ -329,8 +326,9 @@ def reason(rec: dict[str, Any]) -> str:
         if g_m is not None and g_s is not None and abs(g_m - g_s) > 0.3:
             why.append(f"the controller chose differently (mean γ {g_m} measured, {g_s} simulated): the sim draws "
                        "one iid α for every session, the real sessions' acceptance spreads")
-    if rec["context"] >= 2048 and rec["sessions"] >= 128 and not why:
-        why.append("long prefills (N × 1984 tokens) in mixed ticks: the table has 2 contexts and tokens ≤ 1280")
+    if rec["context"] >= 2048 and rec["sessions"] >= 32 and not why:
+        why.append("long prefills (N × 1984 tokens) in ticks mixed with decode rows: the table times uniform rows, "
+                   "and a 256-token prefill row beside short ones is priced by interpolation over total tokens")
     return "; ".join(why)
 
 
@@ -591,7 +589,8 @@ def capacity_map_markdown(m: dict[str, Any]) -> str:
             lines.append(f"| {what} | {rtt} | {p['sessions_per_target']} | "
                          + " | ".join("—" if v is None else f"{v:,}" for v in p["targets"].values()) + " |")
     lines += ["", (f"\\* more than {TRUSTED_N} sessions per target: the simulator is optimistic there. "
-                   "† extrapolated context (no measured table at this context).")]
+                   "† context 8192: the table is measured there for batches up to 64 only, extrapolated past them; "
+                   "drafting and path calibrated at 2048.")]
     return "\n".join(lines) + "\n"
 
 
