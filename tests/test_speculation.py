@@ -432,3 +432,20 @@ def test_sampled_speculative_output_follows_target_distribution(engines, models)
     obs.append(rest_o)
     exp.append(rest_e)
     assert stats.chisquare(obs, exp).pvalue > 1e-3
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_verify_batch_judges_device_rows_on_the_host_with_the_same_outcomes():
+    from workers.acceptance import accept
+    from workers.speculation import VerifyItem
+
+    gen = torch.Generator().manual_seed(1)
+    logits = [torch.randn(g + 1, VOCAB, generator=gen) for g in (3, 2, 4)]
+    params = [SamplingParams(temperature=0.8, seed=s) for s in (1, 2, 3)]
+    items = [VerifyItem(slot, 9, [5, 6, 7, 8][:row.shape[0] - 1], None, None, p, make_policy("exact"),
+                        round_generator(p.seed, 4)) for slot, (row, p) in enumerate(zip(logits, params))]
+    engine = LogitsEngine([row.cuda() for row in logits])
+    outcomes = verify_batch(engine, items)
+    for it, row, out in zip(items, logits, outcomes):
+        want = accept(it.policy, row, it.tokens, None, None, it.params, round_generator(it.params.seed, 4))
+        assert (out.accepted, out.tokens) == (want.accepted, want.tokens)

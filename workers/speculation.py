@@ -204,9 +204,17 @@ def verify_batch(engine: Engine, items: Sequence[VerifyItem],
         at = 0
         for i in greedy:
             ids[i], at = flat[at:at + logits[i].shape[0]], at + logits[i].shape[0]
+    # the other rows (sampling, lossy policies) are judged on the host: one copy for all of them instead of a
+    # device round trip per softmax, draw and comparison of every row
+    others = [i for i in range(len(items)) if i not in ids]
+    host: dict[int, torch.Tensor] = {}
+    if others and logits[others[0]].device.type != "cpu":
+        moved = torch.cat([logits[i] for i in others]).cpu()
+        host = dict(zip(others, moved.split([logits[i].shape[0] for i in others])))
     outcomes = []
     for n, (it, row_logits) in enumerate(zip(items, logits)):
         gamma = len(it.tokens)
+        row_logits = host.get(n, row_logits)
         try:
             if n in ids:
                 res = match_argmax(ids[n], it.tokens)
