@@ -35,11 +35,22 @@ MAX_TOKEN_ID = (1 << 31) - 1  # absolute bound; brokers/targets check against th
 TOKEN_FIELDS = ("tokens", "prompt_ids", "token_ids")
 
 
+_FIELD_NAMES: dict[type, tuple[str, ...]] = {}
+
+
+def _field_names(cls: type) -> tuple[str, ...]:
+    """A message class's field names, looked up once (``dataclasses.fields`` per message cost more than packing)."""
+    names = _FIELD_NAMES.get(cls)
+    if names is None:
+        names = _FIELD_NAMES[cls] = tuple(f.name for f in dataclasses.fields(cls))
+    return names
+
+
 def encode(msg: Message) -> bytes:
     """Encode a message as one msgpack frame."""
     body: dict[str, Any] = {"v": VERSION, "type": msg.TYPE}
-    for f in dataclasses.fields(msg):
-        body[f.name] = getattr(msg, f.name)
+    for name in _field_names(type(msg)):
+        body[name] = getattr(msg, name)
     return msgpack.packb(body, use_bin_type=True)
 
 
