@@ -53,6 +53,9 @@ case "$STAGE" in
         --batches 1,8,32,64,128,256 --gammas 0,4 --context $ctx --ticks 10 --cost-table "$TABLE" \
         >"$OUT/tick_ctx$ctx.jsonl" 2>"$OUT/tick_ctx$ctx.log"; echo "tick ctx$ctx rc=$?"
     done
+    timeout 150 python3 -m specmq.cli bench tick --json --device cuda --dtype bfloat16 --grow llama-3.1-8b \
+      --batches 8,64,256 --gammas 2,4 --temperature 0.8 --context 512 --ticks 10 --cost-table "$TABLE" \
+      >"$OUT/tick_t08_ctx512.jsonl" 2>"$OUT/tick_t08_ctx512.log"; echo "tick sampled rc=$?"
     if [ -f .whl_gpu/speculation_before.py ]; then  # the same ticks on the code before a change, for comparison
       cp workers/speculation.py /tmp/speculation_now.py && cp .whl_gpu/speculation_before.py workers/speculation.py
       timeout 150 python3 -m specmq.cli bench tick --json --device cuda --dtype bfloat16 --grow llama-3.1-8b \
