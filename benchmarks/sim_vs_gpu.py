@@ -52,7 +52,7 @@ import statistics
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from benchmarks import BenchmarkError, print_json
 
@@ -69,14 +69,13 @@ TICK_ROWS = "benchmarks/results/tick_h200.jsonl"  # the default --tick-rows, whe
 
 
 # --------------------------------------------------------------------------- reading the run
-def read_rows(path: str | Path) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-    """(setup, measured rows of the distributed modes: the first occurrence of each (context, mode, N))."""
+def json_lines(path: str | Path, what: str) -> Iterator[tuple[int, dict[str, Any]]]:
+    """(line number, object) for each non-blank line of a JSON-lines file; a missing file or a line that is not a
+    JSON object is a ``BenchmarkError`` naming the file and the line."""
     try:
         lines = Path(path).read_text().splitlines()
     except FileNotFoundError:
-        raise BenchmarkError(f"rows file {path} not found") from None
-    setup: dict[str, Any] = {}
-    rows: dict[tuple, dict[str, Any]] = {}
+        raise BenchmarkError(f"{what} {path} not found") from None
     for i, line in enumerate(lines, 1):
         if not line.strip():
             continue
@@ -86,6 +85,14 @@ def read_rows(path: str | Path) -> tuple[dict[str, Any], list[dict[str, Any]]]:
             raise BenchmarkError(f"{path}: line {i} is not JSON ({exc.msg})") from None
         if not isinstance(rec, dict):
             raise BenchmarkError(f"{path}: line {i} is not an object")
+        yield i, rec
+
+
+def read_rows(path: str | Path) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """(setup, measured rows of the distributed modes: the first occurrence of each (context, mode, N))."""
+    setup: dict[str, Any] = {}
+    rows: dict[tuple, dict[str, Any]] = {}
+    for i, rec in json_lines(path, "rows file"):
         if "setup" in rec:
             setup = rec["setup"]
             continue
@@ -102,20 +109,8 @@ def read_rows(path: str | Path) -> tuple[dict[str, Any], list[dict[str, Any]]]:
 
 def read_tick_rows(path: str | Path) -> list[dict[str, float]]:
     """A ``specmq bench tick`` file's measured ticks as ``{batch, gamma, context, host_ms}`` (header lines skipped)."""
-    try:
-        lines = Path(path).read_text().splitlines()
-    except FileNotFoundError:
-        raise BenchmarkError(f"tick rows file {path} not found") from None
     out = []
-    for i, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise BenchmarkError(f"{path}: line {i} is not JSON ({exc.msg})") from None
-        if not isinstance(rec, dict):
-            raise BenchmarkError(f"{path}: line {i} is not an object")
+    for i, rec in json_lines(path, "tick rows file"):
         if "batch" not in rec:  # a header line
             continue
         try:
