@@ -274,6 +274,11 @@ class _Tracked:
         self.examined = DECAY * self.examined + accepted + (1 if accepted < drafted else 0)
 
 
+def _ewma(old: float, new: float, weight: float) -> float:
+    """An average moved ``weight`` of the way to ``new``; the first value (``old`` = 0: none yet) is taken as is."""
+    return (1 - weight) * old + weight * new if old else new
+
+
 class GoodputController:
     """Per-worker state: sessions' estimates, the cost correction, the current plan (by α group)."""
 
@@ -314,13 +319,11 @@ class GoodputController:
             self.fleet_examined = FLEET_DECAY * self.fleet_examined + accepted + (1 if accepted < drafted else 0)
             if draft_ms > 0:
                 per = draft_ms / drafted
-                t.draft_ms = 0.7 * t.draft_ms + 0.3 * per if t.draft_ms else per
-                self.fleet_draft_ms = (1 - FLEET_WEIGHT) * self.fleet_draft_ms + FLEET_WEIGHT * per \
-                    if self.fleet_draft_ms else per
+                t.draft_ms = _ewma(t.draft_ms, per, 0.3)
+                self.fleet_draft_ms = _ewma(self.fleet_draft_ms, per, FLEET_WEIGHT)
         if path_ms > 0:
-            t.path_ms = 0.7 * t.path_ms + 0.3 * path_ms if t.path_ms else path_ms
-            self.fleet_path_ms = (1 - FLEET_WEIGHT) * self.fleet_path_ms + FLEET_WEIGHT * path_ms \
-                if self.fleet_path_ms else path_ms
+            t.path_ms = _ewma(t.path_ms, path_ms, 0.3)
+            self.fleet_path_ms = _ewma(self.fleet_path_ms, path_ms, FLEET_WEIGHT)
         if context:
             t.context = context
 
@@ -376,23 +379,22 @@ class GoodputController:
 
     def next_gamma(self, key: str) -> int:
         """This session's γ for its next round (0: decode mode; -1: no advice, the drafter keeps its γ, while no
-        drafting cost has been reported by this session or any other). A session kept in decode mode gets a probe round
+        drafting cost has been reported by this session or any other, or while neither the session nor the worker
+        has examined enough draft tokens to judge acceptance). A session kept in decode mode gets a probe round
         (γ = ``PROBE_GAMMA``) after ``probe_every`` decode requests, the interval doubling while decoding stays
         best, so a changed acceptance or load is noticed."""
         self.track(key)
-        if self.config.mode == DISTRIBUTED and not self.knows_costs(key):
-            return -1  # no drafting cost known anywhere yet: planning would take drafting as free; no advice
         t = self.sessions[key]
-        if (self.config.mode == DISTRIBUTED and t.examined < MIN_EVIDENCE
-                and self.fleet_examined < FLEET_EVIDENCE):
-            return -1  # two unlucky first rounds are no evidence: decoding on them costs the rest of the session
+        if self.config.mode == DISTRIBUTED and (
+                not self.knows_costs(key)  # planning would take drafting as free
+                or (t.examined < MIN_EVIDENCE and self.fleet_examined < FLEET_EVIDENCE)):  # two unlucky first
+            return -1  # rounds are no evidence, and decoding on them would cost the rest of the session
         self.replan()
         bucket = alpha_bucket(self.alpha_of(key))
         g = self._by_bucket.get(bucket)
         if g is None:  # its α left every group of the plan: plan again now, not at the next replan_ms
             self.replan(force=True)
             g = self._by_bucket.get(bucket, 1)
-        t = self.sessions[key]
         if g > 0:
             t.decodes, t.probe_every = 0, PROBE_FIRST
             return g
