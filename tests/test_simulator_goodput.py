@@ -139,3 +139,17 @@ def test_host_time_per_row_adds_to_every_tick_from_the_config(linear_table):
     cfg["targets"][0]["tick_row_overhead_ms"] = -0.1
     with pytest.raises(ValueError, match="tick_row_overhead_ms"):
         Simulation(cfg, costs=linear_table)
+
+
+def test_simulated_drafters_report_no_path_for_their_first_round():
+    """The first round waits behind every new prompt's prefill: like the real drafter, the simulated one does not
+    report it as a round's path (the second chunk carries 0), and reports every later round's."""
+    sim = Simulation(closed(1, "auto", 60), costs=Roofline(weights_ms=5.0))
+    ctl = sim.targets[0].controller
+    paths = []
+    observe_round = ctl.observe_round
+    ctl.observe_round = lambda *a, **k: (paths.append(a[4]), observe_round(*a, **k))[1]
+    sim.run()
+    assert len(paths) >= 4
+    assert paths[0] == 0.0 and paths[1] == 0.0  # nothing measured yet; the first round's trip is not reported
+    assert all(p >= 0.5 for p in paths[2:])  # every later chunk carries its previous round's path
