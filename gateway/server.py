@@ -181,10 +181,15 @@ class Gateway:
 
     @staticmethod
     async def _bounded(step: Awaitable[Any], timeout_s: float, what: str) -> None:
-        try:
-            await asyncio.wait_for(step, timeout_s)
-        except asyncio.TimeoutError:
+        """Run ``step`` for at most ``timeout_s``; past it, cancel it and return at once. (``asyncio.wait_for`` also
+        waits for the cancellation to finish, so a step that is slow to cancel would hold the stop unbounded.)"""
+        task = asyncio.ensure_future(step)
+        done, _ = await asyncio.wait({task}, timeout=timeout_s)
+        if not done:
+            task.cancel()
             log.warning("gateway.stop_slow", step=what, waited_s=timeout_s)
+        elif not task.cancelled() and task.exception() is not None:
+            raise task.exception()  # type: ignore[misc]
 
     # ------------------------------------------------------------------ the broker's health
     @property

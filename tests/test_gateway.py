@@ -25,7 +25,7 @@ import pytest
 from broker.client import BrokerClient
 from gateway.chat import ChatTemplate
 from gateway.openai_api import ApiError, parse_chat, parse_completion
-from gateway.server import GatewayConfig, serve_gateway
+from gateway.server import Gateway, GatewayConfig, serve_gateway
 from gateway.stream import TextStream
 from protocol.messages import Cancel, Done, Generate, Ready, Tokens
 from tests.conftest import free_endpoint, run_async
@@ -683,3 +683,26 @@ def test_bench_http_runs_both_paths_and_reports_rows(tmp_path):
     for row in rows[:2]:
         assert row["errors"] == 0 and row["requests"] == 2 and row["chunks"] == 6
         assert row["delivery_p50_ms"] is not None and row["ttft_p50_ms"] > 0
+
+
+def test_a_stop_step_slow_to_cancel_is_abandoned_at_its_bound():
+    """A shutdown step (HTTP cleanup, broker close) that hangs, and hangs again when cancelled, must not hold the
+    gateway's stop past its bound; a step that fails still reports its error."""
+    async def stubborn() -> None:
+        try:
+            await asyncio.sleep(30)
+        except asyncio.CancelledError:
+            await asyncio.sleep(5)  # slow to let go
+
+    async def failing() -> None:
+        raise RuntimeError("close failed")
+
+    async def main() -> float:
+        t0 = time.monotonic()
+        await Gateway._bounded(stubborn(), 0.1, "http")
+        took = time.monotonic() - t0
+        with pytest.raises(RuntimeError, match="close failed"):
+            await Gateway._bounded(failing(), 1.0, "broker_client")
+        return took
+
+    assert asyncio.run(main()) < 2.0
