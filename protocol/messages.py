@@ -134,6 +134,7 @@ class SessionOpened(Message):
     token: int = -1  # target's first token after the prompt when it has one (greedy/sampled), else -1
     incarnation: int = 0  # echoed from the SessionOpen it answers (fencing)
     broker: str = ""
+    next_gamma: int = -1  # the target's choice for the first chunk, as in Result (a decoding fleet: no first draft)
 
 
 @dataclass

@@ -241,3 +241,30 @@ def test_the_gather_keeps_a_burst_together_and_ends_when_the_requests_stop():
     assert a.batch == b.batch == 2 and len(engine.steps) == 1  # one step for the burst
     assert took < 30.0  # ended by the quiet rule, not by gather_s
     assert a.wait_ms >= 300.0  # the first waited out the quiet window after the second asked (20 ms + 300 ms)
+
+
+class DecodingFleetClient(FakeClient):
+    """A target whose controller says "decode" from the open on, and answers decode requests with their tokens."""
+
+    def __init__(self) -> None:
+        super().__init__({})
+        self.sent: list[Verify] = []
+
+    async def request(self, msg, timeout=None, retries=None, deadline=None):
+        if isinstance(msg, SessionOpen):
+            return SessionOpened(session=msg.session, pos=len(msg.prompt_ids), next_gamma=0)
+        self.sent.append(msg)
+        return Result(session=msg.session, seq=msg.seq, accepted=0, tokens=[5] * msg.decode,
+                      pos=msg.pos + msg.decode, verify_ms=1.0, next_gamma=0)
+
+
+def test_an_auto_session_told_to_decode_at_its_open_never_drafts():
+    """The open's advice steers the first chunk: no drafted round, and no draft prefill of the prompt."""
+    engine = FakeDraftEngine()
+    worker = DraftWorker(DraftConfig(gamma="auto", max_new_tokens=12, decode_tokens=4, gather_ms=1.0),
+                         engine=engine, codec=_Codec())
+    client = DecodingFleetClient()
+    (res,) = run_async(_run_sessions(worker, client, ["a"]), 30)
+    assert res.error is None and res.token_ids == [5] * 12
+    assert [m.decode for m in client.sent] == [4, 4, 4] and not any(m.tokens for m in client.sent)
+    assert engine.steps == []  # the draft model never ran

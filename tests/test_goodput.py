@@ -10,7 +10,8 @@ from protocol.messages import Result, SessionOpen, SessionOpened, Verify
 from tests.model_fixtures import tiny_pair  # noqa: F401  (fixture)
 from workers.adaptive_gamma import expected_tokens
 from workers.engine import load_engine
-from workers.goodput import (FLEET_EVIDENCE, FUSED, MIN_EVIDENCE, PROBE_GAMMA, ControllerConfig, GoodputController,
+from workers.goodput import (FLEET_EVIDENCE, FUSED, MIN_EVIDENCE, PROBE_GAMMA, PROBE_MAX, ControllerConfig,
+                             GoodputController,
                              OnlineStepCost, SessionCosts, choose_plan, evaluate_plan, group_sessions)
 from workers.sampling import SamplingParams
 from workers.speculation import autoregressive_generate
@@ -215,6 +216,39 @@ def test_one_bad_round_does_not_end_speculation_and_decoding_sessions_are_probed
     for _ in range(10):  # the session's draft starts agreeing: speculation comes back
         ctl.observe_round("s", accepted=2, drafted=2, draft_ms=2.0, path_ms=3.0, context=100)
     assert ctl.next_gamma("s") >= 2
+
+
+def test_no_probe_schedule_where_speculation_cannot_pay_even_at_high_acceptance():
+    """Drafting dearer than a good draft saves: probes cannot change the plan, so they come only every PROBE_MAX
+    decode requests (and resume their schedule once drafting gets cheap)."""
+    ctl = GoodputController(Roofline(weights_ms=5.0), ControllerConfig(max_gamma=6, replan_ms=0.0))
+    for _ in range(10):  # a fine draft (α ≈ 0.9), but 20 ms a token against a 5 ms decode step
+        ctl.observe_round("s", accepted=2, drafted=2, draft_ms=40.0, path_ms=3.0, context=100)
+    seq = [ctl.next_gamma("s") for _ in range(3 * (PROBE_MAX + 1))]
+    probes = [i for i, g in enumerate(seq) if g]
+    assert ctl.plan is not None and not any(ctl.plan.gammas)
+    assert probes == [PROBE_MAX, 2 * PROBE_MAX + 1, 3 * PROBE_MAX + 2]  # the rare probe only
+    for _ in range(40):  # the draft stops agreeing, but gets fast: at α 0.9 it would pay, so probes come early
+        ctl.observe_round("s", accepted=0, drafted=2, draft_ms=0.2, path_ms=0.5, context=100)
+    ctl.sessions["s"].decodes = 0
+    seq = [ctl.next_gamma("s") for _ in range(PROBE_MAX)]
+    assert not any(ctl.plan.gammas) and seq.index(PROBE_GAMMA) <= 2
+
+
+def test_the_open_carries_the_first_chunks_gamma(tiny_pair):
+    """In a fleet that decodes, a new session is told at its open: no first drafted round."""
+    tok = load_tokenizer(tiny_pair.target)
+    prompt = encode(tok, "def parse_args(argv):")
+    server = TargetServer(load_engine(tiny_pair.target, slots=3, max_context=128), TargetConfig(max_decode=16))
+    server.handle(SessionOpen(session="a", prompt_ids=prompt, max_new_tokens=20))
+    (opened,) = _ticks(server)
+    assert isinstance(opened, SessionOpened) and opened.next_gamma == -1  # nothing known yet: no advice
+    ctl = server.controller
+    for i in range(24):  # the fleet's drafts cost far more than they save (and it has examined enough)
+        ctl.observe_round(f"x{i}", accepted=1, drafted=4, draft_ms=400.0, path_ms=30.0, context=64)
+    server.handle(SessionOpen(session="b", prompt_ids=prompt, max_new_tokens=20))
+    (opened,) = _ticks(server)
+    assert isinstance(opened, SessionOpened) and opened.session == "b" and opened.next_gamma == 0
 
 
 def test_planning_groups_alike_sessions():

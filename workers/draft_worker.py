@@ -453,8 +453,8 @@ class DraftWorker:
                            top_p=cfg.top_p, seed=cfg.seed + res.index, tokenizer=self.fingerprint,
                            policy=cfg.policy, queue_timeout_s=cfg.queue_timeout)
 
-    async def _open(self, client: BrokerClient, res: PromptResult, sid: str) -> None:
-        """Send SessionOpen (prompt + committed tokens) until a target holds the session.
+    async def _open(self, client: BrokerClient, res: PromptResult, sid: str) -> SessionOpened:
+        """Send SessionOpen (prompt + committed tokens) until a target holds the session; its answer.
 
         The open may wait in the broker's admission queue, or be refused for a while (Busy, a draining broker,
         no target registered yet): it keeps its place or retries until ``queue_timeout`` (the broker learns what is
@@ -477,7 +477,7 @@ class DraftWorker:
                 if isinstance(reply, SessionOpened):
                     if reply.pos != committed:
                         raise SessionFailed(E.BAD_SEQUENCE, f"target opened at pos {reply.pos}, expected {committed}")
-                    return
+                    return reply
                 if isinstance(reply, Reopen) and time.monotonic() < deadline:
                     await asyncio.sleep(0.05)  # its target died while opening: place it again
                     continue
@@ -517,8 +517,10 @@ class DraftWorker:
         batcher.active += 1
         opened = False
         try:
-            await self._open(client, res, sid)
+            first = await self._open(client, res, sid)
             opened = True
+            if auto and first.next_gamma >= 0:  # a fleet that decodes: this session need not draft (nor prefill
+                advised = first.next_gamma  # its draft cache) before the target says so
             uncached = list(res.prompt_ids)  # the first draft step prefills the draft cache
             seq = 0
             while not res.finished:

@@ -248,6 +248,7 @@ FLEET_EVIDENCE = 32.0  # ...unless the worker has pooled this many: then the fle
 DECAY = 0.9  # each round's weight relative to the one before (recent rounds count most)
 PROBE_GAMMA = 2  # γ of a probe round, which keeps a decoding session's acceptance estimate fresh
 PROBE_FIRST, PROBE_MAX = 2, 32  # decode requests between probes: from PROBE_FIRST, doubling up to PROBE_MAX
+HOPE_ALPHA = 0.9  # decoding sessions are probed at PROBE_FIRST.. only while speculation would pay at this α
 
 
 @dataclass
@@ -292,6 +293,7 @@ class GoodputController:
         self.sessions: dict[str, _Tracked] = {}
         self.plan: PlanOutcome | None = None
         self._by_bucket: dict[int, int] = {}  # the plan's γ per α bucket: a session moving buckets follows at once
+        self._hopeful = True  # would speculation pay for some session at an optimistic α (see ``probe_worth``)
         self._planned_at = -math.inf
         self._planned_n = -1
         self._clock = clock
@@ -374,15 +376,26 @@ class GoodputController:
         views = self._views(keys)
         self.plan = choose_plan(self.cost, views, self.config, self.correction, draft_step)
         self._by_bucket = {alpha_bucket(v.alpha): g for v, g in zip(views, self.plan.gammas)}
+        self._hopeful = any(self.plan.gammas) or self.probe_worth(views, draft_step)
         self._planned_at, self._planned_n = now, n
         return self.plan
+
+    def probe_worth(self, views: list[SessionCosts], draft_step_ms: float = 0.0) -> bool:
+        """Would the best plan speculate for any session were every acceptance at least ``HOPE_ALPHA``? When not
+        (drafting or the path cost more than a good draft could save, or the batch is compute-bound), a probe
+        round cannot change the plan, and each costs a session a drafted round (with its draft cache's catch-up)
+        for nothing."""
+        hopeful = [SessionCosts(max(v.alpha, HOPE_ALPHA), v.draft_ms, v.path_ms, v.context) for v in views]
+        return any(choose_plan(self.cost, hopeful, self.config, self.correction, draft_step_ms).gammas)
 
     def next_gamma(self, key: str) -> int:
         """This session's γ for its next round (0: decode mode; -1: no advice, the drafter keeps its γ, while no
         drafting cost has been reported by this session or any other, or while neither the session nor the worker
         has examined enough draft tokens to judge acceptance). A session kept in decode mode gets a probe round
         (γ = ``PROBE_GAMMA``) after ``probe_every`` decode requests, the interval doubling while decoding stays
-        best, so a changed acceptance or load is noticed."""
+        best, so a changed acceptance or load is noticed. While speculation could not pay even at a high acceptance
+        (``probe_worth``), probes come only every ``PROBE_MAX`` decode requests: they cannot change the plan then,
+        but they keep the drafting and path costs from going stale when the load falls."""
         self.track(key)
         t = self.sessions[key]
         if self.config.mode == DISTRIBUTED and (
@@ -398,8 +411,10 @@ class GoodputController:
         if g > 0:
             t.decodes, t.probe_every = 0, PROBE_FIRST
             return g
-        if self.config.probe and t.decodes >= t.probe_every:
-            t.decodes, t.probe_every = 0, min(PROBE_MAX, 2 * t.probe_every)
+        if self.config.probe and t.decodes >= (t.probe_every if self._hopeful else PROBE_MAX):
+            if self._hopeful:  # a rare probe (no hope) leaves the schedule for when hope returns
+                t.probe_every = min(PROBE_MAX, 2 * t.probe_every)
+            t.decodes = 0
             return min(PROBE_GAMMA, self.config.max_gamma)
         t.decodes += 1
         return 0

@@ -225,7 +225,8 @@ class TargetServer:
         s.target = TargetSession(s.key, s.slot, s.prompt[-1], len(s.prompt), s.params, s.policy, s.max_new_tokens)
         s.target.finished = s.max_new_tokens <= 0
         self.credits += 1
-        return SessionOpened(session=s.key, pos=len(s.prompt), worker=self.config.name, incarnation=s.incarnation)
+        return SessionOpened(session=s.key, pos=len(s.prompt), worker=self.config.name, incarnation=s.incarnation,
+                             next_gamma=self.next_gamma(s.key, len(s.prompt)))
 
     def admit_waiting(self, now: float) -> list[Message]:
         out: list[Message] = []

@@ -17,8 +17,9 @@ starts a tick with the first ones and the batch splits, as the real sessions dri
 Requests wait in one pool queue until a device has a free session slot (``drafts.sessions`` per device).
 
 γ per class (or the config's ``gamma``): an int (0 = decode mode: each round asks the target to decode
-``decode_tokens`` tokens and drafts nothing) or ``"auto"``: the first round drafts ``initial_gamma`` tokens, then
-each round follows the target's advice (``Answer.next_gamma``), as ``workers.draft_worker`` does. Each round
+``decode_tokens`` tokens and drafts nothing) or ``"auto"``: every round follows the target's advice (the open's
+answer for the first, then ``Answer.next_gamma``), ``INITIAL_GAMMA`` while there is none, as ``workers.draft_worker``
+does. Each round
 reports its draft cost and the previous round's path (round trip less the answering tick) with the chunk, for the
 target's goodput controller. ``path_ms``: a fixed software cost per round (drafter loop, broker hops, framing)
 on top of the link.
@@ -187,7 +188,7 @@ def run_session(env: simpy.Environment, sim, req, device: DraftDevice):
     sess = Session(req, link, rng, sim.acceptance_for(device.cls.name, target.group), overhead)
     opened = env.event()
     target.open_session(sess, opened)
-    yield opened
+    first_advice = yield opened
     now = env.now
     req.first_token = now
     req.committed = 1
@@ -195,6 +196,8 @@ def run_session(env: simpy.Environment, sim, req, device: DraftDevice):
     setting = device.cls.gamma if device.cls.gamma is not None else sim.gamma
     auto = setting == AUTO
     advised = INITIAL_GAMMA if auto else int(setting)
+    if auto and first_advice >= 0:  # the open's answer carries the target's γ for the first chunk
+        advised = first_advice
     decode_tokens = sim.decode_tokens
     retry_s = sim.retry_s
     out = req.output_tokens

@@ -112,7 +112,8 @@ class Target:
 
     # ------------------------------------------------------------------ requests from the broker
     def open_session(self, sess: Session, opened: simpy.Event) -> None:
-        """SESSION_OPEN: take a slot (or wait for one), then prefill; ``opened`` fires with the first token."""
+        """SESSION_OPEN: take a slot (or wait for one), then prefill; ``opened`` fires with the first token, its
+        value the controller's γ for the first chunk (-1: no advice)."""
         sess.opened = opened
         self.outstanding += 1
         if self.active < self.slots:
@@ -261,10 +262,14 @@ class Target:
                 s.prefill_left -= take
                 s.context += take
                 s.enqueued = now
-                if s.prefill_left <= 0:  # prompt done: the target's first token goes back with SESSION_OPENED
-                    s.committed = 1
+                if s.prefill_left <= 0:  # prompt done: the target's first token goes back with SESSION_OPENED,
+                    s.committed = 1  # and the controller's γ for the session's first chunk
                     self.outstanding -= 1
-                    deliver(env, s.opened, 1, s.link.delay(RESULT_BYTES, s.rng) + s.delay_s)
+                    advice = -1
+                    if ctl is not None:
+                        ctl.track(str(s.req.id), s.context)
+                        advice = ctl.next_gamma(str(s.req.id))
+                    deliver(env, s.opened, advice, s.link.delay(RESULT_BYTES, s.rng) + s.delay_s)
                     if s.req.output_tokens <= 1:
                         self._release(s)
             self.prefill_q = [s for s in self.prefill_q if s.prefill_left > 0]
