@@ -240,7 +240,7 @@ def run_distributed(args: argparse.Namespace, context: int, prompts: list[list[i
     """Every non-fused mode at every N for one context; returns target-only's outputs per N (the reference)."""
     from workers.local_cluster import LocalCluster
 
-    slots = max(args.sessions)
+    slots = max(args.sessions + [args.sampled_sessions or 0])  # the temperature-0.8 rows run sampled_sessions
     max_context = context + 64
     cluster = LocalCluster(logdir=logdir / f"ctx{context}", env=child_env(args.threads), cwd=ROOT)
     drafts: DraftProcs | None = None
@@ -296,7 +296,7 @@ def run_fused(args: argparse.Namespace, context: int, prompts: list[list[int]], 
     from workers.generate_client import run_jobs_ids
     from workers.local_cluster import LocalCluster
 
-    slots = max(args.sessions)
+    slots = max(args.sessions + [args.sampled_sessions or 0])  # the temperature-0.8 rows run sampled_sessions
     max_context = context + 64
     cluster = LocalCluster(logdir=logdir / f"ctx{context}-fused", env=child_env(args.threads), cwd=ROOT)
     try:

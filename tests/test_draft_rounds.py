@@ -268,3 +268,29 @@ def test_an_auto_session_told_to_decode_at_its_open_never_drafts():
     assert res.error is None and res.token_ids == [5] * 12
     assert [m.decode for m in client.sent] == [4, 4, 4] and not any(m.tokens for m in client.sent)
     assert engine.steps == []  # the draft model never ran
+
+
+def test_more_prompts_than_a_preloaded_engines_slots_take_turns(monkeypatch):
+    """A drafter given an engine of 2 slots and 5 prompts runs at most 2 sessions at once; every prompt finishes."""
+    import workers.draft_worker as dw
+
+    class Client(FakeClient):
+        async def start(self) -> None:
+            pass
+
+        async def close(self) -> None:
+            pass
+
+    async def probe(client, address, timeout):
+        return {}
+
+    monkeypatch.setattr(dw, "make_client", lambda *a, **k: Client({}))
+    monkeypatch.setattr(dw, "probe_broker", probe)
+    monkeypatch.setattr(dw, "tokenizer_fingerprint", lambda model: "", raising=False)
+    engine = FakeDraftEngine(slots=2)
+    worker = DraftWorker(DraftConfig(gamma=1, max_new_tokens=4, gather_ms=1.0, concurrency=8), engine=engine,
+                         codec=_Codec())
+    monkeypatch.setattr(worker, "_load", lambda prompts: None)
+    results = run_async(worker.run_ids([[1, 2, 4]] * 5), 30)
+    assert [r.error for r in results] == [None] * 5 and all(len(r.token_ids) == 4 for r in results)
+    assert max(len(slots) for slots, _, _ in engine.steps) <= 2

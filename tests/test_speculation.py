@@ -262,6 +262,91 @@ def test_verify_batch_reads_greedy_rows_in_one_pass_with_the_same_outcomes_as_pe
     assert outcomes[0].accepted == 2 and outcomes[3].accepted == 4 and outcomes[4].accepted == 1
 
 
+def _sampled_rows(n: int = 12, seed: int = 0):
+    """Verify rows at temperature > 0 of every kind the wire carries: dense q, sparse q, no q (a one-hot), several
+    sampling settings, a draft token past the target's vocabulary."""
+    gen = torch.Generator().manual_seed(seed)
+    settings = [SamplingParams(temperature=0.8, seed=1), SamplingParams(temperature=1.3, top_p=0.7, seed=2),
+                SamplingParams(temperature=0.6, top_k=5, seed=3)]
+    logits, drafts, qs, params = [], [], [], []
+    for j in range(n):
+        g = 1 + j % 4
+        row = torch.randn(g + 1, VOCAB, generator=gen) * 2
+        q = torch.softmax(row[:g] + torch.randn(g, VOCAB, generator=gen), -1)
+        toks = [int(torch.multinomial(q[i], 1, generator=gen)) for i in range(g)]
+        if j % 3 == 0:  # dense
+            qj = ([None] * g, [q[i].float() for i in range(g)])
+        elif j % 3 == 1:  # sparse: the drafter's top 20 renormalised, its token inside
+            ids = [torch.sort(torch.unique(torch.cat([torch.topk(q[i], 20).indices, torch.tensor([toks[i]])])))[0]
+                   for i in range(g)]
+            qj = (ids, [(q[i][ids[i]] / q[i][ids[i]].sum()).float() for i in range(g)])
+        else:
+            qj = (None, None)
+        if j == 5:
+            toks[-1] = VOCAB + 3  # the drafter's vocabulary is larger: the target rejects it
+            qj = (None, None)
+        logits.append(row)
+        drafts.append(toks)
+        qs.append(qj)
+        params.append(settings[j % 3])
+    return logits, drafts, qs, params
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_batched_rejection_sampling_is_row_by_row_rejection_sampling(seed):
+    """Same results and the same draws as ``accept("exact", ...)`` row by row; a malformed row fails alone."""
+    from workers.acceptance import AcceptanceError, accept, rejection_sample_batch
+
+    logits, drafts, qs, params = _sampled_rows(seed=seed)
+    bad_q = ([None], [torch.nn.functional.one_hot(torch.tensor(5), VOCAB).float()])  # q(4) = 0: never drawn from q
+    logits.append(torch.randn(2, VOCAB))
+    drafts.append([4])
+    qs.append(bad_q)
+    params.append(SamplingParams(temperature=0.9, seed=9))
+    gens = [round_generator(p.seed, 7 + j) for j, p in enumerate(params)]
+    got = rejection_sample_batch(logits, drafts, qs, params, gens)
+    for j, (row, toks, q, p) in enumerate(zip(logits, drafts, qs, params)):
+        ref_gen = round_generator(p.seed, 7 + j)
+        if j == len(logits) - 1:
+            assert isinstance(got[j], AcceptanceError) and "q = 0" in str(got[j])
+            continue
+        want = accept("exact", row, toks, q[0], q[1], p, ref_gen)
+        assert (got[j].accepted, got[j].tokens) == (want.accepted, want.tokens)
+        # the generator is left where the row-by-row judge leaves it: later draws agree too
+        assert torch.rand((), generator=gens[j]) == torch.rand((), generator=ref_gen)
+    assert got[5].accepted < len(drafts[5])  # the out-of-vocabulary token was rejected
+    assert {r.accepted for r in got[:-1]} != {0}  # the rows accept something: the comparison is not vacuous
+
+
+def test_verify_batch_judges_sampled_rows_together_where_the_logits_are(monkeypatch):
+    """With the batch judge on (an accelerator's logits), verify_batch's outcomes and rollbacks are the per-row
+    judge's, and a malformed sampled row fails alone."""
+    import workers.speculation as spec
+    from workers.acceptance import accept
+    from workers.speculation import VerifyItem
+
+    calls = []
+    real = spec.rejection_sample_batch
+    monkeypatch.setattr(spec, "judge_sampled_in_batch", lambda logits: True)
+    monkeypatch.setattr(spec, "rejection_sample_batch", lambda *a: calls.append(len(a[0])) or real(*a))
+    logits, drafts, qs, params = _sampled_rows(n=6, seed=4)
+    logits.append(torch.randn(3, VOCAB))
+    drafts.append([1, 2])
+    qs.append(([None], [torch.full((VOCAB,), 1.0 / VOCAB)]))  # one q row for two draft tokens: malformed
+    params.append(SamplingParams(temperature=0.8, seed=5))
+    items = [VerifyItem(slot, 9, d, q[0], q[1], p, make_policy("exact"), round_generator(p.seed, 4))
+             for slot, (d, q, p) in enumerate(zip(drafts, qs, params))]
+    engine = LogitsEngine(logits)
+    outcomes = verify_batch(engine, items)
+    assert calls == [len(items)]
+    for it, row, out in zip(items[:-1], logits, outcomes):
+        want = accept(it.policy, row, it.tokens, it.q_ids, it.q_probs, it.params, round_generator(it.params.seed, 4))
+        assert (out.accepted, out.tokens, out.error) == (want.accepted, want.tokens, None)
+        assert engine.rolled[it.slot] == len(it.tokens) - want.accepted
+    assert outcomes[-1].error and "one row per draft token" in outcomes[-1].error
+    assert engine.rolled[items[-1].slot] == 3  # the malformed row's slot is restored whole
+
+
 # --------------------------------------------------------------------------- sampling and policies end to end
 def test_sampled_generation_is_reproducible_per_seed(engines):
     target, draft = engines

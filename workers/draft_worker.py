@@ -425,7 +425,8 @@ class DraftWorker:
             self._load([r.prompt_ids for r in results])
             batcher = DraftBatcher(self.engine, cfg.gather_ms / 1000.0, cfg.gather_quiet_ms / 1000.0)
             batch_task = asyncio.create_task(batcher.run())
-            gate = asyncio.Semaphore(max(1, cfg.concurrency))
+            # no more sessions at once than the draft engine has slots (a preloaded engine may have fewer)
+            gate = asyncio.Semaphore(max(1, min(cfg.concurrency, self.engine.info.num_slots)))
             run_id = uuid.uuid4().hex[:6]
 
             async def one(res: PromptResult) -> None:

@@ -24,7 +24,8 @@ from typing import Any, Callable, Collection, Sequence
 import torch
 
 from protocol.codec import pack_q, unpack_q
-from workers.acceptance import AcceptanceError, Policy, accept, argmax_only, make_policy, match_argmax
+from workers.acceptance import (AcceptanceError, AcceptResult, Policy, accept, argmax_only, batch_sampled, make_policy,
+                                match_argmax, rejection_sample_batch)
 from workers.adaptive_gamma import AdaptiveGamma
 from workers.batching import BatchLimits, plan_tick
 from workers.engine.base import Engine
@@ -184,6 +185,12 @@ class VerifyOutcome:
     error: str | None = None  # set when this row's chunk was malformed (cache left as before)
 
 
+def judge_sampled_in_batch(logits: torch.Tensor) -> bool:
+    """Whether lossless sampled rows with these logits are judged together (``rejection_sample_batch``): on an
+    accelerator, yes; on the CPU the row-by-row judge is cheaper (see ``verify_batch``)."""
+    return logits.device.type != "cpu"
+
+
 def verify_batch(engine: Engine, items: Sequence[VerifyItem],
                  prefill_rows: Sequence[tuple[int, Sequence[int]]] = ()) -> list[VerifyOutcome]:
     """Verify many sessions' chunks in ONE forward, accept per row, roll back each slot's rejected entries.
@@ -204,9 +211,20 @@ def verify_batch(engine: Engine, items: Sequence[VerifyItem],
         at = 0
         for i in greedy:
             ids[i], at = flat[at:at + logits[i].shape[0]], at + logits[i].shape[0]
-    # the other rows (sampling, lossy policies) are judged on the host: one copy for all of them instead of a
-    # device round trip per softmax, draw and comparison of every row
-    others = [i for i in range(len(items)) if i not in ids]
+    # lossless sampled rows on an accelerator: one pass over all of them where the logits are, then p(x) and one
+    # row each read back (on the CPU, judging row by row computes only the positions up to the first rejection,
+    # which is cheaper there)
+    sampled = [i for i, it in enumerate(items) if i not in ids and batch_sampled(it.policy, it.params)
+               and judge_sampled_in_batch(logits[i])]
+    judged: dict[int, AcceptResult | AcceptanceError] = {}
+    if sampled:
+        judged = dict(zip(sampled, rejection_sample_batch(
+            [logits[i] for i in sampled], [items[i].tokens for i in sampled],
+            [(items[i].q_ids, items[i].q_probs) for i in sampled], [items[i].params for i in sampled],
+            [items[i].generator for i in sampled])))
+    # the other rows (lossy policies) are judged on the host: one copy for all of them instead of a device round
+    # trip per softmax, draw and comparison of every row
+    others = [i for i in range(len(items)) if i not in ids and i not in judged]
     host: dict[int, torch.Tensor] = {}
     if others and logits[others[0]].device.type != "cpu":
         moved = torch.cat([logits[i] for i in others]).cpu()
@@ -218,6 +236,10 @@ def verify_batch(engine: Engine, items: Sequence[VerifyItem],
         try:
             if n in ids:
                 res = match_argmax(ids[n], it.tokens)
+            elif n in judged:
+                res = judged[n]
+                if isinstance(res, AcceptanceError):
+                    raise res
             else:
                 res = accept(it.policy, row_logits, it.tokens, it.q_ids, it.q_probs, it.params, it.generator)
         except AcceptanceError as exc:
