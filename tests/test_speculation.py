@@ -303,10 +303,19 @@ def test_batched_rejection_sampling_is_row_by_row_rejection_sampling(seed):
     drafts.append([4])
     qs.append(bad_q)
     params.append(SamplingParams(temperature=0.9, seed=9))
+    nan_q = torch.full((VOCAB,), 1.0 / VOCAB)
+    nan_q[3] = float("nan")
+    logits.insert(0, torch.randn(3, VOCAB))
+    drafts.insert(0, [1, 2])
+    qs.insert(0, ([None, None], [torch.full((VOCAB,), 1.0 / VOCAB), nan_q]))  # position 1's q is not finite
+    params.insert(0, SamplingParams(temperature=0.9, seed=8))
     gens = [round_generator(p.seed, 7 + j) for j, p in enumerate(params)]
     got = rejection_sample_batch(logits, drafts, qs, params, gens)
+    assert isinstance(got[0], AcceptanceError) and "q at draft position 1" in str(got[0]) and "finite" in str(got[0])
     for j, (row, toks, q, p) in enumerate(zip(logits, drafts, qs, params)):
         ref_gen = round_generator(p.seed, 7 + j)
+        if j == 0:
+            continue
         if j == len(logits) - 1:
             assert isinstance(got[j], AcceptanceError) and "q = 0" in str(got[j])
             continue
@@ -314,8 +323,8 @@ def test_batched_rejection_sampling_is_row_by_row_rejection_sampling(seed):
         assert (got[j].accepted, got[j].tokens) == (want.accepted, want.tokens)
         # the generator is left where the row-by-row judge leaves it: later draws agree too
         assert torch.rand((), generator=gens[j]) == torch.rand((), generator=ref_gen)
-    assert got[5].accepted < len(drafts[5])  # the out-of-vocabulary token was rejected
-    assert {r.accepted for r in got[:-1]} != {0}  # the rows accept something: the comparison is not vacuous
+    assert got[6].accepted < len(drafts[6])  # the out-of-vocabulary token was rejected
+    assert {r.accepted for r in got[1:-1]} != {0}  # the rows accept something: the comparison is not vacuous
 
 
 def test_verify_batch_judges_sampled_rows_together_where_the_logits_are(monkeypatch):

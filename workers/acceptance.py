@@ -25,6 +25,7 @@ import math
 from dataclasses import dataclass, fields
 from typing import Any, Callable, ClassVar, Mapping, Sequence
 
+import numpy as np
 import torch
 
 from workers.sampling import SamplingError, SamplingParams, sample_draft, sample_from, sampling_probs, truncate
@@ -140,6 +141,77 @@ def rejection_sample(p: torch.Tensor | Callable[[int], torch.Tensor], draft_toke
     return AcceptResult(k, [int(d) for d in draft_tokens] + [sample_from(p(k), generator)])
 
 
+def _q_rows(draft_tokens: Sequence[int], q_ids: Sequence[Any] | None, q_probs: Sequence[Any] | None,
+            vocab: int) -> list[tuple[float, Callable[[], torch.Tensor]]]:
+    """``_q_row`` for every draft position. Dense rows of one length (what a wire q unpacks to) are checked and
+    read in one pass over the stacked rows; anything else, or a check that fails, goes row by row (which names
+    the first bad position)."""
+    g = len(draft_tokens)
+    if (q_ids is not None and q_probs is not None and g and all(i is None for i in q_ids)
+            and all(isinstance(p, torch.Tensor) and p.dim() == 1 and p.is_floating_point() and len(p) for p in q_probs)
+            and len({len(p) for p in q_probs}) == 1):
+        table = torch.stack(list(q_probs))
+        totals = table.sum(-1, dtype=torch.float64).tolist()
+        if float(table.min()) >= 0 and all(math.isfinite(v) and abs(v - 1.0) <= 1e-3 for v in totals):  # NaN: min
+            width = table.shape[1]
+            xs = [int(x) for x in draft_tokens]
+            picked = table[torch.arange(g), torch.tensor(xs).clamp(0, width - 1)].tolist()
+            qx = [v / total if 0 <= x < width else 0.0 for v, total, x in zip(picked, totals, xs)]
+            n = min(vocab, width)
+
+            def dense(i: int) -> torch.Tensor:
+                row = torch.zeros(vocab, dtype=torch.float64)
+                row[:n] = table[i, :n]
+                return row / totals[i]
+
+            return [(qx[i], (lambda i=i: dense(i))) for i in range(g)]
+    if (q_ids is not None and q_probs is not None and g
+            and all(isinstance(i, torch.Tensor) and i.dim() == 1 and not i.is_floating_point() and len(i)
+                    and i.device.type == "cpu" for i in q_ids)
+            and all(isinstance(p, torch.Tensor) and p.dim() == 1 and p.is_floating_point() and len(p) == len(i)
+                    and p.device.type == "cpu" for i, p in zip(q_ids, q_probs))):
+        fast = _sparse_q_rows(draft_tokens, q_ids, q_probs, vocab)
+        if fast is not None:
+            return fast
+    return [_q_row(i, int(x), q_ids, q_probs, vocab) for i, x in enumerate(draft_tokens)]
+
+
+def _sparse_q_rows(draft_tokens: Sequence[int], q_ids: Sequence[torch.Tensor], q_probs: Sequence[torch.Tensor],
+                   vocab: int) -> list[tuple[float, Callable[[], torch.Tensor]]] | None:
+    """``_q_rows`` for sparse rows whose ids ascend (a wire q's do), in numpy (a few µs a row where torch's small
+    operations cost tens). None when a check fails: the row-by-row path then names the problem."""
+    out = []
+    for x, ids_t, probs_t in zip(draft_tokens, q_ids, q_probs):
+        ids, probs = ids_t.numpy(), probs_t.numpy()
+        total = float(probs.sum(dtype=np.float64))
+        if not (probs.min() >= 0 and ids[0] >= 0 and math.isfinite(total) and abs(total - 1.0) <= 1e-3
+                and (len(ids) == 1 or (np.diff(ids) > 0).all())):
+            return None
+        x = int(x)
+        at = int(np.searchsorted(ids, x))
+        qx = float(probs[at]) / total if at < len(ids) and ids[at] == x else 0.0
+
+        def dense(ids=ids, probs=probs, total=total) -> torch.Tensor:
+            row = np.zeros(vocab, dtype=np.float64)
+            inside = ids < vocab
+            row[ids[inside]] = probs[inside].astype(np.float64)
+            return torch.from_numpy(row / total)
+
+        out.append((qx, dense))
+    return out
+
+
+def _draw_rows(dist: torch.Tensor, u: torch.Tensor) -> list[int]:
+    """``sample_from`` for every row of ``dist`` ``[M, V]`` at once, given each row's uniform ``u`` ``[M]``."""
+    cdf = dist.cumsum(-1)
+    idx = torch.searchsorted(cdf, (u * cdf[:, -1]).unsqueeze(1), right=True).squeeze(1)
+    width = dist.shape[1]
+    safe = idx.clamp(max=width - 1)
+    bad = (idx >= width) | (dist.gather(1, safe.unsqueeze(1)).squeeze(1) <= 0)  # u·total rounded onto the last step
+    last = width - 1 - torch.flip(dist > 0, [1]).to(torch.int8).argmax(1)
+    return torch.where(bad, last, safe).tolist()
+
+
 def rejection_sample_batch(logits: Sequence[torch.Tensor], drafts: Sequence[Sequence[int]],
                            qs: Sequence[tuple[Sequence[Any] | None, Sequence[Any] | None]],
                            params: Sequence[SamplingParams], generators: Sequence[torch.Generator | None]
@@ -148,9 +220,11 @@ def rejection_sample_batch(logits: Sequence[torch.Tensor], drafts: Sequence[Sequ
     ``accept("exact", ...)`` gives it, with the same draws from its generator.
 
     Why: judged one row at a time, a row costs ~0.3-0.5 ms of small host operations (a softmax per position,
-    read-backs), tens of ms a tick at batch 64-256 while the device waits. Here the target's p for every
-    position of every row is computed in one pass on the logits' device (float64, per sampling setting), and only
-    p(x) of the draft tokens and one row per session (its rejected position, or the bonus) are read back.
+    read-backs, q checks per position), tens of ms a tick at batch 64-256 while the device waits. Here the
+    target's p for every position of every row is computed in one pass on the logits' device (float64, per
+    sampling setting); p(x) of the draft tokens is read back once; the uniforms are drawn on the host in
+    ``rejection_sample``'s order; the corrections and bonus tokens are drawn on the device for all rows at once
+    (the rejected rows' q goes there), and read back once.
     """
     n = len(logits)
     out: list[AcceptResult | AcceptanceError | None] = [None] * n
@@ -161,8 +235,7 @@ def rejection_sample_batch(logits: Sequence[torch.Tensor], drafts: Sequence[Sequ
             _need(generators[j])
             if params[j].greedy:
                 raise AcceptanceError("rejection_sample_batch judges sampled rows only (temperature > 0)")
-            vocab = logits[j].shape[-1]
-            q = [_q_row(i, int(x), qs[j][0], qs[j][1], vocab) for i, x in enumerate(drafts[j])]
+            q = _q_rows(drafts[j], qs[j][0], qs[j][1], logits[j].shape[-1])
             for i, (x, (qx, _)) in enumerate(zip(drafts[j], q)):
                 if qx <= 0.0:
                     raise AcceptanceError(f"draft token {x} at position {i} has q = 0: it cannot have been sampled "
@@ -174,7 +247,7 @@ def rejection_sample_batch(logits: Sequence[torch.Tensor], drafts: Sequence[Sequ
     for j in checked:
         pj = params[j]
         groups.setdefault((pj.temperature, pj.top_p, pj.top_k, logits[j].device), []).append(j)
-    for (temperature, top_p, top_k, _), members in groups.items():
+    for (temperature, top_p, top_k, device), members in groups.items():
         flat = torch.cat([logits[j] for j in members]).detach().to(torch.float64)
         probs = truncate(torch.softmax(flat / temperature, dim=-1), top_p, top_k)
         vocab = probs.shape[-1]
@@ -183,28 +256,30 @@ def rejection_sample_batch(logits: Sequence[torch.Tensor], drafts: Sequence[Sequ
             starts.append(at)
             at += len(drafts[j]) + 1
         rows = [s + i for s, j in zip(starts, members) for i in range(len(drafts[j]))]
-        cols = [min(int(x), vocab - 1) for j in members for x in drafts[j]]
+        cols = [min(max(int(x), 0), vocab - 1) for j in members for x in drafts[j]]
         px = probs[rows, cols].tolist() if rows else []
-        finals, at = [], 0
-        for s, j in zip(starts, members):  # each row's draws, in the order rejection_sample makes them
+        ks, us, at = [], [], 0
+        for j in members:  # each row's draws, in the order rejection_sample makes them
             gen, toks, q = generators[j], drafts[j], checked[j]
             k = len(toks)
             for i, x in enumerate(toks):
-                p_x = px[at + i] if int(x) < vocab else 0.0
+                p_x = px[at + i] if 0 <= int(x) < vocab else 0.0
                 if float(torch.rand((), generator=gen, dtype=torch.float64)) * q[i][0] >= p_x:
                     k = i
                     break
             at += len(toks)
-            finals.append((j, k, s + k))
-        last = probs[[r for _, _, r in finals]].to("cpu")
-        for (j, k, _), p_row in zip(finals, last):
-            toks = drafts[j]
-            if k < len(toks):
-                residual = torch.clamp(p_row - checked[j][k][1](), min=0.0)
-                t = sample_from(residual if float(residual.sum()) > 1e-12 else p_row, generators[j])
-            else:
-                t = sample_from(p_row, generators[j])
-            out[j] = AcceptResult(k, [int(d) for d in toks[:k]] + [t])
+            ks.append(k)
+            us.append(float(torch.rand((), generator=gen, dtype=torch.float64)))  # the correction's or bonus's
+        dist = probs[[s + k for s, k in zip(starts, ks)]]
+        rejected = [m for m, (j, k) in enumerate(zip(members, ks)) if k < len(drafts[j])]
+        if rejected:
+            q_rows = torch.stack([checked[members[m]][ks[m]][1]() for m in rejected]).to(device)
+            p_rows = dist[rejected]
+            residual = torch.clamp(p_rows - q_rows, min=0.0)
+            dist[rejected] = torch.where((residual.sum(-1) > 1e-12).unsqueeze(1), residual, p_rows)
+        tokens = _draw_rows(dist, torch.tensor(us, dtype=torch.float64, device=device))
+        for j, k, t in zip(members, ks, tokens):
+            out[j] = AcceptResult(k, [int(d) for d in drafts[j][:k]] + [t])
     return out  # type: ignore[return-value]
 
 
