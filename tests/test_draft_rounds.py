@@ -91,6 +91,19 @@ def _worker(engine, gamma: int = 1, max_new: int = 4) -> DraftWorker:
     return DraftWorker(cfg, engine=engine, codec=_Codec())
 
 
+async def _run_prompt(worker: DraftWorker, client, prompt: list[int]) -> PromptResult:
+    """One session of a ``prompt`` (token ids)."""
+    batcher = DraftBatcher(worker.engine, worker.config.gather_ms / 1000.0)
+    task = asyncio.create_task(batcher.run())
+    res = PromptResult(0, "", prompt)
+    try:
+        await worker._session(client, batcher, res, "a")
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+    return res
+
+
 async def _run_sessions(worker: DraftWorker, client, names: list[str]) -> list[PromptResult]:
     batcher = DraftBatcher(worker.engine, worker.config.gather_ms / 1000.0)
     task = asyncio.create_task(batcher.run())
@@ -294,3 +307,39 @@ def test_more_prompts_than_a_preloaded_engines_slots_take_turns(monkeypatch):
     results = run_async(worker.run_ids([[1, 2, 4]] * 5), 30)
     assert [r.error for r in results] == [None] * 5 and all(len(r.token_ids) == 4 for r in results)
     assert max(len(slots) for slots, _, _ in engine.steps) <= 2
+
+
+class CatchUpEngine(FakeDraftEngine):
+    """A forward that feeds unseen tokens (the prompt: more than the two a round leaves uncached) takes 60 ms; a
+    decode step 2 ms."""
+
+    def forward(self, rows, last_only=None):
+        time.sleep(0.06 if any(len(toks) > 2 for _, toks in rows) else 0.002)
+        return super().forward(rows, last_only)
+
+
+class RecordingClient(FakeClient):
+    def __init__(self) -> None:
+        super().__init__({})
+        self.sent: list[Verify] = []
+
+    async def request(self, msg, timeout=None, retries=None, deadline=None):
+        if isinstance(msg, Verify):
+            self.sent.append(msg)
+        return await super().request(msg, timeout, retries, deadline)
+
+
+@pytest.mark.parametrize("gamma", [1, 3])
+def test_a_catch_up_round_reports_its_later_steps_not_the_catch_up(gamma):
+    """The first round's draft step prefills the prompt: its cost is catch-up. With γ ≥ 2 the drafter reports
+    γ × its later steps (what drafting costs), with γ = 1 nothing; later rounds report their whole step."""
+    client = RecordingClient()
+    worker = _worker(CatchUpEngine(), gamma=gamma, max_new=3 * (gamma + 1))
+    results = asyncio.run(asyncio.wait_for(_run_prompt(worker, client, [1, 2, 4, 8, 9, 10, 11, 12]), 30))
+    assert results.error is None and len(client.sent) >= 2
+    first, later = client.sent[0].draft_ms, [m.draft_ms for m in client.sent[1:]]
+    if gamma == 1:
+        assert first == 0.0
+    else:
+        assert 0 < first < 30.0 and first == pytest.approx(gamma * 2.0, abs=gamma * 8.0)
+    assert all(0 < ms < 30.0 for ms in later)

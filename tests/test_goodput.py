@@ -278,6 +278,34 @@ def test_no_advice_until_a_drafting_cost_is_known_then_newcomers_borrow_the_flee
     assert fast.next_gamma("b") >= 2
 
 
+def test_fleet_costs_are_kept_per_load_level_and_forgotten_when_stale():
+    """Drafting measured under 64 sessions (contended drafters) does not decide for a lone session: it has no
+    fleet cost at its load, so it gets no advice and measures its own; costs unrefreshed for 30 s are dropped."""
+    now = [0.0]
+    ctl = GoodputController(Roofline(weights_ms=5.0), ControllerConfig(max_gamma=6, replan_ms=0.0),
+                            clock=lambda: now[0])
+    crowd = [f"c{i}" for i in range(64)]
+    for k in crowd:
+        ctl.track(k, 100)
+    for _ in range(3):
+        for k in crowd:  # 40 ms a token at this load: drafting cannot pay
+            ctl.observe_round(k, accepted=4, drafted=4, draft_ms=160.0, path_ms=2.0, context=100)
+    ctl.track("late", 100)  # a newcomer at the same load borrows the crowd's costs: decode at once
+    assert ctl.load_level() == 7 and ctl.knows_costs("late") and ctl.next_gamma("late") == 0
+    for k in crowd + ["late"]:
+        ctl.forget(k)
+    ctl.track("alone", 100)
+    assert ctl.load_level() == 1 and not ctl.knows_costs("alone") and ctl.next_gamma("alone") == -1
+    for _ in range(4):  # its own rounds: drafting is cheap alone
+        ctl.observe_round("alone", accepted=4, drafted=4, draft_ms=1.2, path_ms=0.5, context=100)
+    assert ctl.next_gamma("alone") >= 2
+    ctl.forget("alone")
+    ctl.track("next", 100)  # the lone session's level is known now
+    assert ctl.fleet_costs()[0] == pytest.approx(0.3) and ctl.next_gamma("next") >= 2
+    now[0] += 31.0  # nothing reported for 31 s: the level's costs are forgotten
+    assert ctl.fleet_costs() == (0.0, 0.0) and ctl.next_gamma("next") == -1
+
+
 def test_a_session_is_not_sent_to_decode_mode_on_two_unlucky_first_rounds():
     """Until a session has examined MIN_EVIDENCE draft tokens (or the worker has pooled FLEET_EVIDENCE), its own
     acceptance gives no advice: a bad start does not buy the rest of the session in decode mode. Once the fleet

@@ -244,6 +244,7 @@ class Drafted:
     batch: int  # sessions in the step
     wait_ms: float  # from the request to the step's start (the gather, and a step already running)
     ended: float  # time.perf_counter() when the step ended: the chunk's round trip starts here
+    steady_ms: float = 0.0  # mean time of the steps after the first (decode steps, no catch-up); 0 with one step
 
 
 class DraftBatcher:
@@ -289,22 +290,25 @@ class DraftBatcher:
         else:
             self.engine.free(slot)
 
-    def _step(self, requests: list[Any]) -> tuple[list[Any], float, float]:
-        """The draft step, in a worker thread: (chunks, start, end) in ``time.perf_counter``."""
+    def _step(self, requests: list[Any]) -> tuple[list[Any], float, float, float]:
+        """The draft step, in a worker thread: (chunks, start, end) in ``time.perf_counter``, and the mean ms of
+        its forwards after the first."""
         from workers.speculation import draft_batch
 
         device = str(getattr(getattr(self.engine, "info", None), "device", "cpu"))
+        steps: list[float] = []
         start = time.perf_counter()
         if device.startswith("cuda"):  # the current CUDA device is per thread: launch on the engine's
             import torch
 
             with torch.cuda.device(torch.device(device)):
-                chunks = draft_batch(self.engine, requests)
+                chunks = draft_batch(self.engine, requests, step_ms=steps)
         else:
-            chunks = draft_batch(self.engine, requests)
-        return chunks, start, time.perf_counter()
+            chunks = draft_batch(self.engine, requests, step_ms=steps)
+        steady = sum(steps[1:]) / (len(steps) - 1) if len(steps) > 1 else 0.0
+        return chunks, start, time.perf_counter(), steady
 
-    def _step_inline(self, requests: list[Any]) -> tuple[list[Any], float, float]:
+    def _step_inline(self, requests: list[Any]) -> tuple[list[Any], float, float, float]:
         """The draft step on the loop, when it holds every live session (no thread handoff to pay)."""
         try:
             return self._step(requests)
@@ -352,11 +356,11 @@ class DraftBatcher:
             self._stepping = frozenset(r.slot for r in requests)
             try:
                 if len(batch) >= self.active:  # every live session is in it: no reply can come meanwhile
-                    chunks, start, end = self._step_inline(requests)
+                    chunks, start, end, steady = self._step_inline(requests)
                 else:
                     work = loop.run_in_executor(None, self._step, requests)
                     work.add_done_callback(self._step_over)
-                    chunks, start, end = await asyncio.shield(work)  # cancelled: the thread still ends the step
+                    chunks, start, end, steady = await asyncio.shield(work)  # cancelled: the thread ends the step
             except Exception as exc:  # engine error: every requester learns it
                 for _, fut, _ in batch:
                     if not fut.done():
@@ -367,7 +371,7 @@ class DraftBatcher:
             self.rows += len(batch)
             for (_, fut, asked), chunk in zip(batch, chunks):
                 if not fut.done():
-                    fut.set_result(Drafted(chunk, ms, len(batch), max(0.0, (start - asked) * 1000), end))
+                    fut.set_result(Drafted(chunk, ms, len(batch), max(0.0, (start - asked) * 1000), end, steady))
 
 
 # --------------------------------------------------------------------------- the worker
@@ -539,10 +543,12 @@ class DraftWorker:
                     gen = None if sampling.greedy else round_generator(sampling.seed, pos, STREAM_DRAFT)
                     drafted = await batcher.draft(DraftRequest(slot, uncached, g, sampling, gen))
                 chunk, draft_ms = drafted.chunk, drafted.draft_ms
-                catch_up = len(uncached) > 2  # the draft fed tokens it had not seen (prompt, decode output)
+                # a step that fed tokens the draft had not seen (prompt, decode output) measures catch-up, not
+                # drafting: report what its later steps cost per token instead (none when it had one step)
+                catch_up = len(uncached) > 2
+                reported = g * drafted.steady_ms if catch_up else draft_ms
                 reply, seq, rtt_ms = await self._verify(client, res, sid, seq, pos, chunk, decode=decode,
-                                                        draft_ms=0.0 if catch_up else draft_ms,
-                                                        wait_and_path_ms=wait_and_path_ms)
+                                                        draft_ms=reported, wait_and_path_ms=wait_and_path_ms)
                 trip_ms = (time.perf_counter() - drafted.ended) * 1000  # from the chunk's draft step to its reply
                 if not isinstance(reply, Result):
                     raise SessionFailed("bad_reply", f"unexpected {reply.TYPE} to verify")

@@ -42,6 +42,7 @@ DISTRIBUTED = "distributed"
 FUSED = "fused"
 ALPHA_BUCKET = 0.05  # sessions whose α estimates round to the same multiple form one group
 FLEET_WEIGHT = 0.1  # weight of each report in the worker-wide draft and path cost averages
+FLEET_STALE_S = 30.0  # a load level's fleet costs unrefreshed this long are forgotten (the next newcomer measures)
 FLEET_DECAY = 0.99  # per round, of the worker's pooled acceptance
 
 
@@ -297,8 +298,10 @@ class GoodputController:
         self._planned_at = -math.inf
         self._planned_n = -1
         self._clock = clock
-        self.fleet_draft_ms = 0.0  # EWMA over every session's reports: the estimate for a session with none yet
-        self.fleet_path_ms = 0.0
+        # EWMAs over every session's reports, per load level (see ``load_level``): what a session that has
+        # reported nothing yet is planned with. Drafting and the path cost more when more sessions share the
+        # drafters, the broker and the target's loop, so one average would carry one load's costs into another's
+        self._fleet: dict[int, list[float]] = {}  # level -> [draft ms per token, path ms, clock of the last report]
         self.fleet_accepted = 0.0  # pooled, slowly decayed acceptance over every session's rounds
         self.fleet_examined = 0.0
 
@@ -322,10 +325,12 @@ class GoodputController:
             if draft_ms > 0:
                 per = draft_ms / drafted
                 t.draft_ms = _ewma(t.draft_ms, per, 0.3)
-                self.fleet_draft_ms = _ewma(self.fleet_draft_ms, per, FLEET_WEIGHT)
+                fleet = self._fleet_at(self.load_level())
+                fleet[0], fleet[2] = _ewma(fleet[0], per, FLEET_WEIGHT), self._clock()
         if path_ms > 0:
             t.path_ms = _ewma(t.path_ms, path_ms, 0.3)
-            self.fleet_path_ms = _ewma(self.fleet_path_ms, path_ms, FLEET_WEIGHT)
+            fleet = self._fleet_at(self.load_level())
+            fleet[1] = _ewma(fleet[1], path_ms, FLEET_WEIGHT)
         if context:
             t.context = context
 
@@ -352,14 +357,33 @@ class GoodputController:
     def alpha_of(self, key: str) -> float:
         return min(self.sessions[key].alpha_with(self.prior_alpha()), 0.999)
 
+    def load_level(self) -> int:
+        """The worker's load as a level: 1 for one session, 2 for 2-3, 3 for 4-7, ... (doublings)."""
+        return max(1, len(self.sessions)).bit_length()
+
+    def _fleet_at(self, level: int) -> list[float]:
+        return self._fleet.setdefault(level, [0.0, 0.0, self._clock()])
+
+    def fleet_costs(self) -> tuple[float, float]:
+        """(draft ms per token, path ms) the fleet reported at this load level, or at a neighbouring one when
+        this one has none (0, 0: none known, or none refreshed within ``FLEET_STALE_S``)."""
+        now, level = self._clock(), self.load_level()
+        for at in (level, level - 1, level + 1):
+            f = self._fleet.get(at)
+            if f is not None and f[0] > 0 and now - f[2] <= FLEET_STALE_S:
+                return f[0], f[1]
+        return 0.0, 0.0
+
     def _views(self, keys: Iterable[str]) -> list[SessionCosts]:
-        """Each session's costs; one that has reported none yet borrows the fleet's (drafters are mostly alike)."""
-        return [SessionCosts(self.alpha_of(k), self.sessions[k].draft_ms or self.fleet_draft_ms,
-                             self.sessions[k].path_ms or self.fleet_path_ms, self.sessions[k].context) for k in keys]
+        """Each session's costs; one that has reported none yet borrows the fleet's at this load (drafters on one
+        target are mostly alike)."""
+        draft, path = self.fleet_costs()
+        return [SessionCosts(self.alpha_of(k), self.sessions[k].draft_ms or draft, self.sessions[k].path_ms or path,
+                             self.sessions[k].context) for k in keys]
 
     def knows_costs(self, key: str) -> bool:
-        """Whether a drafting cost is known for this session (its own reports, or the fleet's)."""
-        return bool(self.sessions[key].draft_ms or self.fleet_draft_ms)
+        """Whether a drafting cost is known for this session (its own reports, or the fleet's at this load)."""
+        return bool(self.sessions[key].draft_ms or self.fleet_costs()[0])
 
     def replan(self, force: bool = False) -> PlanOutcome | None:
         now = self._clock()

@@ -18,6 +18,8 @@ steps over the network.
 """
 from __future__ import annotations
 
+import time
+
 from dataclasses import dataclass, field
 from typing import Any, Callable, Collection, Sequence
 
@@ -109,11 +111,14 @@ class DraftRequest:
 
 
 def draft_batch(engine: Engine, requests: Sequence[DraftRequest],
-                prefill_rows: Sequence[tuple[int, Sequence[int]]] = ()) -> list[DraftChunk]:
+                prefill_rows: Sequence[tuple[int, Sequence[int]]] = (),
+                step_ms: list[float] | None = None) -> list[DraftChunk]:
     """Draft for many sessions at once: step j runs one forward over every session still drafting.
 
     Step 0 feeds each session's uncached tokens, step j feeds its draft token j; the draft cache ends up holding
     ``uncached + d1..d(γ-1)``. ``prefill_rows`` (slot, prompt chunk) ride along in step 0 (chunked prefill).
+    ``step_ms``, when given, gets each step's wall time (steps after the first are plain decode steps: what
+    drafting costs once the cache has caught up).
     """
     for r in requests:
         if r.gamma < 1 or not r.uncached:
@@ -126,6 +131,7 @@ def draft_batch(engine: Engine, requests: Sequence[DraftRequest],
     if extra and not live:
         engine.forward(extra, last_only=[True] * len(extra))
     while live:
+        t0 = time.perf_counter()
         rows = [(requests[i].slot, feeds[i]) for i in live] + extra
         logits = engine.forward(rows, last_only=[True] * len(rows))[:len(live)]
         extra = []
@@ -139,6 +145,8 @@ def draft_batch(engine: Engine, requests: Sequence[DraftRequest],
                 c.q_probs.append(probs)  # type: ignore[union-attr]
             feeds[i] = [tok]
         live = [i for i in live if len(chunks[i].tokens) < requests[i].gamma]
+        if step_ms is not None:
+            step_ms.append((time.perf_counter() - t0) * 1000.0)
     return chunks
 
 

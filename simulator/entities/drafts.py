@@ -205,7 +205,7 @@ def run_session(env: simpy.Environment, sim, req, device: DraftDevice):
     send_s = device.cls.send_ms / 1000.0
     fixed_s = overhead + device.cls.path_ms / 1000.0
     path_ms = 0.0  # the last round's round trip less its answering tick (reported with the next chunk)
-    catch_up = True  # the first round and those after a decode round feed unseen tokens: no draft cost reported
+    catch_up = True  # the first round and those after a decode round feed unseen tokens (see ``reported``)
     if batched and device.batcher is None:
         device.batcher = DraftBatcher(env, device)
     while req.committed < out:
@@ -226,7 +226,7 @@ def run_session(env: simpy.Environment, sim, req, device: DraftDevice):
             yield env.timeout(draft_s + out_s)
         sent = env.now
         done = env.event()
-        reported = 0.0 if catch_up else draft_s * 1000.0
+        reported = 0.0 if catch_up and g < 2 else draft_s * 1000.0  # catch-up: its later steps' cost (none: 1)
         while not target.verify(sess, g, done, decode, reported, path_ms):  # BUSY: wait the retry hint, resend
             yield env.timeout(retry_s + link.delay(CHUNK_BYTES + 4 * g, rng))
         ans: Answer = yield done
