@@ -299,8 +299,8 @@ def predict(rows: list[dict[str, Any]], setup: dict[str, Any], table, seeds: int
         if mode != "target-only":
             cal = cals[c]
             rec["draft_ms_line"] = round(draft_line(cals[c], n), 3)
-            if r.get("round_draft_ms") and r.get("mean_gamma"):
-                rec["draft_ms_meas"] = round(r["round_draft_ms"] / r["mean_gamma"], 3)
+            if r.get("round_draft_ms") and (r.get("mean_gamma") or 0) >= 1.0:  # mostly drafted rounds: the
+                rec["draft_ms_meas"] = round(r["round_draft_ms"] / r["mean_gamma"], 3)  # mean is per drafted token
         out.append(rec)
         if progress is not None:
             progress(rec)
@@ -320,7 +320,9 @@ def reason(rec: dict[str, Any]) -> str:
         g_m, g_s = rec.get("gamma_meas"), rec.get("gamma_sim")
         if g_m is not None and g_s is not None and abs(g_m - g_s) > 0.3:
             why.append(f"the controller chose differently (mean γ {g_m} measured, {g_s} simulated): the sim draws "
-                       "one iid α for every session, the real sessions' acceptance spreads")
+                       "one iid α for every session, the real sessions' acceptance spreads, and the real target's "
+                       "controller came to the point knowing the fleet's costs from the runs before it (the "
+                       "simulated one starts cold: its first rounds draft at γ 4)")
     if rec["context"] >= 2048 and rec["sessions"] >= 32 and not why:
         why.append("long prefills (N × 1984 tokens) in ticks mixed with decode rows: the table times uniform rows, "
                    "and a 256-token prefill row beside short ones is priced by interpolation over total tokens")
