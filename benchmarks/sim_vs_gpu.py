@@ -10,8 +10,11 @@ each a batched draft device on a zero-latency link.
 What comes from where (nothing is fitted to a predicted point):
 - target forward: the profile table (``--table``; default the setup's ``cost_table``), as is;
 - calibration, per context, from the N = 1 and N = 8 rows only (their first occurrence):
-  draft cost per token = ``round_draft_ms / mean_gamma`` of g2 and g4 (median), linear in N through the two points
-  and never falling (the draft processes share one CPU, so more sessions cost more per step); path per round = the N = 1 rows'
+  draft cost per token = ``round_draft_ms / mean_gamma`` of g2 and g4 (median): a batch-1 step with one process
+  (N = 1) and with eight sharing the host (N = 8), linear in processes between; a process drafting b sessions
+  pays that × a draft step's cost at b over batch 1 from ``--draft-table`` (a ``specmq profile`` of the draft on a
+  CPU, a separate measurement; default ``configs/profiles/cpu-tiny-draft.yaml``; ``none``: the old line through
+  the two points in N, never falling); path per round = the N = 1 rows'
   ``round_network_ms`` (median over g2, g4, auto: round trip less the target's forward, with nobody to wait for);
   host time per tick outside the forward = target-only N = 1 ``tpot_p50 × (1 − busy)`` less the path's share of
   a decode request (path / decode tokens): the host time of a one-row tick; the served forward's cost over the
@@ -66,6 +69,7 @@ GOALS = {"tok_s": 0.10, "tpot_p50_ms": 0.10, "tpot_p90_ms": 0.20}
 DECODE_TOKENS = 8
 ROOT = Path(__file__).resolve().parents[1]
 TICK_ROWS = "benchmarks/results/tick_h200.jsonl"  # the default --tick-rows, when present
+DRAFT_TABLE = "configs/profiles/cpu-tiny-draft.yaml"  # the default --draft-table, when present
 
 
 # --------------------------------------------------------------------------- reading the run
@@ -151,9 +155,10 @@ def _median(xs: list[float], what: str) -> float:
 
 
 def calibrate(rows: list[dict[str, Any]], context: int, table, output: int = 64,
-              tick_rows: list[dict[str, float]] | None = None) -> dict[str, float]:
-    """Per context, from the N = 1 and N = 8 rows only, and the host time per row from ``tick_rows`` (a
-    ``read_tick_rows`` list; None: 0) (see the module docstring)."""
+              tick_rows: list[dict[str, float]] | None = None, draft_table=None) -> dict[str, Any]:
+    """Per context, from the N = 1 and N = 8 rows only, the host time per row from ``tick_rows`` (a
+    ``read_tick_rows`` list; None: 0) and the draft's cost by batch from ``draft_table`` (a profile of the draft
+    on a CPU; None: the N = 1 / N = 8 line) (see the module docstring)."""
     at = {(r["mode"], r["sessions"]): r for r in rows if r["context"] == context and r["sessions"] in CALIB_N}
 
     def per_token(n: int) -> float:
@@ -174,6 +179,8 @@ def calibrate(rows: list[dict[str, Any]], context: int, table, output: int = 64,
         scale = eight["tpot_p50_ms"] * eight["busy"] / table.verify_ms(rows_, rows_, context - output / 2)
     cal = {"draft_ms_1": per_token(1), "draft_ms_8": per_token(8), "path_ms": path, "tick_overhead_ms": overhead,
            "cost_scale": scale, "host_one_row_ms": overhead, "tick_row_overhead_ms": 0.0}
+    if draft_table is not None:
+        cal["draft_scale"] = draft_scale(draft_table, context)
     if tick_rows:
         cal.update(fit_tick_rows(tick_rows, context))
         # the one-row tick's measured host time is the intercept: the per-tick constant is that less one row's share
@@ -197,6 +204,51 @@ def draft_line(cal: dict[str, float], sessions: int) -> float:
     return d1 + max(0.0, d8 - d1) * (sessions - 1) / (CALIB_N[1] - CALIB_N[0])
 
 
+def draft_steps(cal: dict[str, Any], sessions: int, procs: int) -> float | dict[int, float]:
+    """One draft step's ms at N sessions over ``procs`` draft processes: with a draft scaling profile
+    (``cal["draft_scale"]``: a step's cost at each batch over batch 1), ``{batch: ms}`` = the batch-1 step of
+    ``min(procs, N)`` processes sharing the host (from the N = 1 point to the N = 8 point's, linear in processes)
+    × the profile's ratio; without one, the N = 1 / N = 8 line (``draft_line``)."""
+    scale = cal.get("draft_scale")
+    if not scale:
+        return draft_line(cal, sessions)
+    d1, d8 = cal["draft_ms_1"], cal["draft_ms_8"]
+    p8 = min(procs, CALIB_N[1])
+    b8 = -(-CALIB_N[1] // p8)  # each process's batch at N = 8
+    shared = d8 / _ratio(scale, b8)  # a batch-1 step with p8 processes on the host
+    p = min(procs, sessions)
+    base = d1 + max(0.0, shared - d1) * (p - 1) / (p8 - 1) if p8 > 1 else d1
+    return {b: base * r for b, r in scale.items()}
+
+
+def _ratio(scale: dict[int, float], batch: int) -> float:
+    """The profile's step cost at ``batch`` over batch 1 (linear between its points, flat outside them)."""
+    pts = sorted(scale.items())
+    if batch <= pts[0][0]:
+        return pts[0][1]
+    for (b0, r0), (b1, r1) in zip(pts, pts[1:]):
+        if batch <= b1:
+            return r0 + (r1 - r0) * (batch - b0) / (b1 - b0)
+    return pts[-1][1] * batch / pts[-1][0]  # past the profile: a step costs in proportion to its rows
+
+
+def draft_at(cal: dict[str, Any], sessions: int, procs: int) -> float:
+    """The modelled step ms a process drafts at with N sessions (its batch: N over the processes)."""
+    steps = draft_steps(cal, sessions, procs)
+    if not isinstance(steps, dict):
+        return steps
+    base = steps[min(steps)] / _ratio(cal["draft_scale"], min(steps))
+    return base * _ratio(cal["draft_scale"], -(-sessions // min(procs, sessions)))
+
+
+def draft_scale(table, context: int, batches=(1, 2, 4, 8, 16, 32, 64)) -> dict[int, float]:
+    """A draft profile's step cost at each batch over batch 1, at ``context`` (``--draft-table``)."""
+    one = table.draft_step_ms(1, context)
+    if not one > 0:
+        raise BenchmarkError("the draft table's batch-1 step costs nothing: not a usable draft profile")
+    return {b: table.draft_step_ms(b, context) / one for b in batches}
+
+
 def sim_config(*, mode: str, sessions: int, context: int, output: int, alpha: float, cal: dict[str, float],
                slots: int, draft_procs: int, tick_ms: float, seed: int, draft_step_ms: float | None | str = "line",
                link: str = "local") -> dict[str, Any]:
@@ -205,7 +257,7 @@ def sim_config(*, mode: str, sessions: int, context: int, output: int, alpha: fl
     or "local": zero latency)."""
     from simulator.config import load_config
 
-    step = draft_line(cal, sessions) if draft_step_ms == "line" else draft_step_ms
+    step = draft_steps(cal, sessions, draft_procs) if draft_step_ms == "line" else draft_step_ms
     cfg = load_config(None, {
         "seed": seed, "duration_s": 600.0, "burn_in_s": 0.0, "drain_s": 600.0, "sample_ms": 1000.0,
         "gamma": {"target-only": 0, "g2": 2, "g4": 4, "auto": "auto"}[mode], "decode_tokens": DECODE_TOKENS,
@@ -270,14 +322,14 @@ def calibrate_opening(rows: list[dict[str, Any]], cal: dict[str, float], context
 
 
 def predict(rows: list[dict[str, Any]], setup: dict[str, Any], table, seeds: int = 3, progress=None,
-            tick_rows: list[dict[str, float]] | None = None
+            tick_rows: list[dict[str, float]] | None = None, draft_table=None
             ) -> tuple[list[dict[str, Any]], dict[int, dict[str, float]]]:
     """Every row simulated (mean of ``seeds`` runs) next to its measurement, and the per-context calibration."""
     output = int(setup.get("max_new_tokens", 64))
     slots = max(int(s) for s in setup.get("sessions") or [r["sessions"] for r in rows])
     procs = int(setup.get("draft_procs", 8))
     tick = float(setup.get("tick_ms", 2.0))
-    cals = {c: calibrate(rows, c, table, output, tick_rows) for c in sorted({r["context"] for r in rows})}
+    cals = {c: calibrate(rows, c, table, output, tick_rows, draft_table) for c in sorted({r["context"] for r in rows})}
     for c, cal in cals.items():
         calibrate_opening(rows, cal, c, setup, table)
     out = []
@@ -298,7 +350,7 @@ def predict(rows: list[dict[str, Any]], setup: dict[str, Any], table, seeds: int
         rec["busy_meas"], rec["batch_meas"] = r.get("busy"), r.get("target_batch")
         if mode != "target-only":
             cal = cals[c]
-            rec["draft_ms_line"] = round(draft_line(cals[c], n), 3)
+            rec["draft_ms_line"] = round(draft_at(cals[c], n, procs), 3)
             if r.get("round_draft_ms") and (r.get("mean_gamma") or 0) >= 1.0:  # mostly drafted rounds: the
                 rec["draft_ms_meas"] = round(r["round_draft_ms"] / r["mean_gamma"], 3)  # mean is per drafted token
         out.append(rec)
@@ -315,7 +367,7 @@ def reason(rec: dict[str, Any]) -> str:
     if line and meas and meas > 1.3 * line:
         what = "incl. catch-up after decode rounds" if rec["mode"] == "auto" else "the draft processes saturate " \
             "the shared CPU"
-        why.append(f"drafting: {meas:.1f} ms/token measured vs {line:.1f} on the N=1/N=8 line ({what})")
+        why.append(f"drafting: {meas:.1f} ms/token measured vs {line:.1f} modelled ({what})")
     if rec["mode"] == "auto":
         g_m, g_s = rec.get("gamma_meas"), rec.get("gamma_sim")
         if g_m is not None and g_s is not None and abs(g_m - g_s) > 0.3:
@@ -646,7 +698,8 @@ def _pct(x: float | None) -> str:
 
 
 def markdown(results: list[dict[str, Any]], cals: dict[int, dict[str, float]], setup: dict[str, Any],
-             rows_path: str, table_path: str, command: str, tick_rows_path: str | None = None) -> str:
+             rows_path: str, table_path: str, command: str, tick_rows_path: str | None = None,
+             draft_table_path: str | None = None) -> str:
     pred = [r for r in results if r["role"] == "predicted"]
     lines = ["# Simulator vs GPU: out-of-sample predictions of the H200 capacity run", "",
              f"Command: `{command}`  ", f"Measured rows: `{rows_path}` (machine: {setup.get('device_name', '?')} "
@@ -671,6 +724,17 @@ def markdown(results: list[dict[str, Any]], cals: dict[int, dict[str, float]], s
                        "one-row tick keeps its N = 1 value.")]
     else:
         lines += ["", "Host ms/row: none (`--tick-rows none`): every tick costs forward + host ms/tick."]
+    if draft_table_path:
+        ratios = {c: cal["draft_scale"] for c, cal in cals.items() if cal.get("draft_scale")}
+        shown = "; ".join(f"context {c}: " + ", ".join(f"{b}: {r:.2f}" for b, r in sorted(sc.items()))
+                          for c, sc in ratios.items())
+        lines += ["", (f"Draft step by batch: `{draft_table_path}` (`specmq profile` of the draft on a CPU, a separate "
+                       "measurement), as its step cost at each batch over batch 1 "
+                       f"({shown}). A process drafting b sessions at N pays the batch-1 step of min(procs, N) "
+                       "processes sharing the host (the N = 1 point to the N = 8 point, linear in processes) × the "
+                       "ratio at b.")]
+    else:
+        lines += ["", "Draft step by batch: none (`--draft-table none`): the N = 1 / N = 8 line in N."]
     lines += ["", "Errors are sim / measured − 1. Rows marked calib were used for calibration (N = 1, 8); "
               "all others are predictions.", "",
               "| ctx | mode | N | role | α in | tok/s meas | sim | err | TPOT p50 meas | sim | err | "
@@ -724,9 +788,25 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "contexts 512/2048/8192, draft devices second GPU / laptop / phone (1B) at RTT 1/10/40 ms, "
                         "target-only, and the targets for 1,000 and 10,000 laptops")
     p.add_argument("--plot", type=Path, default=None, help="--map: write the PNG (sessions at 30 ms vs RTT) here")
+    p.add_argument("--draft-table", default=None, metavar="FILE",
+                   help=f"a 'specmq profile' table of the CPU draft: a draft step's cost by batch, over batch 1 "
+                        f"(default: {DRAFT_TABLE} when present; 'none': the N=1/N=8 line)")
     p.add_argument("--tick-rows", default=None, metavar="FILE",
                    help=f"a 'specmq bench tick' file: host ms per tick row = the slope of host_ms over batch "
                         f"(default: {TICK_ROWS} when present; 'none': no per-row host time)")
+
+
+def draft_table_file(arg: str | None) -> str | None:
+    """``--draft-table``: the draft profile to scale by batch with (None: the line). Unset: the shipped one."""
+    if arg is None:
+        return DRAFT_TABLE if (ROOT / DRAFT_TABLE).exists() else None
+    if arg.strip().lower() == "none":
+        return None
+    if not Path(arg).exists() and (ROOT / arg).exists():
+        return str(ROOT / arg)
+    if not Path(arg).exists():
+        raise BenchmarkError(f"draft table {arg} not found (pass --draft-table none to go without)")
+    return arg
 
 
 def tick_rows_file(arg: str | None) -> str | None:
@@ -805,7 +885,14 @@ def run(args: argparse.Namespace) -> int:
         else:
             print(capacity_markdown(cap), end="")
         return 0
-    results, cals = predict(rows, setup, table, args.seeds, tick_rows=ticks,
+    draft_path = draft_table_file(args.draft_table)
+    draft_table = None
+    if draft_path is not None:
+        try:
+            draft_table = load_table(draft_path if Path(draft_path).exists() else ROOT / draft_path)
+        except CostTableError as exc:
+            raise BenchmarkError(str(exc)) from None
+    results, cals = predict(rows, setup, table, args.seeds, tick_rows=ticks, draft_table=draft_table,
                             progress=None if args.json else lambda r: print(
                                 f"sim_vs_gpu: ctx {r['context']} {r['mode']:<11} N={r['sessions']:<4} tok/s "
                                 f"{_pct(r['tok_s_err'])} p50 {_pct(r['tpot_p50_ms_err'])} "
@@ -814,11 +901,12 @@ def run(args: argparse.Namespace) -> int:
         if "sim_vs_gpu" in sys.argv else "specmq bench sim_vs_gpu"
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(markdown(results, cals, setup, str(args.rows), str(table_path), command, ticks_path))
+        args.out.write_text(markdown(results, cals, setup, str(args.rows), str(table_path), command, ticks_path,
+                                     draft_path))
     s = summary(results)
     if args.json:
         print_json({"calibration": {str(c): v for c, v in cals.items()}, "points": results, "summary": s,
-                    "tick_rows": _tick_rows_info(ticks_path, cals),
+                    "tick_rows": _tick_rows_info(ticks_path, cals), "draft_table": draft_path,
                     "synthetic_table": bool(getattr(table, "synthetic", False))})
     else:
         for k, st in s.items():

@@ -254,3 +254,44 @@ def test_bad_tick_rows_files_are_named(tmp_path, rows_file, capsys):
     rc, _, err = run_cli(["bench", "sim_vs_gpu", "--rows", str(rows_file), "--tick-rows",
                           str(tmp_path / "missing.jsonl")], capsys)
     assert rc != 0 and "tick rows file" in err and "not found" in err
+
+
+def test_draft_steps_scale_by_batch_and_by_processes_sharing_the_host():
+    from benchmarks.sim_vs_gpu import draft_at, draft_steps
+
+    cal = {"draft_ms_1": 2.0, "draft_ms_8": 2.4, "draft_scale": {1: 1.0, 2: 1.5, 4: 2.5, 8: 4.5, 16: 8.5}}
+    assert draft_steps(cal, 1, 8) == {1: 2.0, 2: 3.0, 4: 5.0, 8: 9.0, 16: 17.0}  # one process: the N = 1 step
+    assert draft_steps(cal, 8, 8)[1] == pytest.approx(2.4)  # eight processes of one session: the N = 8 step
+    assert draft_steps(cal, 4, 8)[1] == pytest.approx(2.0 + 0.4 * 3 / 7)  # four processes: between
+    assert draft_at(cal, 64, 8) == pytest.approx(2.4 * 4.5)  # 64 sessions on 8 processes: batch 8 each
+    assert draft_at(cal, 256, 8) == pytest.approx(2.4 * 8.5 * 2)  # past the profile: in proportion to rows
+    two = {**cal, "draft_ms_8": 2.0 * 4.5 * 1.1}  # with 2 processes, N = 8 drafts 4 sessions each
+    assert draft_steps(two, 8, 2)[1] == pytest.approx(2.0 * 4.5 * 1.1 / 2.5)
+    line = {"draft_ms_1": 2.0, "draft_ms_8": 2.7}  # no profile: the line in N through N = 1 and N = 8
+    assert draft_steps(line, 15, 8) == pytest.approx(2.0 + 0.1 * 14)
+
+
+def test_draft_table_option_reaches_the_prediction_and_the_report(rows_file, tmp_path, capsys):
+    path = tmp_path / "draft.yaml"
+    batch, context = [1, 2, 8, 16], [0, 4096]
+    write_table(path, model="draft", device="cpu", dtype="float32", hardware="formula (test)",
+                target_axes={"batch": batch, "tokens": [1, 8], "context": context},
+                target_latency_ms=[[[1.0 * b for _ in context] for _ in (1, 8)] for b in batch],
+                draft_axes={"batch": batch, "context": context},
+                draft_latency_ms=[[1.0 * b for _ in context] for b in batch], synthetic=True)
+    out = {}
+    for name, flag in (("steep", str(path)), ("line", "none")):
+        md = tmp_path / f"{name}.md"
+        rc, text, _ = run_cli(["bench", "sim_vs_gpu", "--rows", str(rows_file), "--seeds", "1", "--json",
+                               "--draft-table", flag, "--out", str(md)], capsys)
+        assert rc == 0
+        out[name] = (json.loads(text), md.read_text())
+    steep, line = out["steep"][0], out["line"][0]
+    assert steep["draft_table"] == str(path) and line["draft_table"] is None
+    assert steep["calibration"][str(CONTEXT)]["draft_scale"]["16"] == pytest.approx(16.0)
+    tok = {name: {(p["mode"], p["sessions"]): p["tok_s_sim"] for p in out[name][0]["points"]} for name in out}
+    assert tok["steep"][("g4", 16)] < tok["line"][("g4", 16)]  # 8 sessions a process cost 8x a step, not the line
+    assert str(path) in out["steep"][1] and "--draft-table none" in out["line"][1]
+    rc, _, err = run_cli(["bench", "sim_vs_gpu", "--rows", str(rows_file), "--draft-table", str(tmp_path / "no.yaml")],
+                         capsys)
+    assert rc != 0 and "draft table" in err and "no.yaml" in err
