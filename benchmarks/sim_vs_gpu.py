@@ -13,8 +13,8 @@ What comes from where (nothing is fitted to a predicted point):
   draft cost per token = ``round_draft_ms / mean_gamma`` of g2 and g4 (median): a batch-1 step with one process
   (N = 1) and with eight sharing the host (N = 8), linear in processes between; a process drafting b sessions
   pays that × a draft step's cost at b over batch 1 from ``--draft-table`` (a ``specmq profile`` of the draft on a
-  CPU, a separate measurement; default ``configs/profiles/cpu-tiny-draft.yaml``; ``none``: the old line through
-  the two points in N, never falling); path per round = the N = 1 rows'
+  CPU, a separate measurement); without one (the default), the line through the two points in N, never falling
+  (more sessions on the same CPU never make a draft step cheaper); path per round = the N = 1 rows'
   ``round_network_ms`` (median over g2, g4, auto: round trip less the target's forward, with nobody to wait for);
   host time per tick outside the forward = target-only N = 1 ``tpot_p50 × (1 − busy)`` less the path's share of
   a decode request (path / decode tokens): the host time of a one-row tick; the served forward's cost over the
@@ -69,7 +69,6 @@ GOALS = {"tok_s": 0.10, "tpot_p50_ms": 0.10, "tpot_p90_ms": 0.20}
 DECODE_TOKENS = 8
 ROOT = Path(__file__).resolve().parents[1]
 TICK_ROWS = "benchmarks/results/tick_h200.jsonl"  # the default --tick-rows, when present
-DRAFT_TABLE = "configs/profiles/cpu-tiny-draft.yaml"  # the default --draft-table, when present
 
 
 # --------------------------------------------------------------------------- reading the run
@@ -734,7 +733,7 @@ def markdown(results: list[dict[str, Any]], cals: dict[int, dict[str, float]], s
                        "processes sharing the host (the N = 1 point to the N = 8 point, linear in processes) × the "
                        "ratio at b.")]
     else:
-        lines += ["", "Draft step by batch: none (`--draft-table none`): the N = 1 / N = 8 line in N."]
+        lines += ["", "Draft step by batch: no draft profile (`--draft-table`): the N = 1 / N = 8 line in N."]
     lines += ["", "Errors are sim / measured − 1. Rows marked calib were used for calibration (N = 1, 8); "
               "all others are predictions.", "",
               "| ctx | mode | N | role | α in | tok/s meas | sim | err | TPOT p50 meas | sim | err | "
@@ -789,18 +788,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "target-only, and the targets for 1,000 and 10,000 laptops")
     p.add_argument("--plot", type=Path, default=None, help="--map: write the PNG (sessions at 30 ms vs RTT) here")
     p.add_argument("--draft-table", default=None, metavar="FILE",
-                   help=f"a 'specmq profile' table of the CPU draft: a draft step's cost by batch, over batch 1 "
-                        f"(default: {DRAFT_TABLE} when present; 'none': the N=1/N=8 line)")
+                   help="a 'specmq profile' table of the CPU draft (e.g. configs/profiles/cpu-tiny-draft.yaml): a "
+                        "draft step's cost by batch over batch 1 scales the calibrated step (default, or 'none': the "
+                        "N=1/N=8 line)")
     p.add_argument("--tick-rows", default=None, metavar="FILE",
                    help=f"a 'specmq bench tick' file: host ms per tick row = the slope of host_ms over batch "
                         f"(default: {TICK_ROWS} when present; 'none': no per-row host time)")
 
 
 def draft_table_file(arg: str | None) -> str | None:
-    """``--draft-table``: the draft profile to scale by batch with (None: the line). Unset: the shipped one."""
-    if arg is None:
-        return DRAFT_TABLE if (ROOT / DRAFT_TABLE).exists() else None
-    if arg.strip().lower() == "none":
+    """``--draft-table``: the draft profile to scale by batch with (None, unset or 'none': the line)."""
+    if arg is None or arg.strip().lower() == "none":
         return None
     if not Path(arg).exists() and (ROOT / arg).exists():
         return str(ROOT / arg)

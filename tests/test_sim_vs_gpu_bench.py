@@ -291,7 +291,7 @@ def test_draft_table_option_reaches_the_prediction_and_the_report(rows_file, tmp
     assert steep["calibration"][str(CONTEXT)]["draft_scale"]["16"] == pytest.approx(16.0)
     tok = {name: {(p["mode"], p["sessions"]): p["tok_s_sim"] for p in out[name][0]["points"]} for name in out}
     assert tok["steep"][("g4", 16)] < tok["line"][("g4", 16)]  # 8 sessions a process cost 8x a step, not the line
-    assert str(path) in out["steep"][1] and "--draft-table none" in out["line"][1]
+    assert str(path) in out["steep"][1] and "no draft profile" in out["line"][1]
     rc, _, err = run_cli(["bench", "sim_vs_gpu", "--rows", str(rows_file), "--draft-table", str(tmp_path / "no.yaml")],
                          capsys)
     assert rc != 0 and "draft table" in err and "no.yaml" in err
