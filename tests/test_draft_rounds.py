@@ -256,12 +256,21 @@ def test_the_gather_keeps_a_burst_together_and_ends_when_the_requests_stop():
     assert a.wait_ms >= 300.0  # the first waited out the quiet window after the second asked (20 ms + 300 ms)
 
 
-class DecodingFleetClient(FakeClient):
-    """A target whose controller says "decode" from the open on, and answers decode requests with their tokens."""
+class RecordingClient(FakeClient):
+    """Keeps every Verify it was sent."""
 
     def __init__(self) -> None:
         super().__init__({})
         self.sent: list[Verify] = []
+
+    async def request(self, msg, timeout=None, retries=None, deadline=None):
+        if isinstance(msg, Verify):
+            self.sent.append(msg)
+        return await super().request(msg, timeout, retries, deadline)
+
+
+class DecodingFleetClient(RecordingClient):
+    """A target whose controller says "decode" from the open on, and answers decode requests with their tokens."""
 
     async def request(self, msg, timeout=None, retries=None, deadline=None):
         if isinstance(msg, SessionOpen):
@@ -316,17 +325,6 @@ class CatchUpEngine(FakeDraftEngine):
     def forward(self, rows, last_only=None):
         time.sleep(0.06 if any(len(toks) > 2 for _, toks in rows) else 0.002)
         return super().forward(rows, last_only)
-
-
-class RecordingClient(FakeClient):
-    def __init__(self) -> None:
-        super().__init__({})
-        self.sent: list[Verify] = []
-
-    async def request(self, msg, timeout=None, retries=None, deadline=None):
-        if isinstance(msg, Verify):
-            self.sent.append(msg)
-        return await super().request(msg, timeout, retries, deadline)
 
 
 @pytest.mark.parametrize("gamma", [1, 3])
