@@ -16,7 +16,8 @@ after the first delivery: decode mode delivers ``--decode-tokens`` at a time, sp
 and busy fraction (time in forwards over wall), the mean round breakdown (draft, network = round trip minus the
 target's verify time, verify, queue; and the split of a round into draft_wait + draft + path + busy_wait + verify,
 where path is the software path: drafter loop, serialisation, broker hops, the target's gather window; with the
-per-round p50 of path), and ``lossless``: the fraction of sessions whose tokens equal target-only's.
+per-round p50 of path), ``lossless``: the fraction of sessions whose tokens equal target-only's, and at one
+session ``gamma_trace``: its γ per round (0: a decode request), which shows how auto chose.
 Per mode and SLO, the summary gives the most sessions whose TPOT p90 meets the SLO.
 
 On the lent 2-GPU machine: the grown 8B-class target (``--target-grow llama-3.1-8b``, bf16) on cuda:0 and the grown
@@ -121,7 +122,8 @@ def draft_proc() -> None:
             reply.write(json.dumps({"error": str(exc)}) + "\n")
             continue
         t1 = time.time()
-        dicts = [{k: v for k, v in r.to_json().items() if k not in ("prompt", "text")} for r in results]
+        dicts = [{**{k: v for k, v in r.to_json().items() if k not in ("prompt", "text")}, "gammas": r.gammas}
+                 for r in results]
         rounds = [r for r in worker.rows if r.gamma > 0]
         sums: dict[str, Any] = {k: float(sum(getattr(r, k) for r in rounds)) for k in ROUND_PARTS}
         sums["n"] = len(rounds)
@@ -206,6 +208,8 @@ def make_row(context: int, mode: str, temperature: float, results: list[dict], w
                 row[f"round_{k}"] = round(rounds[k] / rounds["n"], 3)
         if rounds.get("path_ms_rounds"):
             row["round_path_p50_ms"] = _r(percentile(rounds["path_ms_rounds"], 0.5))
+    if len(results) == 1 and results[0].get("gammas") is not None and mode != "target-only":
+        row["gamma_trace"] = results[0]["gammas"]  # a lone session's γ per round (0: a decode request): how it chose
     first_error = next((r["error"] for r in results if r.get("error")), None)
     if first_error:
         row["first_error"] = first_error

@@ -47,6 +47,11 @@ def test_row_reports_each_round_part_and_the_path_median_over_every_process():
     assert row["round_network_ms"] == 8.0 and row["round_queue_ms"] == 3.2  # the old parts keep their meaning
     assert row["round_path_p50_ms"] == 3.0  # the median round, not the mean of sums
     assert "round_path_p50_ms" not in make_row(96, "g2", 0.0, results, 1.0, counters, counters, None)
+    assert "gamma_trace" not in row  # the results carry no per-round γ
+    traced = make_row(96, "auto", 0.0, [dict(results[0], gammas=[4, 0, 0, 2])], 1.0, counters, counters, rounds)
+    assert traced["gamma_trace"] == [4, 0, 0, 2]  # a lone session's choices, round by round
+    two = [dict(results[0], gammas=[2]), dict(results[0], gammas=[0])]
+    assert "gamma_trace" not in make_row(96, "auto", 0.0, two, 1.0, counters, counters, rounds)
 
 
 @pytest.mark.slow
@@ -65,6 +70,10 @@ def test_cpu_run_every_mode_is_lossless_and_the_report_renders(tmp_path):
                                                             for n in (1, 2)}
     assert all(r["lossless"] == 1.0 and r["errors"] == 0 and r["tokens"] == 6 * r["sessions"] for r in points)
     assert all(r["mean_gamma"] == 0.0 for r in points if r["mode"] == "target-only")  # decode mode throughout
+    for r in points:  # a lone session's γ per round, whose mean is the row's mean γ
+        if r["sessions"] == 1 and r["mode"] in ("g2", "auto"):
+            assert r["gamma_trace"] and r["mean_gamma"] == pytest.approx(sum(r["gamma_trace"]) / len(r["gamma_trace"]),
+                                                                          abs=0.01)
     for r in points:
         if r["mode"] in ("g2", "auto") and r.get("round_path_ms") is not None:  # the round split and its median
             assert r["round_path_p50_ms"] >= 0 and r["round_busy_wait_ms"] <= r["round_queue_ms"] + 1e-6
