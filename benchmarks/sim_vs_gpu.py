@@ -28,6 +28,9 @@ What comes from where (nothing is fitted to a predicted point):
   the simulated one. A separate benchmark of the target's tick, not a capacity point, so nothing predicted feeds it.
   Only the slope is taken: the one-row tick's host time above stays the intercept, so the per-tick constant becomes
   that less b (a one-row tick still costs what N = 1 measured);
+- auto points start warm, as in the run (its modes ran target-only, g2, g4, then auto on one target): the
+  controller knows per-load-level drafting and path costs (the calibrated draft cost at 2^(level-1) sessions, the
+  N = 1 path) and a pooled acceptance (the N = 8 rows' α); ``--cold-auto``: it knows nothing;
 - workload: each (context, N)'s acceptance α is the mean of the g2 and g4 rows' measured α (the prompts' acceptance
   under plain speculation, an input like the context length), drawn iid per token.
 
@@ -279,14 +282,19 @@ def sim_config(*, mode: str, sessions: int, context: int, output: int, alpha: fl
     return cfg
 
 
-def simulate_point(cfg: dict[str, Any], sessions: int, table) -> dict[str, float]:
+def simulate_point(cfg: dict[str, Any], sessions: int, table, warm: tuple[dict, float] | None = None
+                   ) -> dict[str, float]:
     """Run one point and measure it as ``bench capacity`` does: the target's first token (with the open) is not
     delivered; TTFT is the first round's answer; TPOT is the time from it to the last token over the tokens after
-    it; tok/s is every delivered token over first start to last token."""
+    it; tok/s is every delivered token over first start to last token. ``warm``: (per-level fleet costs, pooled α)
+    to start the target's controller from (``warm_state``)."""
     from simulator.metrics import percentile
     from simulator.simulation import Simulation
 
     sim = Simulation(cfg, costs=table)
+    ctl = sim.targets[0].controller
+    if warm is not None and ctl is not None:
+        ctl.warm(*warm)
     sim.run()
     reqs = [r for r in sim.requests if not math.isnan(r.finished)][:sessions]
     if len(reqs) < sessions:
@@ -299,6 +307,14 @@ def simulate_point(cfg: dict[str, Any], sessions: int, table) -> dict[str, float
     return {"tok_s": delivered / wall, "tpot_p50_ms": percentile(tpots, 50), "tpot_p90_ms": percentile(tpots, 90),
             "ttft_p50_s": percentile([r.first_result - r.arrival for r in reqs], 50),
             "mean_gamma": m.drafted / (m.rounds + m.decode_rounds) if m.rounds + m.decode_rounds else 0.0}
+
+
+def warm_state(cal: dict[str, Any], alpha: float, procs: int, levels: int = 9) -> tuple[dict, float]:
+    """What the run's target knew when an auto point began: the modes before it (fixed γ at every N) had reported
+    drafting and path costs at each load level and pooled their acceptance. Modelled from the calibration only:
+    the draft cost at 2^(level-1) sessions, the N = 1 path, and ``alpha`` (the N = 8 rows' acceptance, standing
+    for the pool of many sessions' rounds)."""
+    return {lv: (draft_at(cal, 2 ** (lv - 1), procs), cal["path_ms"]) for lv in range(1, levels + 1)}, alpha
 
 
 def calibrate_opening(rows: list[dict[str, Any]], cal: dict[str, float], context: int, setup: dict[str, Any],
@@ -321,7 +337,7 @@ def calibrate_opening(rows: list[dict[str, Any]], cal: dict[str, float], context
 
 
 def predict(rows: list[dict[str, Any]], setup: dict[str, Any], table, seeds: int = 3, progress=None,
-            tick_rows: list[dict[str, float]] | None = None, draft_table=None
+            tick_rows: list[dict[str, float]] | None = None, draft_table=None, warm_auto: bool = True
             ) -> tuple[list[dict[str, Any]], dict[int, dict[str, float]]]:
     """Every row simulated (mean of ``seeds`` runs) next to its measurement, and the per-context calibration."""
     output = int(setup.get("max_new_tokens", 64))
@@ -335,8 +351,9 @@ def predict(rows: list[dict[str, Any]], setup: dict[str, Any], table, seeds: int
     for r in rows:
         c, n, mode = r["context"], r["sessions"], r["mode"]
         alpha = acceptance(rows, c, n)
+        warm = warm_state(cals[c], acceptance(rows, c, CALIB_N[1]), procs) if mode == "auto" and warm_auto else None
         runs = [simulate_point(sim_config(mode=mode, sessions=n, context=c, output=output, alpha=alpha, cal=cals[c],
-                                          slots=slots, draft_procs=procs, tick_ms=tick, seed=s), n, table)
+                                          slots=slots, draft_procs=procs, tick_ms=tick, seed=s), n, table, warm)
                 for s in range(seeds)]
         pred = {k: statistics.mean(x[k] for x in runs) for k in runs[0]}
         rec = {"context": c, "mode": mode, "sessions": n, "role": "calib" if n in CALIB_N else "predicted",
@@ -371,9 +388,8 @@ def reason(rec: dict[str, Any]) -> str:
         g_m, g_s = rec.get("gamma_meas"), rec.get("gamma_sim")
         if g_m is not None and g_s is not None and abs(g_m - g_s) > 0.3:
             why.append(f"the controller chose differently (mean γ {g_m} measured, {g_s} simulated): the sim draws "
-                       "one iid α for every session, the real sessions' acceptance spreads, and the real target's "
-                       "controller came to the point knowing the fleet's costs from the runs before it (the "
-                       "simulated one starts cold: its first rounds draft at γ 4)")
+                       "one iid α for every session, the real sessions' acceptance spreads, and the controller's "
+                       "warm start is modelled from the calibration, not from what the runs before it measured")
     if rec["context"] >= 2048 and rec["sessions"] >= 32 and not why:
         why.append("long prefills (N × 1984 tokens) in ticks mixed with decode rows: the table times uniform rows, "
                    "and a 256-token prefill row beside short ones is priced by interpolation over total tokens")
@@ -791,6 +807,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="a 'specmq profile' table of the CPU draft (e.g. configs/profiles/cpu-tiny-draft.yaml): a "
                         "draft step's cost by batch over batch 1 scales the calibrated step (default, or 'none': the "
                         "N=1/N=8 line)")
+    p.add_argument("--cold-auto", action="store_true",
+                   help="start each auto point's controller knowing nothing (default: warmed as the run's order left "
+                        "it: fixed-γ modes ran before auto on the same target)")
     p.add_argument("--tick-rows", default=None, metavar="FILE",
                    help=f"a 'specmq bench tick' file: host ms per tick row = the slope of host_ms over batch "
                         f"(default: {TICK_ROWS} when present; 'none': no per-row host time)")
@@ -891,6 +910,7 @@ def run(args: argparse.Namespace) -> int:
         except CostTableError as exc:
             raise BenchmarkError(str(exc)) from None
     results, cals = predict(rows, setup, table, args.seeds, tick_rows=ticks, draft_table=draft_table,
+                            warm_auto=not args.cold_auto,
                             progress=None if args.json else lambda r: print(
                                 f"sim_vs_gpu: ctx {r['context']} {r['mode']:<11} N={r['sessions']:<4} tok/s "
                                 f"{_pct(r['tok_s_err'])} p50 {_pct(r['tpot_p50_ms_err'])} "

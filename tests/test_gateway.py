@@ -15,6 +15,7 @@ import subprocess
 import sys
 import threading
 import time
+import traceback
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -71,7 +72,15 @@ class LoopThread:
             except RuntimeError:  # loop already closed
                 pass
         self.thread.join(timeout)
-        assert not self.thread.is_alive(), f"{self.thread.name} did not stop"
+        if self.thread.is_alive():  # say where it hangs: the stuck thread's stack and its loop's pending tasks
+            frame = sys._current_frames().get(self.thread.ident)
+            where = "".join(traceback.format_stack(frame)) if frame is not None else "?"
+            try:  # read from another thread: diagnostics only
+                tasks = [repr(t) for t in asyncio.all_tasks(self.loop)] if self.loop is not None else []
+            except RuntimeError as exc:
+                tasks = [f"unreadable: {exc}"]
+            raise AssertionError(f"{self.thread.name} did not stop within {timeout:g} s; its stack:\n{where}"
+                                 f"\npending tasks: {tasks}")
         if self.error is not None:
             raise self.error
 

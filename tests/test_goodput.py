@@ -306,6 +306,21 @@ def test_fleet_costs_are_kept_per_load_level_and_forgotten_when_stale():
     assert ctl.fleet_costs() == (0.0, 0.0) and ctl.next_gamma("next") == -1
 
 
+def test_a_warmed_controller_advises_newcomers_at_once():
+    """Warmed with per-level fleet costs and a pooled acceptance (a restarted target, or a simulated point that
+    follows others), a newcomer gets advice at its open instead of drafting blind."""
+    ctl = GoodputController(Roofline(weights_ms=5.0), ControllerConfig(max_gamma=6, replan_ms=0.0))
+    ctl.track("new", 100)
+    assert ctl.next_gamma("new") == -1  # cold: nothing known
+    ctl.warm({1: (40.0, 2.0), 2: (40.0, 2.0)}, alpha=0.7, examined=64)
+    assert ctl.prior_alpha() == pytest.approx(0.7) and ctl.fleet_costs() == (40.0, 2.0)
+    assert ctl.next_gamma("new") == 0  # drafting at 40 ms a token cannot pay: decode from the open
+    fast = GoodputController(Roofline(weights_ms=5.0), ControllerConfig(max_gamma=6, replan_ms=0.0))
+    fast.track("new", 100)
+    fast.warm({1: (0.3, 0.5)}, alpha=0.9, examined=64)
+    assert fast.next_gamma("new") >= 2
+
+
 def test_a_session_is_not_sent_to_decode_mode_on_two_unlucky_first_rounds():
     """Until a session has examined MIN_EVIDENCE draft tokens (or the worker has pooled FLEET_EVIDENCE), its own
     acceptance gives no advice: a bad start does not buy the rest of the session in decode mode. Once the fleet

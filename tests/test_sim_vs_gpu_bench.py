@@ -295,3 +295,19 @@ def test_draft_table_option_reaches_the_prediction_and_the_report(rows_file, tmp
     rc, _, err = run_cli(["bench", "sim_vs_gpu", "--rows", str(rows_file), "--draft-table", str(tmp_path / "no.yaml")],
                          capsys)
     assert rc != 0 and "draft table" in err and "no.yaml" in err
+
+
+def test_auto_points_start_with_what_the_runs_before_them_taught_the_controller(rows_file, table):
+    from benchmarks.sim_vs_gpu import calibrate, draft_at, predict, warm_state
+
+    setup, rows = read_rows(rows_file)
+    cal = calibrate(rows, CONTEXT, load_table(table), OUTPUT)
+    costs, alpha = warm_state(cal, 0.7, procs=2)
+    assert sorted(costs) == list(range(1, 10)) and alpha == 0.7
+    assert costs[1] == (pytest.approx(cal["draft_ms_1"]), cal["path_ms"])
+    assert costs[6][0] == pytest.approx(draft_at(cal, 32, 2)) and costs[6][0] >= costs[1][0]
+    t = load_table(table)
+    warm = {(r["mode"], r["sessions"]): r for r in predict(rows, setup, t, seeds=1, warm_auto=True)[0]}
+    cold = {(r["mode"], r["sessions"]): r for r in predict(rows, setup, t, seeds=1, warm_auto=False)[0]}
+    assert warm[("g2", 16)] == cold[("g2", 16)]  # fixed γ has no controller to warm
+    assert any(warm[("auto", n)] != cold[("auto", n)] for n in (1, 8, 16))  # auto starts from what it knew

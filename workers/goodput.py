@@ -357,6 +357,15 @@ class GoodputController:
     def alpha_of(self, key: str) -> float:
         return min(self.sessions[key].alpha_with(self.prior_alpha()), 0.999)
 
+    def warm(self, costs: dict[int, tuple[float, float]], alpha: float, examined: float = FLEET_EVIDENCE) -> None:
+        """Start from what a worker that has served before knows: per load level, (draft ms per token, path ms) as
+        the fleet reported them, and the fleet's pooled acceptance over ``examined`` draft tokens. A restarted
+        target can be warmed from a saved state; the simulator warms a point the way the runs before it did."""
+        now = self._clock()
+        for level, (draft_ms, path_ms) in costs.items():
+            self._fleet[int(level)] = [float(draft_ms), float(path_ms), now]
+        self.fleet_accepted, self.fleet_examined = alpha * examined, float(examined)
+
     def load_level(self) -> int:
         """The worker's load as a level: 1 for one session, 2 for 2-3, 3 for 4-7, ... (doublings)."""
         return max(1, len(self.sessions)).bit_length()
