@@ -23,6 +23,13 @@ def print_json(obj: Any) -> None:
     print(json.dumps(obj, sort_keys=False, default=str), flush=True)
 
 
+def print_rows_json(header: dict, rows: Any) -> None:
+    """``--json`` output of a table benchmark: its header object, then one object per row."""
+    print_json({"header": header})
+    for r in rows:
+        print_json(r)
+
+
 def quiet_logs(level: str = "error") -> None:
     """Drop log lines below ``level`` in a benchmark's own helper processes (they do not start through the CLI)."""
     import structlog

@@ -18,7 +18,7 @@ import sys
 import time
 from typing import Any
 
-from benchmarks import BenchmarkError, print_json
+from benchmarks import BenchmarkError, print_rows_json
 from workers.profiling import int_list
 
 HELP = "CUDA-graph engine vs HF eager vs the memory floor (needs CUDA)"
@@ -169,9 +169,7 @@ def run(args: argparse.Namespace) -> int:
             mine[f"hf{tag}_ms"] = r["ms"]
             mine[f"speedup_vs_hf{tag}"] = round(r["ms"] / mine["ms"], 2)
     if args.json:
-        print_json({"header": head})
-        for r in rows + drows + hf:
-            print_json(r)
+        print_rows_json(head, rows + drows + hf)
         return 0
     print(f"# {name}, torch {torch.__version__}, attention {info['attention']}, copy bandwidth {bw / 1e9:.0f} GB/s, "
           f"8B weights {info['weight_bytes'] / 1e9:.2f} GB, 1B weights {dinfo['weight_bytes'] / 1e9:.2f} GB")

@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from benchmarks import BenchmarkError, print_json
+from benchmarks import BenchmarkError, print_rows_json
 from workers.profiling import int_list, sync
 
 HELP = "grown 8B (same outputs as the shipped target) vs random weights of its shape: verify-step cost ratio (CUDA)"
@@ -165,9 +165,7 @@ def run(args: argparse.Namespace) -> int:
     head.update(worst_ratio_error=round(worst, 4), within_goal=worst <= args.goal,
                 wall_s=round(time.monotonic() - t_start, 1))
     if args.json:
-        print_json({"header": head})
-        for r in rows:
-            print_json(r)
+        print_rows_json(head, rows)
         return 0
     print(f"# {head['device']}, torch {head['torch']}: {source.name} grown to {growth.label} "
           f"({head['grown_weight_bytes'] / 1e9:.2f} GB, {zeros:.1%} zeros) vs random weights of the same shape")

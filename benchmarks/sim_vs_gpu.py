@@ -815,28 +815,18 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         f"(default: {TICK_ROWS} when present; 'none': no per-row host time)")
 
 
-def draft_table_file(arg: str | None) -> str | None:
-    """``--draft-table``: the draft profile to scale by batch with (None, unset or 'none': the line)."""
-    if arg is None or arg.strip().lower() == "none":
-        return None
-    if not Path(arg).exists() and (ROOT / arg).exists():
-        return str(ROOT / arg)
-    if not Path(arg).exists():
-        raise BenchmarkError(f"draft table {arg} not found (pass --draft-table none to go without)")
-    return arg
-
-
-def tick_rows_file(arg: str | None) -> str | None:
-    """``--tick-rows``: the file to fit (None: none). Unset means the shipped H200 measurement when present."""
+def optional_file(arg: str | None, flag: str, what: str, default: str | None = None) -> str | None:
+    """A file flag that may be left out: unset means ``default`` when it exists here, ``none`` means no file;
+    a path is taken as given or relative to the repository. A path that does not exist is a one-line error."""
     if arg is None:
-        return TICK_ROWS if (ROOT / TICK_ROWS).exists() else None
+        return default if default is not None and (ROOT / default).exists() else None
     if arg.strip().lower() == "none":
         return None
-    if not Path(arg).exists() and (ROOT / arg).exists():
+    if Path(arg).exists():
         return arg
-    if not Path(arg).exists():
-        raise BenchmarkError(f"tick rows file {arg} not found (pass --tick-rows none to go without)")
-    return arg
+    if (ROOT / arg).exists():
+        return str(ROOT / arg)
+    raise BenchmarkError(f"{what} {arg} not found (pass {flag} none to go without)")
 
 
 def _tick_rows_info(path: str | None, cals: dict[int, dict[str, float]] | None = None) -> dict[str, Any]:
@@ -868,7 +858,7 @@ def run(args: argparse.Namespace) -> int:
         table = load_table(table_path)
     except CostTableError as exc:
         raise BenchmarkError(str(exc)) from None
-    ticks_path = tick_rows_file(args.tick_rows)
+    ticks_path = optional_file(args.tick_rows, "--tick-rows", "tick rows file", TICK_ROWS)
     ticks = None
     if ticks_path is not None:
         ticks = read_tick_rows(ticks_path if Path(ticks_path).exists() else ROOT / ticks_path)
@@ -902,7 +892,7 @@ def run(args: argparse.Namespace) -> int:
         else:
             print(capacity_markdown(cap), end="")
         return 0
-    draft_path = draft_table_file(args.draft_table)
+    draft_path = optional_file(args.draft_table, "--draft-table", "draft table")
     draft_table = None
     if draft_path is not None:
         try:

@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from benchmarks import BenchmarkError, print_json
+from benchmarks import BenchmarkError, print_rows_json
 from workers.profiling import ProfileError, build_engine, int_list, sync
 
 HELP = "a target tick's parts (handle, plan, forward, acceptance, finish, encode) per batch size"
@@ -172,9 +172,7 @@ def run(args: argparse.Namespace) -> int:
             "context": args.context, "ticks": args.ticks, "controller": not args.no_controller,
             "command": "specmq bench tick " + " ".join(sys.argv[3:] if sys.argv[1:3] == ["bench", "tick"] else [])}
     if args.json:
-        print_json({"header": head})
-        for r in rows:
-            print_json(r)
+        print_rows_json(head, rows)
         return 0
     print(f"# target tick parts, ms, the median of {args.ticks} ticks: {head['model']}"
           + (f" grown to {args.grow}" if args.grow else "") + f", {args.dtype} on {args.device}, context {args.context}")

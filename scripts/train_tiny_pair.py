@@ -42,6 +42,7 @@ import sysconfig
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
@@ -98,6 +99,21 @@ def is_heldout(rel: str, every: int) -> bool:
     return int(hashlib.sha256(rel.encode()).hexdigest(), 16) % every == 0
 
 
+def split_files(root: Path, held_out: Callable[[str], bool]) -> tuple[list, list, list]:
+    """(training, held-out) lists of (relative path, text) of the stdlib under ``root``, and the relative paths
+    skipped because they are not UTF-8."""
+    train, held, skipped = [], [], []
+    for path in stdlib_files(root):
+        rel = path.relative_to(root).as_posix()
+        try:
+            text = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError:
+            skipped.append(rel)
+            continue
+        (held if held_out(rel) else train).append((rel, text))
+    return train, held, skipped
+
+
 def train_tokenizer(texts: list[str], vocab_size: int):
     """Byte-level BPE: any text (any bytes of UTF-8) round-trips exactly, no unknown token needed."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -126,16 +142,7 @@ def cmd_prepare(args: argparse.Namespace) -> None:
     root = Path(args.stdlib or sysconfig.get_paths()["stdlib"])
     data = Path(args.data_dir)
     data.mkdir(parents=True, exist_ok=True)
-    files = stdlib_files(root)
-    train, held, skipped = [], [], []
-    for path in files:
-        rel = path.relative_to(root).as_posix()
-        try:
-            text = path.read_text(encoding="utf-8")
-        except UnicodeDecodeError:
-            skipped.append(rel)
-            continue
-        (held if is_heldout(rel, args.heldout_every) else train).append((rel, text))
+    train, held, skipped = split_files(root, lambda rel: is_heldout(rel, args.heldout_every))
     tok = train_tokenizer([t for _, t in train], args.vocab_size)
     tok.save(str(data / "tokenizer.json"))
     np.save(data / "train.npy", encode_stream(tok, [t for _, t in train]))
@@ -174,16 +181,8 @@ def cmd_encode(args: argparse.Namespace) -> None:
     listed = Path(args.heldout_list) if args.heldout_list else None
     held_rels = set(json.loads(listed.read_text())) if listed is not None and listed.is_file() else None
     tok = Tokenizer.from_file(str(tok_path))
-    train, held, skipped = [], [], []
-    for path in stdlib_files(root):
-        rel = path.relative_to(root).as_posix()
-        try:
-            text = path.read_text(encoding="utf-8")
-        except UnicodeDecodeError:
-            skipped.append(rel)
-            continue
-        in_held = rel in held_rels if held_rels is not None else is_heldout(rel, args.heldout_every)
-        (held if in_held else train).append((rel, text))
+    train, held, skipped = split_files(root, lambda rel: rel in held_rels if held_rels is not None
+                                       else is_heldout(rel, args.heldout_every))
     if not train or not held:
         raise SystemExit(f"encode: {len(train)} training and {len(held)} held-out files under {root}; need both")
     train.sort(key=lambda rt: hashlib.sha256(rt[0].encode()).hexdigest())
