@@ -276,6 +276,15 @@ class _Tracked:
         self.examined = DECAY * self.examined + accepted + (1 if accepted < drafted else 0)
 
 
+@dataclass
+class _FleetCosts:
+    """The fleet's reports at one load level: running averages, and when drafting was last reported."""
+
+    draft_ms: float = 0.0  # per draft token
+    path_ms: float = 0.0
+    at: float = 0.0
+
+
 def _ewma(old: float, new: float, weight: float) -> float:
     """An average moved ``weight`` of the way to ``new``; the first value (``old`` = 0: none yet) is taken as is."""
     return (1 - weight) * old + weight * new if old else new
@@ -301,7 +310,7 @@ class GoodputController:
         # EWMAs over every session's reports, per load level (see ``load_level``): what a session that has
         # reported nothing yet is planned with. Drafting and the path cost more when more sessions share the
         # drafters, the broker and the target's loop, so one average would carry one load's costs into another's
-        self._fleet: dict[int, list[float]] = {}  # level -> [draft ms per token, path ms, clock of the last report]
+        self._fleet: dict[int, _FleetCosts] = {}
         self.fleet_accepted = 0.0  # pooled, slowly decayed acceptance over every session's rounds
         self.fleet_examined = 0.0
 
@@ -326,11 +335,11 @@ class GoodputController:
                 per = draft_ms / drafted
                 t.draft_ms = _ewma(t.draft_ms, per, 0.3)
                 fleet = self._fleet_at(self.load_level())
-                fleet[0], fleet[2] = _ewma(fleet[0], per, FLEET_WEIGHT), self._clock()
+                fleet.draft_ms, fleet.at = _ewma(fleet.draft_ms, per, FLEET_WEIGHT), self._clock()
         if path_ms > 0:
             t.path_ms = _ewma(t.path_ms, path_ms, 0.3)
             fleet = self._fleet_at(self.load_level())
-            fleet[1] = _ewma(fleet[1], path_ms, FLEET_WEIGHT)
+            fleet.path_ms = _ewma(fleet.path_ms, path_ms, FLEET_WEIGHT)
         if context:
             t.context = context
 
@@ -363,15 +372,18 @@ class GoodputController:
         target can be warmed from a saved state; the simulator warms a point the way the runs before it did."""
         now = self._clock()
         for level, (draft_ms, path_ms) in costs.items():
-            self._fleet[int(level)] = [float(draft_ms), float(path_ms), now]
+            self._fleet[int(level)] = _FleetCosts(float(draft_ms), float(path_ms), now)
         self.fleet_accepted, self.fleet_examined = alpha * examined, float(examined)
 
     def load_level(self) -> int:
         """The worker's load as a level: 1 for one session, 2 for 2-3, 3 for 4-7, ... (doublings)."""
         return max(1, len(self.sessions)).bit_length()
 
-    def _fleet_at(self, level: int) -> list[float]:
-        return self._fleet.setdefault(level, [0.0, 0.0, self._clock()])
+    def _fleet_at(self, level: int) -> _FleetCosts:
+        f = self._fleet.get(level)
+        if f is None:
+            f = self._fleet[level] = _FleetCosts(at=self._clock())
+        return f
 
     def fleet_costs(self) -> tuple[float, float]:
         """(draft ms per token, path ms) the fleet reported at this load level, or at a neighbouring one when
@@ -379,8 +391,8 @@ class GoodputController:
         now, level = self._clock(), self.load_level()
         for at in (level, level - 1, level + 1):
             f = self._fleet.get(at)
-            if f is not None and f[0] > 0 and now - f[2] <= FLEET_STALE_S:
-                return f[0], f[1]
+            if f is not None and f.draft_ms > 0 and now - f.at <= FLEET_STALE_S:
+                return f.draft_ms, f.path_ms
         return 0.0, 0.0
 
     def _views(self, keys: Iterable[str]) -> list[SessionCosts]:
