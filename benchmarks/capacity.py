@@ -12,8 +12,8 @@ sessions drafted by ``--draft-procs`` processes (``draft_proc`` below, batched d
 
 For each context length (prompt + output ≈ ``--contexts``) and each N of ``--sessions``, a row reports aggregate
 tokens/s, TPOT p50/p90 (per session: the time from its first delivered tokens to its last over the tokens delivered
-after the first delivery: decode mode delivers ``--decode-tokens`` at a time, speculation a round's tokens), TTFT p50, the target's mean batch rows per tick
-and busy fraction (time in forwards over wall), the mean round breakdown (draft, network = round trip minus the
+after the first delivery: decode mode delivers ``--decode-tokens`` at a time, speculation a round's tokens), TTFT p50,
+the target's mean batch rows per tick and busy fraction (time in forwards over wall), the mean round breakdown (draft, network = round trip minus the
 target's verify time, verify, queue; and the split of a round into draft_wait + draft + path + busy_wait + verify,
 where path is the software path: drafter loop, serialisation, broker hops, the target's gather window; with the
 per-round p50 of path), ``lossless``: the fraction of sessions whose tokens equal target-only's, and at one

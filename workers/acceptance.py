@@ -28,12 +28,13 @@ from typing import Any, Callable, ClassVar, Mapping, Sequence
 import numpy as np
 import torch
 
+from protocol.codec import Q_SUM_TOLERANCE
 from workers.sampling import SamplingError, SamplingParams, sample_draft, sample_from, sampling_probs, truncate
 
 __all__ = [
     "AcceptResult", "AcceptanceError", "Policy", "Exact", "Confidence", "TopK", "Typical", "POLICIES",
-    "make_policy", "accept", "argmax_only", "greedy_match", "match_argmax", "rejection_sample", "rejection_sample_batch",
-    "sample_draft", "batch_sampled",
+    "make_policy", "accept", "argmax_only", "batch_sampled", "greedy_match", "match_argmax", "rejection_sample",
+    "rejection_sample_batch", "sample_draft",
 ]
 
 
@@ -91,7 +92,7 @@ def _q_row(i: int, x: int, q_ids: Sequence[Any] | None, q_probs: Sequence[Any] |
         raise AcceptanceError(f"q at draft position {i}: negative token id")
     if ids_t is not None and torch.unique(ids_t).numel() != ids_t.numel():
         raise AcceptanceError(f"q at draft position {i}: duplicate token ids")
-    if abs(total - 1.0) > 1e-3:
+    if abs(total - 1.0) > Q_SUM_TOLERANCE:
         raise AcceptanceError(f"q at draft position {i}: probabilities sum to {total:.6f}, expected 1")
 
     def dense_row() -> torch.Tensor:
@@ -152,7 +153,8 @@ def _q_rows(draft_tokens: Sequence[int], q_ids: Sequence[Any] | None, q_probs: S
             and len({len(p) for p in q_probs}) == 1):
         table = torch.stack(list(q_probs))
         totals = table.sum(-1, dtype=torch.float64).tolist()
-        if float(table.min()) >= 0 and all(math.isfinite(v) and abs(v - 1.0) <= 1e-3 for v in totals):  # NaN: min
+        if float(table.min()) >= 0 and all(math.isfinite(v) and abs(v - 1.0) <= Q_SUM_TOLERANCE  # NaN: min fails
+                                           for v in totals):
             width = table.shape[1]
             xs = [int(x) for x in draft_tokens]
             picked = table[torch.arange(g), torch.tensor(xs).clamp(0, width - 1)].tolist()
@@ -184,7 +186,7 @@ def _sparse_q_rows(draft_tokens: Sequence[int], q_ids: Sequence[torch.Tensor], q
     for x, ids_t, probs_t in zip(draft_tokens, q_ids, q_probs):
         ids, probs = ids_t.numpy(), probs_t.numpy()
         total = float(probs.sum(dtype=np.float64))
-        if not (probs.min() >= 0 and ids[0] >= 0 and math.isfinite(total) and abs(total - 1.0) <= 1e-3
+        if not (probs.min() >= 0 and ids[0] >= 0 and math.isfinite(total) and abs(total - 1.0) <= Q_SUM_TOLERANCE
                 and (len(ids) == 1 or (np.diff(ids) > 0).all())):
             return None
         x = int(x)

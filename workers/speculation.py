@@ -19,7 +19,6 @@ steps over the network.
 from __future__ import annotations
 
 import time
-
 from dataclasses import dataclass, field
 from typing import Any, Callable, Collection, Sequence
 
