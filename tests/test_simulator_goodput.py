@@ -153,3 +153,28 @@ def test_simulated_drafters_report_no_path_for_their_first_round():
     assert len(paths) >= 4
     assert paths[0] == 0.0 and paths[1] == 0.0  # nothing measured yet; the first round's trip is not reported
     assert all(p >= 0.5 for p in paths[2:])  # every later chunk carries its previous round's path
+
+
+def test_simulated_first_rounds_report_their_draft_cost_when_they_draft_two_or_more():
+    """Like the real drafter, a first round with γ >= 2 reports its drafting cost (the real one: its steps after
+    the catch-up), so the controller knows a cost after one round."""
+    sim = Simulation(closed(1, "auto", 60), costs=Roofline(weights_ms=5.0))
+    ctl = sim.targets[0].controller
+    drafts = []
+    observe_round = ctl.observe_round
+    ctl.observe_round = lambda *a, **k: (drafts.append((a[2], a[3])), observe_round(*a, **k))[1]
+    sim.run()
+    drafted, draft_ms = drafts[0]
+    assert drafted >= 2 and draft_ms == pytest.approx(drafted * 0.5)  # the class's 0.5 ms step, γ steps
+
+
+def test_a_warm_decoding_fleet_opens_sessions_in_decode_mode():
+    """The open's answer carries the controller's advice: with drafting known to cost far more than it saves,
+    simulated sessions never draft, not even a first round."""
+    sim = Simulation(closed(8, "auto", 40), costs=Roofline(weights_ms=5.0))
+    sim.targets[0].controller.warm({lv: (400.0, 1.0) for lv in range(1, 6)}, alpha=0.7, examined=64)
+    out = sim.run()
+    assert sim.metrics.drafted == 0 and out["decode_rounds"] > 0 and out["finished"] == 8
+    cold = Simulation(closed(8, "auto", 40), costs=Roofline(weights_ms=5.0))
+    cold.run()
+    assert cold.metrics.drafted > 0  # cold, each session's first round drafts before any advice
