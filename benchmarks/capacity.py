@@ -17,7 +17,9 @@ the target's mean batch rows per tick and busy fraction (time in forwards over w
 target's verify time, verify, queue; and the split of a round into draft_wait + draft + path + busy_wait + verify,
 where path is the software path: drafter loop, serialisation, broker hops, the target's gather window; with the
 per-round p50 of path), ``lossless``: the fraction of sessions whose tokens equal target-only's, and at one
-session ``gamma_trace``: its γ per round (0: a decode request), which shows how auto chose.
+session ``gamma_trace``: its γ per round (0: a decode request), which shows how auto chose, and ``round_trace``
+([γ, accepted, draft ms, path ms] per round); ``cost_correction`` and ``host_ms``: the target controller's measured
+step-cost correction and host time between ticks at the point's end.
 Per mode and SLO, the summary gives the most sessions whose TPOT p90 meets the SLO.
 
 On the lent 2-GPU machine: the grown 8B-class target (``--target-grow llama-3.1-8b``, bf16) on cuda:0 and the grown
@@ -124,6 +126,8 @@ def draft_proc() -> None:
         t1 = time.time()
         dicts = [{**{k: v for k, v in r.to_json().items() if k not in ("prompt", "text")}, "gammas": r.gammas}
                  for r in results]
+        if len(dicts) == 1:  # a lone session's rounds as the controller saw them: γ, accepted, draft ms, path ms
+            dicts[0]["trace"] = [[r.gamma, r.accepted, r.draft_ms, r.path_ms] for r in worker.rows]
         rounds = [r for r in worker.rows if r.gamma > 0]
         sums: dict[str, Any] = {k: float(sum(getattr(r, k) for r in rounds)) for k in ROUND_PARTS}
         sums["n"] = len(rounds)
@@ -178,7 +182,7 @@ def percentile(values: Sequence[float], q: float) -> float | None:
 def target_counters(cluster: Any, name: str) -> dict[str, float]:
     time.sleep(0.35)  # one fresh heartbeat (0.2 s)
     st = (cluster.snapshot(2.0) or {}).get("workers", {}).get(name, {}).get("stats", {})
-    return {k: float(st.get(k, 0) or 0) for k in ("ticks", "rows", "busy_ms", "rounds")}
+    return {k: float(st.get(k, 0) or 0) for k in ("ticks", "rows", "busy_ms", "rounds", "cost_correction", "host_ms")}
 
 
 def make_row(context: int, mode: str, temperature: float, results: list[dict], wall: float, before: dict,
@@ -210,6 +214,11 @@ def make_row(context: int, mode: str, temperature: float, results: list[dict], w
             row["round_path_p50_ms"] = _r(percentile(rounds["path_ms_rounds"], 0.5))
     if len(results) == 1 and results[0].get("gammas") is not None and mode != "target-only":
         row["gamma_trace"] = results[0]["gammas"]  # a lone session's γ per round (0: a decode request): how it chose
+        if results[0].get("trace"):
+            row["round_trace"] = results[0]["trace"]  # [γ, accepted, draft ms, path ms] per round
+    for k in ("cost_correction", "host_ms"):  # the target controller's cost correction and host time per tick
+        if after.get(k):
+            row[k] = round(after[k], 3)
     first_error = next((r["error"] for r in results if r.get("error")), None)
     if first_error:
         row["first_error"] = first_error

@@ -48,6 +48,32 @@ def test_speculates_while_memory_bound_and_decodes_once_compute_bound():
         assert plan.goodput_tok_s >= decode.goodput_tok_s
 
 
+def test_decoding_pays_the_hosts_time_between_ticks():
+    """A decoded token costs its forward plus the worker's host time before the next tick (h); a speculative round
+    has h inside its measured path already. Priced at the forward alone, decoding looked cheaper than it is: with
+    h counted, the same session speculates."""
+    cost, cfg = Roofline(weights_ms=5.0), ControllerConfig(max_gamma=6)
+    one = sessions(1, 0.7, draft_ms=2.0, path_ms=2.5)
+    assert choose_plan(cost, one, cfg).gammas == [0]
+    with_host = choose_plan(cost, one, cfg, host_ms=1.5)
+    assert with_host.gammas[0] >= 1
+    decode = evaluate_plan(cost, one, [0], host_ms=1.5)
+    assert decode.tpot_ms == [pytest.approx(cost.verify_ms(1, 1, 512) + 1.5)]
+    assert decode.goodput_tok_s == pytest.approx(1000.0 / (cost.verify_ms(1, 1, 512) + 1.5))
+    spec = evaluate_plan(cost, one, [3]), evaluate_plan(cost, one, [3], host_ms=1.5)
+    assert spec[0].tpot_ms == spec[1].tpot_ms  # no decode row in the tick: h is in the path, not added again
+    # the controller learns h from measured gaps and plans with it; a fused worker's h is every row's: not used
+    ctl = GoodputController(Roofline(weights_ms=5.0), ControllerConfig(max_gamma=6, replan_ms=0.0))
+    for i in range(40):  # the fleet's drafts: α about 0.7, 2 ms a draft token
+        ctl.observe_round(f"f{i % 4}", accepted=2 + i % 2, drafted=4, draft_ms=8.0, path_ms=2.5, context=512)
+    ctl.track("s", 512)
+    assert ctl.next_gamma("s") == 0
+    for _ in range(20):
+        ctl.observe_host(1.5)
+    assert ctl.host_ms == pytest.approx(1.5) and ctl.stats()["host_ms"] == pytest.approx(1.5)
+    assert ctl.next_gamma("s") >= 1
+
+
 def test_same_acceptance_different_batch_different_choice():
     """Acceptance alone is the wrong signal: α is the same, the best γ is not."""
     cost, cfg = Roofline(knee=48), ControllerConfig(max_gamma=8)

@@ -130,6 +130,17 @@ def test_host_time_per_tick_and_session_start_add_where_they_should(linear_table
         Simulation(cfg, costs=linear_table)
 
 
+def test_the_simulated_targets_host_time_reaches_its_controller():
+    """The simulated host time per tick is what the real target measures between back-to-back ticks: the
+    controller prices decode rows with it there as here."""
+    cfg = closed(4, "auto", 60)
+    cfg["targets"][0]["tick_overhead_ms"] = 0.8
+    cfg["targets"][0]["tick_row_overhead_ms"] = 0.05
+    sim = Simulation(cfg, costs=Roofline(weights_ms=5.0))
+    sim.run()
+    assert 0.8 + 0.05 <= sim.targets[0].controller.host_ms <= 0.8 + 4 * 0.05 + 1e-9
+
+
 def test_host_time_per_row_adds_to_every_tick_from_the_config(linear_table):
     cfg = closed(8, 0, 400, path_ms=0.0)
     cfg["targets"][0]["tick_overhead_ms"] = 1.0

@@ -367,3 +367,20 @@ def test_busy_wait_is_the_part_of_the_queue_spent_while_earlier_ticks_ran(tiny_p
     tick_c = server.take_tick(now=t + 0.054)
     (res_c,) = server.finish(tick_c, server.compute(tick_c), 20.0, ended=t + 0.074)
     assert res_c.queue_ms == 22.0 and res_c.busy_wait_ms == 20.0  # b's whole tick; 1 ms idle before it, 1 ms after
+
+
+def test_host_time_between_back_to_back_ticks_reaches_the_controller(broker, tiny_pair, prompts):
+    """A decode-mode request keeps the target ticking back to back; the host time between those ticks (answering,
+    reading, planning) is what a decoded token costs beyond its forward, and the controller prices decoding with
+    it. A tick after an idle wait measures nothing."""
+    async def body(client, server):
+        opened = await client.request(SessionOpen(session="d", prompt_ids=prompts[0], max_new_tokens=16))
+        assert isinstance(opened, SessionOpened)
+        assert server.controller.host_ms == 0.0  # only idle waits so far: nothing measured
+        res = await client.request(Verify(session="d", seq=0, pos=opened.pos, tokens=[], decode=8), timeout=20)
+        assert isinstance(res, Result) and len(res.tokens) == 8
+        return server.controller.host_ms, server.stats()
+
+    host_ms, stats = run_async(_with_target(broker, tiny_pair, body, TargetConfig(name="t0")), 60)
+    assert 0.0 < host_ms < 1000.0
+    assert stats["host_ms"] == pytest.approx(host_ms, abs=1e-3)

@@ -12,15 +12,17 @@ context length. Per worker: a step-cost model ``verify_ms(batch, tokens, context
 Rule (distributed, ``mode="distributed"``). A plan gives every session γᵢ ∈ {0, 1..γmax}; γ = 0 is decode mode
 (the target decodes the session itself, one token per tick). With τ the tick time:
 
-- a decode session is a 1-token row in every tick and commits 1 token per τ;
+- a decode session is a 1-token row in every tick and commits 1 token per τ + h, where h is the worker's host
+  time between back-to-back ticks (answering, reading, planning: measured, ``observe_host``);
 - a speculative session's round takes Rᵢ = γᵢ·draftᵢ + pathᵢ + w + τ (drafting, the path, on average half a tick
   of waiting (w = τ/2) when decode rows keep the target ticking back to back, and its tick) and commits
-  E(αᵢ, γᵢ) = (1 − αᵢ^(γᵢ+1)) / (1 − αᵢ) tokens;
+  E(αᵢ, γᵢ) = (1 − αᵢ^(γᵢ+1)) / (1 − αᵢ) tokens (h is inside pathᵢ: the drafter measures the round trip);
 - τ = cost(n, Σ(γᵢ+1), context): every session's row counted in every tick. That is exact when a drafter
   process drafts its sessions in one batch (they arrive together) and conservative for independent drafters:
   when unsure, the model charges speculation more, so the controller errs towards decoding.
 
-Goodput is Σ committed tokens per second; TPOTᵢ is τ (decode) or Rᵢ/Eᵢ. The controller takes the plan of highest
+Goodput is Σ committed tokens per second; TPOTᵢ is τ + h (decode) or Rᵢ/Eᵢ. Leaving h out priced decoding at
+its forward alone: on the H200 at one session that is 4.8 of the 5.5 ms a decoded token takes. The controller takes the plan of highest
 goodput whose worst TPOT meets ``tpot_slo_ms`` (when set; when no plan meets it, the plan with the lowest worst
 TPOT). Candidates: every uniform plan (all sessions at one γ), then a pass over groups of sessions with similar α
 that tries each γ for that group alone. Fused workers (``mode="fused"``) draft and verify in lockstep on one device:
@@ -142,10 +144,11 @@ class ControllerConfig:
 
 def evaluate_plan(cost: StepCost, sessions: Sequence[SessionCosts], gammas: Sequence[int], mode: str = DISTRIBUTED,
                   correction: float = 1.0, draft_step_ms: float = 0.0,
-                  weights: Sequence[float] | None = None) -> PlanOutcome:
+                  weights: Sequence[float] | None = None, host_ms: float = 0.0) -> PlanOutcome:
     """Predicted goodput, tick time and per-session TPOT of one plan (see the module docstring).
 
     ``weights``: how many sessions each entry stands for (a group of alike sessions), 1 each by default.
+    ``host_ms``: the worker's host time between back-to-back ticks (h), paid by decode rows on top of τ.
     """
     if not sessions:
         return PlanOutcome([], 0.0, 0.0, [])
@@ -158,12 +161,13 @@ def evaluate_plan(cost: StepCost, sessions: Sequence[SessionCosts], gammas: Sequ
         rnd = tau + max(gammas) * draft_step_ms
         es = [expected_tokens(s.alpha, g) if g else 1.0 for s, g in zip(sessions, gammas)]
         return PlanOutcome(list(gammas), sum(e * k for e, k in zip(es, w)) / rnd * 1000.0, tau, [rnd / e for e in es])
-    wait = 0.5 * tau if any(g == 0 for g in gammas) else 0.0  # decode rows keep the target ticking back to back
+    cycle = tau + host_ms  # one decode tick after another
+    wait = 0.5 * cycle if any(g == 0 for g in gammas) else 0.0  # decode rows keep the target ticking back to back
     goodput, tpots = 0.0, []
     for s, g, k in zip(sessions, gammas, w):
         if g == 0:
-            tpots.append(tau)
-            goodput += k * 1000.0 / tau
+            tpots.append(cycle)
+            goodput += k * 1000.0 / cycle
             continue
         rnd = g * s.draft_ms + s.path_ms + wait + tau
         e = expected_tokens(s.alpha, g)
@@ -213,7 +217,7 @@ def group_sessions(sessions: Sequence[SessionCosts]) -> tuple[list[SessionCosts]
 
 
 def choose_plan(cost: StepCost, sessions: Sequence[SessionCosts], config: ControllerConfig,
-                correction: float = 1.0, draft_step_ms: float = 0.0) -> PlanOutcome:
+                correction: float = 1.0, draft_step_ms: float = 0.0, host_ms: float = 0.0) -> PlanOutcome:
     """The best plan: uniform candidates first, then one improvement pass per α group (see the module docstring)."""
     if not sessions:
         return PlanOutcome([], 0.0, 0.0, [])
@@ -221,7 +225,7 @@ def choose_plan(cost: StepCost, sessions: Sequence[SessionCosts], config: Contro
     cands = range(0, config.max_gamma + 1)
 
     def evaluate(gs: list[int]) -> PlanOutcome:
-        return evaluate_plan(cost, groups, gs, config.mode, correction, draft_step_ms, weights)
+        return evaluate_plan(cost, groups, gs, config.mode, correction, draft_step_ms, weights, host_ms)
 
     best: PlanOutcome | None = None
     for g in cands:
@@ -300,6 +304,7 @@ class GoodputController:
         self.cost: StepCost = cost if cost is not None else OnlineStepCost()
         self.draft_cost = draft_cost
         self.correction = 1.0
+        self.host_ms = 0.0  # EWMA of the host time between back-to-back ticks (h; distributed decode rows pay it)
         self.sessions: dict[str, _Tracked] = {}
         self.plan: PlanOutcome | None = None
         self._by_bucket: dict[int, int] = {}  # the plan's γ per α bucket: a session moving buckets follows at once
@@ -354,6 +359,12 @@ class GoodputController:
         if predicted > 0:
             w = self.config.correction_weight
             self.correction = (1 - w) * self.correction + w * (ms / predicted)
+
+    def observe_host(self, ms: float) -> None:
+        """The host time between one tick's forward and the next one's start, when nothing was waited for:
+        what a decoded token costs beyond its forward."""
+        if ms >= 0:
+            self.host_ms = _ewma(self.host_ms, ms, self.config.correction_weight)
 
     # ------------------------------------------------------------------ decisions
     def prior_alpha(self) -> float:
@@ -419,7 +430,7 @@ class GoodputController:
         if self.config.mode == FUSED and self.draft_cost is not None:
             draft_step = self.draft_cost.verify_ms(n, n, sum(s.context for s in self.sessions.values()) / n)
         views = self._views(keys)
-        self.plan = choose_plan(self.cost, views, self.config, self.correction, draft_step)
+        self.plan = choose_plan(self.cost, views, self.config, self.correction, draft_step, self._host())
         self._by_bucket = {alpha_bucket(v.alpha): g for v, g in zip(views, self.plan.gammas)}
         self._hopeful = any(self.plan.gammas) or self.probe_worth(views, draft_step)
         self._planned_at, self._planned_n = now, n
@@ -431,7 +442,12 @@ class GoodputController:
         round cannot change the plan, and each costs a session a drafted round (with its draft cache's catch-up)
         for nothing."""
         hopeful = [SessionCosts(max(v.alpha, HOPE_ALPHA), v.draft_ms, v.path_ms, v.context) for v in views]
-        return any(choose_plan(self.cost, hopeful, self.config, self.correction, draft_step_ms).gammas)
+        return any(choose_plan(self.cost, hopeful, self.config, self.correction, draft_step_ms,
+                               self._host()).gammas)
+
+    def _host(self) -> float:
+        """h for planning: a fused worker drafts and verifies in lockstep, so its host time is every row's."""
+        return self.host_ms if self.config.mode == DISTRIBUTED else 0.0
 
     def next_gamma(self, key: str) -> int:
         """This session's γ for its next round (0: decode mode; -1: no advice, the drafter keeps its γ, while no
@@ -466,13 +482,14 @@ class GoodputController:
 
     def stats(self) -> dict:
         p = self.plan
+        learned = {"cost_correction": round(self.correction, 3), "host_ms": round(self.host_ms, 3)}
         if p is None:
-            return {"plan_sessions": 0}
+            return {"plan_sessions": 0, **learned}
         gs = p.gammas
         return {"plan_sessions": len(gs), "plan_decode": sum(1 for g in gs if g == 0),
                 "plan_mean_gamma": round(sum(gs) / len(gs), 3) if gs else 0.0,
                 "plan_goodput_tok_s": round(p.goodput_tok_s, 1), "plan_tick_ms": round(p.tick_ms, 3),
-                "plan_worst_tpot_ms": round(p.worst_tpot_ms, 3), "cost_correction": round(self.correction, 3)}
+                "plan_worst_tpot_ms": round(p.worst_tpot_ms, 3), **learned}
 
 
 # ---------------------------------------------------------------------- the fused worker's γ policy

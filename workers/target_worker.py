@@ -430,6 +430,11 @@ class TargetServer:
                 out.append(self.opened(s))
         return out
 
+    def observe_host(self, ms: float) -> None:
+        """Host time between two back-to-back ticks (the controller prices decode rows with it)."""
+        if self.controller is not None:
+            self.controller.observe_host(ms)
+
     def next_gamma(self, key: str, pos: int) -> int:
         """The controller's γ for this session's next chunk (-1 without a controller)."""
         if self.controller is None:
@@ -530,10 +535,14 @@ async def serve_target(broker: str, engine: Engine, config: TargetConfig | None 
              dtype=info.dtype, max_context=info.max_context, tick_ms=config.tick_ms)
     async with link:
         early: list[tuple[Message, float]] = []  # read during the last tick, stamped when they arrived
+        last_ended: float | None = None  # when the last tick's forward ended, while no wait has come since
         while not stop.is_set():
             # after a tick, take what came meanwhile and whatever is waiting now, without blocking: if the early
             # chunks have waited tick_ms already, the next tick starts at once
-            msgs = await link.recv_batch(timeout=0.0 if early else server.wait_s(time.monotonic()))
+            timeout = 0.0 if early else server.wait_s(time.monotonic())
+            if timeout > 0:
+                last_ended = None  # the loop may wait for work: the gap to the next tick is not host time
+            msgs = await link.recv_batch(timeout=timeout)
             now = time.monotonic()
             arrivals, early = early + [(m, now) for m in msgs], []
             replies: list[Message] = []
@@ -543,9 +552,11 @@ async def serve_target(broker: str, engine: Engine, config: TargetConfig | None 
             if server.due(time.monotonic()):
                 tick = server.take_tick()
                 if tick is not None:
+                    if last_ended is not None:  # back to back: what answering, reading and planning cost
+                        server.observe_host((time.monotonic() - last_ended) * 1000.0)
                     t0 = time.perf_counter()
                     outcomes, early = await compute_draining(link, server, tick)
-                    ended = time.monotonic()
+                    ended = last_ended = time.monotonic()
                     server.count_mid_tick(tick, early)
                     await _send_all(link, server.finish(tick, outcomes, (time.perf_counter() - t0) * 1000.0, ended))
             link.grant(server.take_credits())

@@ -222,6 +222,7 @@ class Target:
         ctl = self.controller
         if ctl is not None and chunks:
             ctl.observe_tick(rows, tokens, ctx / rows, service * 1000.0)
+            ctl.observe_host((self.tick_overhead_s + rows * self.tick_row_overhead_s) * 1000.0)
         for c in chunks:
             s = c.session
             n_left = s.req.output_tokens - s.committed
