@@ -21,8 +21,7 @@ Rule (distributed, ``mode="distributed"``). A plan gives every session γᵢ ∈
   process drafts its sessions in one batch (they arrive together) and conservative for independent drafters:
   when unsure, the model charges speculation more, so the controller errs towards decoding.
 
-Goodput is Σ committed tokens per second; TPOTᵢ is τ + h (decode) or Rᵢ/Eᵢ. Leaving h out priced decoding at
-its forward alone: on the H200 at one session that is 4.8 of the 5.5 ms a decoded token takes. The controller takes the plan of highest
+Goodput is Σ committed tokens per second; TPOTᵢ is τ + h (decode) or Rᵢ/Eᵢ. The controller takes the plan of highest
 goodput whose worst TPOT meets ``tpot_slo_ms`` (when set; when no plan meets it, the plan with the lowest worst
 TPOT). Candidates: every uniform plan (all sessions at one γ), then a pass over groups of sessions with similar α
 that tries each γ for that group alone. Fused workers (``mode="fused"``) draft and verify in lockstep on one device:
