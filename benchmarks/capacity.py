@@ -18,8 +18,9 @@ target's verify time, verify, queue; and the split of a round into draft_wait + 
 where path is the software path: drafter loop, serialisation, broker hops, the target's gather window; with the
 per-round p50 of path), ``lossless``: the fraction of sessions whose tokens equal target-only's, and at one
 session ``gamma_trace``: its γ per round (0: a decode request), which shows how auto chose, and ``round_trace``
-([γ, accepted, draft ms, path ms] per round); ``cost_correction`` and ``host_ms``: the target controller's measured
-step-cost correction and host time between ticks at the point's end.
+([γ, accepted, draft ms, path ms] per round); ``cost_correction``, ``host_ms``, ``decode_gap_ms`` and
+``catchup_ms_per_token``: what the target's controller has learned by the point's end (step-cost correction, host
+time between ticks, a decode request's gap between ticks, a draft cache's catch-up per token).
 Per mode and SLO, the summary gives the most sessions whose TPOT p90 meets the SLO.
 
 On the lent 2-GPU machine: the grown 8B-class target (``--target-grow llama-3.1-8b``, bf16) on cuda:0 and the grown
@@ -179,10 +180,13 @@ def percentile(values: Sequence[float], q: float) -> float | None:
     return vals[lo] + (vals[hi] - vals[lo]) * (k - lo)
 
 
+LEARNED = ("cost_correction", "host_ms", "decode_gap_ms", "catchup_ms_per_token")
+
+
 def target_counters(cluster: Any, name: str) -> dict[str, float]:
     time.sleep(0.35)  # one fresh heartbeat (0.2 s)
     st = (cluster.snapshot(2.0) or {}).get("workers", {}).get(name, {}).get("stats", {})
-    return {k: float(st.get(k, 0) or 0) for k in ("ticks", "rows", "busy_ms", "rounds", "cost_correction", "host_ms")}
+    return {k: float(st.get(k, 0) or 0) for k in ("ticks", "rows", "busy_ms", "rounds", *LEARNED)}
 
 
 def make_row(context: int, mode: str, temperature: float, results: list[dict], wall: float, before: dict,
@@ -216,9 +220,9 @@ def make_row(context: int, mode: str, temperature: float, results: list[dict], w
         row["gamma_trace"] = results[0]["gammas"]  # a lone session's γ per round (0: a decode request): how it chose
         if results[0].get("trace"):
             row["round_trace"] = results[0]["trace"]  # [γ, accepted, draft ms, path ms] per round
-    for k in ("cost_correction", "host_ms"):  # the target controller's cost correction and host time per tick
+    for k in LEARNED:  # what the target's controller has learned by the point's end
         if after.get(k):
-            row[k] = round(after[k], 3)
+            row[k] = round(after[k], 4)
     first_error = next((r["error"] for r in results if r.get("error")), None)
     if first_error:
         row["first_error"] = first_error

@@ -32,7 +32,8 @@ RCVMORE = int(zmq.RCVMORE)
 _unpackb = msgpack.unpackb
 _INT_MAX = 1 << 62
 _VERIFY_KEYS = frozenset(("v", "type", "session", "seq", "pos", "tokens", "sent_at", "q_ids", "q_probs",
-                          "incarnation", "decode", "draft_ms", "path_ms", "q_lens"))
+                          "incarnation", "decode", "draft_ms", "path_ms", "q_lens", "catchup_ms",
+                          "catchup_tokens"))
 _RESULT_KEYS = frozenset(("v", "type", "session", "seq", "accepted", "tokens", "pos", "finished", "sent_at",
                           "verify_ms", "queue_ms", "busy_wait_ms", "incarnation", "broker", "next_gamma"))
 _Q_BYTES = (bytes, type(None))
@@ -73,7 +74,8 @@ def _fast_verify(b: dict) -> bool:
             or type(b.get("q_ids", b"")) not in _Q_BYTES or type(b.get("q_probs", b"")) not in _Q_BYTES
             or type(b.get("q_lens", [])) not in _Q_LENS
             or not _ok_int(b.get("decode", 0)) or not _ok_float(b.get("draft_ms", 0.0))
-            or not _ok_float(b.get("path_ms", 0.0))
+            or not _ok_float(b.get("path_ms", 0.0)) or not _ok_float(b.get("catchup_ms", 0.0))
+            or not _ok_int(b.get("catchup_tokens", 0))
             or not (-_INT_MAX <= seq <= _INT_MAX) or not (-_INT_MAX <= pos <= _INT_MAX)):
         return False
     for t in tokens:

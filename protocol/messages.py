@@ -90,6 +90,8 @@ class Verify(Message):
     draft_ms: float = 0.0  # drafter's time to draft this chunk (goodput controller input; 0 = not measured)
     path_ms: float = 0.0  # what the drafter's last round cost beyond drafting and verifying: link, broker, loops,
     # and every wait (for a draft step, at the target); goodput controller input
+    catchup_ms: float = 0.0  # of draft_ms's step, what feeding tokens the draft had not seen cost (prompt, decoded
+    catchup_tokens: int = 0  # output): the controller prices a probe's catch-up with it (0 = not measured)
     incarnation: int = 0  # set by the broker: the target's registration this was forwarded under (fencing)
 
 

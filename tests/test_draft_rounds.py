@@ -341,3 +341,11 @@ def test_a_catch_up_round_reports_its_later_steps_not_the_catch_up(gamma):
     else:
         assert 0 < first < 30.0 and first == pytest.approx(gamma * 2.0, abs=gamma * 8.0)
     assert all(0 < ms < 30.0 for ms in later)
+    # the catch-up itself goes with the chunk: the first step beyond a steady one, over the 7 unseen prompt tokens
+    # (the eighth is a round's normal feed); a lone step cannot tell it apart, and later rounds have none
+    head = client.sent[0]
+    if gamma == 1:
+        assert (head.catchup_ms, head.catchup_tokens) == (0.0, 0)
+    else:
+        assert head.catchup_tokens == 7 and 40.0 < head.catchup_ms < 200.0
+    assert all((m.catchup_ms, m.catchup_tokens) == (0.0, 0) for m in client.sent[1:])

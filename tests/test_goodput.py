@@ -3,6 +3,8 @@ the step turns compute-bound or drafting costs more than it gains, TPOT SLOs res
 the target worker gives target-only output."""
 from __future__ import annotations
 
+import time
+
 import pytest
 
 from protocol import errors as E
@@ -10,7 +12,7 @@ from protocol.messages import Result, SessionOpen, SessionOpened, Verify
 from tests.model_fixtures import tiny_pair  # noqa: F401  (fixture)
 from workers.adaptive_gamma import expected_tokens
 from workers.engine import load_engine
-from workers.goodput import (FLEET_EVIDENCE, FUSED, MIN_EVIDENCE, PROBE_GAMMA, PROBE_MAX, ControllerConfig,
+from workers.goodput import (FLEET_EVIDENCE, FUSED, MIN_EVIDENCE, PROBE_GAMMA, PROBE_MAX, PROBE_PAYBACK, ControllerConfig,
                              GoodputController,
                              OnlineStepCost, SessionCosts, choose_plan, evaluate_plan, group_sessions)
 from workers.sampling import SamplingParams
@@ -64,8 +66,8 @@ def test_decoding_pays_the_hosts_time_between_ticks():
     assert spec[0].tpot_ms == spec[1].tpot_ms  # no decode row in the tick: h is in the path, not added again
     # the controller learns h from measured gaps and plans with it; a fused worker's h is every row's: not used
     ctl = GoodputController(Roofline(weights_ms=5.0), ControllerConfig(max_gamma=6, replan_ms=0.0))
-    for i in range(40):  # the fleet's drafts: α about 0.7, 2 ms a draft token
-        ctl.observe_round(f"f{i % 4}", accepted=2 + i % 2, drafted=4, draft_ms=8.0, path_ms=2.5, context=512)
+    for i in range(40):  # the fleet's drafts: α about 0.7, 2 ms a draft token, 4 ms of path a round
+        ctl.observe_round(f"f{i % 4}", accepted=2 + i % 2, drafted=4, draft_ms=8.0, path_ms=4.0, context=512)
     ctl.track("s", 512)
     assert ctl.next_gamma("s") == 0
     for _ in range(20):
@@ -255,7 +257,7 @@ def test_no_probe_schedule_where_speculation_cannot_pay_even_at_high_acceptance(
     assert ctl.plan is not None and not any(ctl.plan.gammas)
     assert probes == [PROBE_MAX, 2 * PROBE_MAX + 1, 3 * PROBE_MAX + 2]  # the rare probe only
     for _ in range(40):  # the draft stops agreeing, but gets fast: at α 0.9 it would pay, so probes come early
-        ctl.observe_round("s", accepted=0, drafted=2, draft_ms=0.2, path_ms=0.5, context=100)
+        ctl.observe_round("s", accepted=0, drafted=2, draft_ms=0.2, path_ms=1.5, context=100)
     ctl.sessions["s"].decodes = 0
     seq = [ctl.next_gamma("s") for _ in range(PROBE_MAX)]
     assert not any(ctl.plan.gammas) and seq.index(PROBE_GAMMA) <= 2
@@ -377,3 +379,91 @@ def test_a_session_whose_acceptance_moves_follows_the_plan_at_once():
     for _ in range(40):  # its draft stops agreeing: the long replan interval must not hold the old γ
         ctl.observe_round("s", accepted=0, drafted=2, draft_ms=2.0, path_ms=3.0, context=100)
     assert ctl.next_gamma("s") <= 1
+
+
+def test_decode_rows_pay_their_requests_path():
+    """A decode session misses the ticks that run while its answer travels back and its next request travels in:
+    once per request of k tokens it pays the path and the wait for a tick. The fewer tokens a request asks for,
+    the more that weighs."""
+    cost = Roofline(weights_ms=5.0)
+    one = sessions(1, 0.6, draft_ms=2.0, path_ms=4.0)
+    tau = cost.verify_ms(1, 1, 512)
+    assert evaluate_plan(cost, one, [0]).tpot_ms == [pytest.approx(tau)]  # k not given: not charged
+    charged = evaluate_plan(cost, one, [0], decode_tokens=8)
+    assert charged.tpot_ms == [pytest.approx(tau + (4.0 + tau / 2) / 8)]
+    assert charged.goodput_tok_s == pytest.approx(1000.0 / charged.tpot_ms[0])
+    cfg = ControllerConfig(max_gamma=6)
+    assert choose_plan(cost, one, cfg, decode_tokens=64).gammas == [0]
+    assert choose_plan(cost, one, cfg, decode_tokens=1).gammas[0] >= 1  # a round trip per token: drafting wins
+    # measured at the target, the gap between a request's last tick and the next one's first replaces the path
+    # (which counts waits for draft steps that decode requests never have), less the h a back-to-back tick takes
+    gapped = [SessionCosts(0.6, 2.0, 4.0, 512, decode_gap_ms=3.0)]
+    assert evaluate_plan(cost, gapped, [0], decode_tokens=8, host_ms=1.0).tpot_ms == [
+        pytest.approx(tau + 1.0 + (3.0 - 1.0) / 8)]
+    ctl = GoodputController(cost, ControllerConfig(replan_ms=0.0))
+    assert ctl.decode_tokens == 8  # the drafters' default until a request says otherwise
+    for _ in range(30):
+        ctl.observe_decode("s", 2, 2)
+    assert ctl.decode_tokens == pytest.approx(2.0, abs=0.01) and ctl.sessions["s"].uncached == 60
+
+
+def _catch_up_fleet(rate_ms: float | None) -> GoodputController:
+    """A fleet whose drafts save nothing at α 0.5 (2 ms a draft token, 3 ms of path a round, a 5 ms step): its
+    sessions decode. ``rate_ms``: what a draft cache's catch-up costs per token, as the drafters reported it."""
+    ctl = GoodputController(Roofline(weights_ms=5.0), ControllerConfig(max_gamma=6, replan_ms=0.0))
+    for i in range(20):
+        catchup = {"catchup_ms": 100.0 * rate_ms, "catchup_tokens": 100} if rate_ms else {}
+        ctl.observe_round(f"f{i % 4}", accepted=1, drafted=2, draft_ms=4.0, path_ms=3.0, context=100, **catchup)
+    return ctl
+
+
+def test_a_probe_must_repay_its_draft_catch_up():
+    """A probe feeds the draft cache every token it has not seen: a long prompt's catch-up can cost more than a
+    good draft would save over the tokens left, and then the session decodes on without probes; a short one's
+    probe repays itself. A newcomer the fleet's acceptance sends to decoding scouts its own at once where that
+    pays. Unknown catch-up: newcomers decode at their open and probes keep their schedule."""
+    ctl = _catch_up_fleet(0.05)
+    assert ctl.catchup_rate() == pytest.approx(0.05)
+    ctl.track("long", 2048, remaining=64)
+    ctl.track("short", 128, remaining=64)
+    assert ctl.next_gamma("short") == PROBE_GAMMA  # a scout: 128 tokens of catch-up (6 ms) against ~1 ms a token
+    assert ctl.plan is not None and ctl.plan.gammas[-1] == 0
+    assert ctl.probe_pays("long") is False
+    long = [ctl.next_gamma("long") for _ in range(100)]
+    assert long == [0] * 100  # 2048 tokens (102 ms, twice that to be sure) cannot be repaid over 64 tokens
+    assert ctl.probe_pays("short") is True
+    ctl.track("short", 128, remaining=2)  # ...nor a short prompt's over two tokens left
+    assert ctl.probe_pays("short") is False
+    blind = _catch_up_fleet(None)
+    blind.track("long", 2048, remaining=64)
+    assert blind.catchup_rate() == 0.0 and blind.probe_pays("long") is None
+    seq = [blind.next_gamma("long") for _ in range(8)]
+    assert seq[0] == 0 and PROBE_GAMMA in seq  # no scout at the open, probes on their schedule
+    assert PROBE_PAYBACK >= 1.0
+
+
+def test_the_target_feeds_catch_up_and_decoded_tokens_to_the_controller(tiny_pair):
+    tok = load_tokenizer(tiny_pair.target)
+    prompt = encode(tok, "def parse_args(argv):")
+    server = TargetServer(load_engine(tiny_pair.target, slots=2, max_context=128), TargetConfig(max_decode=16))
+    server.handle(SessionOpen(session="a", prompt_ids=prompt, max_new_tokens=40))
+    (opened,) = _ticks(server)
+    t = server.controller.sessions["a"]
+    assert t.uncached == len(prompt) and t.remaining == 40  # the draft cache holds nothing of it yet
+    server.handle(Verify(session="a", seq=0, pos=opened.pos, tokens=[], decode=4))
+    (res,) = _ticks(server)
+    assert isinstance(res, Result) and len(res.tokens) == 4
+    assert t.uncached == len(prompt) + 4 and t.remaining == 36 and server.controller.decode_tokens < 8
+    assert server.controller.decode_gap() == 0.0  # one request: no gap between two yet
+    time.sleep(0.02)  # the answer's way back and the next request's way in
+    server.handle(Verify(session="a", seq=1, pos=res.pos, tokens=[], decode=4))
+    (res,) = _ticks(server)
+    assert 20.0 <= server.controller.decode_gap() < 5000.0  # measured from the first request's last tick
+    assert t.uncached == len(prompt) + 8
+    server.handle(Verify(session="a", seq=2, pos=res.pos, tokens=[5, 6], draft_ms=2.0, catchup_ms=30.0,
+                         catchup_tokens=len(prompt) + 8))
+    (res,) = _ticks(server)
+    assert isinstance(res, Result) and t.uncached == 0
+    assert server.controller.catchup_rate() == pytest.approx(30.0 / (len(prompt) + 8))
+    stats = server.stats()
+    assert stats["catchup_ms_per_token"] > 0 and stats["decode_gap_ms"] >= 20.0

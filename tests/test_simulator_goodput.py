@@ -189,3 +189,16 @@ def test_a_warm_decoding_fleet_opens_sessions_in_decode_mode():
     cold = Simulation(closed(8, "auto", 40), costs=Roofline(weights_ms=5.0))
     cold.run()
     assert cold.metrics.drafted > 0  # cold, each session's first round drafts before any advice
+
+
+def test_the_simulated_target_measures_the_decode_gap():
+    """As the real target does, the simulated one measures a decode session's gap between requests (its answer's
+    way back, the drafter's path, its request's way in and its wait for a tick) and its controller prices decode
+    rows with it: with a 5 ms path, each request of 8 tokens misses more than 5 ms of ticks."""
+    cfg = closed(1, "auto", 128, path_ms=5.0, decode_tokens=8)
+    cfg["draft_classes"]["local"]["step_ms"] = 50.0  # drafting cannot pay: the controller sends it to decode mode
+    sim = Simulation(cfg, costs=Roofline(weights_ms=5.0))
+    sim.run()
+    assert sim.metrics.decode_rounds >= 4
+    gap = sim.targets[0].controller.decode_gap()
+    assert 5.0 <= gap <= 5.0 + 2 * 5.1  # the path, then at most a tick's wait (and a tick's cycle) on top

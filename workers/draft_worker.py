@@ -245,6 +245,7 @@ class Drafted:
     wait_ms: float  # from the request to the step's start (the gather, and a step already running)
     ended: float  # time.perf_counter() when the step ended: the chunk's round trip starts here
     steady_ms: float = 0.0  # mean time of the steps after the first (decode steps, no catch-up); 0 with one step
+    catchup_ms: float = 0.0  # this session's share (by tokens fed) of what the first step cost beyond a steady one
 
 
 class DraftBatcher:
@@ -290,9 +291,9 @@ class DraftBatcher:
         else:
             self.engine.free(slot)
 
-    def _step(self, requests: list[Any]) -> tuple[list[Any], float, float, float]:
-        """The draft step, in a worker thread: (chunks, start, end) in ``time.perf_counter``, and the mean ms of
-        its forwards after the first."""
+    def _step(self, requests: list[Any]) -> tuple[list[Any], float, float, float, float]:
+        """The draft step, in a worker thread: (chunks, start, end) in ``time.perf_counter``, the mean ms of its
+        forwards after the first, and the first one's ms."""
         from workers.speculation import draft_batch
 
         device = str(getattr(getattr(self.engine, "info", None), "device", "cpu"))
@@ -306,9 +307,9 @@ class DraftBatcher:
         else:
             chunks = draft_batch(self.engine, requests, step_ms=steps)
         steady = sum(steps[1:]) / (len(steps) - 1) if len(steps) > 1 else 0.0
-        return chunks, start, time.perf_counter(), steady
+        return chunks, start, time.perf_counter(), steady, steps[0] if steps else 0.0
 
-    def _step_inline(self, requests: list[Any]) -> tuple[list[Any], float, float, float]:
+    def _step_inline(self, requests: list[Any]) -> tuple[list[Any], float, float, float, float]:
         """The draft step on the loop, when it holds every live session (no thread handoff to pay)."""
         try:
             return self._step(requests)
@@ -356,11 +357,11 @@ class DraftBatcher:
             self._stepping = frozenset(r.slot for r in requests)
             try:
                 if len(batch) >= self.active:  # every live session is in it: no reply can come meanwhile
-                    chunks, start, end, steady = self._step_inline(requests)
+                    chunks, start, end, steady, first = self._step_inline(requests)
                 else:
                     work = loop.run_in_executor(None, self._step, requests)
                     work.add_done_callback(self._step_over)
-                    chunks, start, end, steady = await asyncio.shield(work)  # cancelled: the thread ends the step
+                    chunks, start, end, steady, first = await asyncio.shield(work)  # cancelled: the thread ends the step
             except Exception as exc:  # engine error: every requester learns it
                 for _, fut, _ in batch:
                     if not fut.done():
@@ -369,9 +370,13 @@ class DraftBatcher:
             ms = (end - start) * 1000
             self.steps += 1
             self.rows += len(batch)
-            for (_, fut, asked), chunk in zip(batch, chunks):
+            fed = sum(len(r.uncached) for r in requests)
+            extra = max(0.0, first - steady) if steady > 0 else 0.0  # one step alone cannot tell catch-up apart
+            for (req, fut, asked), chunk in zip(batch, chunks):
                 if not fut.done():
-                    fut.set_result(Drafted(chunk, ms, len(batch), max(0.0, (start - asked) * 1000), end, steady))
+                    share = extra * len(req.uncached) / fed if fed else 0.0
+                    fut.set_result(Drafted(chunk, ms, len(batch), max(0.0, (start - asked) * 1000), end, steady,
+                                           share))
 
 
 # --------------------------------------------------------------------------- the worker
@@ -547,8 +552,10 @@ class DraftWorker:
                 # drafting: report what its later steps cost per token instead (none when it had one step)
                 catch_up = len(uncached) > 2
                 reported = g * drafted.steady_ms if catch_up else draft_ms
+                caught = (drafted.catchup_ms, len(uncached) - 1) if catch_up and drafted.catchup_ms > 0 else (0.0, 0)
                 reply, seq, rtt_ms = await self._verify(client, res, sid, seq, pos, chunk, decode=decode,
-                                                        draft_ms=reported, wait_and_path_ms=wait_and_path_ms)
+                                                        draft_ms=reported, wait_and_path_ms=wait_and_path_ms,
+                                                        catchup=caught)
                 trip_ms = (time.perf_counter() - drafted.ended) * 1000  # from the chunk's draft step to its reply
                 if not isinstance(reply, Result):
                     raise SessionFailed("bad_reply", f"unexpected {reply.TYPE} to verify")
@@ -604,11 +611,12 @@ class DraftWorker:
                     pass
 
     async def _verify(self, client: BrokerClient, res: PromptResult, sid: str, seq: int, pos: int,
-                      chunk: Any, decode: int = 0, draft_ms: float = 0.0, wait_and_path_ms: float = 0.0
-                      ) -> tuple[Message, int, float]:
+                      chunk: Any, decode: int = 0, draft_ms: float = 0.0, wait_and_path_ms: float = 0.0,
+                      catchup: tuple[float, int] = (0.0, 0)) -> tuple[Message, int, float]:
         """Send a chunk until it is answered; on Reopen re-open and resend it as seq 0. ``wait_and_path_ms``: what
         the last round cost beyond drafting and verifying (its wait for a draft step, its round trip less verify),
-        sent as ``Verify.path_ms`` for the goodput controller.
+        sent as ``Verify.path_ms`` for the goodput controller; ``catchup``: (ms, tokens) of the draft cache's
+        catch-up in this chunk's draft step (``Verify.catchup_ms`` / ``catchup_tokens``).
 
         Returns (reply, the seq it was answered under, round trip ms).
         """
@@ -617,7 +625,8 @@ class DraftWorker:
         q = chunk.q_wire()  # packed once: resends reuse it
         for _ in range(cfg.max_reopens + 1):
             msg = Verify(session=sid, seq=used_seq, pos=pos, tokens=list(chunk.tokens), **q, sent_at=time.time(),
-                         decode=decode, draft_ms=round(draft_ms, 3), path_ms=round(wait_and_path_ms, 3))
+                         decode=decode, draft_ms=round(draft_ms, 3), path_ms=round(wait_and_path_ms, 3),
+                         catchup_ms=round(catchup[0], 3), catchup_tokens=int(catchup[1]))
             t0 = time.perf_counter()
             try:
                 reply = await client.request(msg, timeout=cfg.timeout, retries=cfg.retries,

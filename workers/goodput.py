@@ -13,7 +13,9 @@ Rule (distributed, ``mode="distributed"``). A plan gives every session γᵢ ∈
 (the target decodes the session itself, one token per tick). With τ the tick time:
 
 - a decode session is a 1-token row in every tick and commits 1 token per τ + h, where h is the worker's host
-  time between back-to-back ticks (answering, reading, planning: measured, ``observe_host``);
+  time between back-to-back ticks (answering, reading, planning: measured, ``observe_host``), and once per
+  request of k tokens it misses the ticks of its request's way back and forth: TPOT = τ + h + (g − h) / k, g the
+  measured gap between one request's last tick and the next one's first (before one is measured: pathᵢ + w);
 - a speculative session's round takes Rᵢ = γᵢ·draftᵢ + pathᵢ + w + τ (drafting, the path, on average half a tick
   of waiting (w = τ/2) when decode rows keep the target ticking back to back, and its tick) and commits
   E(αᵢ, γᵢ) = (1 − αᵢ^(γᵢ+1)) / (1 − αᵢ) tokens (h is inside pathᵢ: the drafter measures the round trip);
@@ -21,7 +23,7 @@ Rule (distributed, ``mode="distributed"``). A plan gives every session γᵢ ∈
   process drafts its sessions in one batch (they arrive together) and conservative for independent drafters:
   when unsure, the model charges speculation more, so the controller errs towards decoding.
 
-Goodput is Σ committed tokens per second; TPOTᵢ is τ + h (decode) or Rᵢ/Eᵢ. The controller takes the plan of highest
+Goodput is Σ committed tokens per second; TPOTᵢ is the decode TPOT above or Rᵢ/Eᵢ. The controller takes the plan of highest
 goodput whose worst TPOT meets ``tpot_slo_ms`` (when set; when no plan meets it, the plan with the lowest worst
 TPOT). Candidates: every uniform plan (all sessions at one γ), then a pass over groups of sessions with similar α
 that tries each γ for that group alone. Fused workers (``mode="fused"``) draft and verify in lockstep on one device:
@@ -106,6 +108,7 @@ class SessionCosts:
     draft_ms: float = 0.0
     path_ms: float = 0.0
     context: int = 0
+    decode_gap_ms: float = 0.0  # measured: one decode request's last tick's end to the next one's first tick (0: not)
 
 
 @dataclass
@@ -143,11 +146,14 @@ class ControllerConfig:
 
 def evaluate_plan(cost: StepCost, sessions: Sequence[SessionCosts], gammas: Sequence[int], mode: str = DISTRIBUTED,
                   correction: float = 1.0, draft_step_ms: float = 0.0,
-                  weights: Sequence[float] | None = None, host_ms: float = 0.0) -> PlanOutcome:
+                  weights: Sequence[float] | None = None, host_ms: float = 0.0,
+                  decode_tokens: float = 0.0) -> PlanOutcome:
     """Predicted goodput, tick time and per-session TPOT of one plan (see the module docstring).
 
     ``weights``: how many sessions each entry stands for (a group of alike sessions), 1 each by default.
     ``host_ms``: the worker's host time between back-to-back ticks (h), paid by decode rows on top of τ.
+    ``decode_tokens``: tokens per decode request (k); a decode session then also pays its request's path and
+    wait for a tick once per k tokens (0: not charged).
     """
     if not sessions:
         return PlanOutcome([], 0.0, 0.0, [])
@@ -165,14 +171,35 @@ def evaluate_plan(cost: StepCost, sessions: Sequence[SessionCosts], gammas: Sequ
     goodput, tpots = 0.0, []
     for s, g, k in zip(sessions, gammas, w):
         if g == 0:
-            tpots.append(cycle)
-            goodput += k * 1000.0 / cycle
+            tpot = decode_tpot_ms(cycle, s.path_ms, wait, decode_tokens, s.decode_gap_ms, host_ms)
+            tpots.append(tpot)
+            goodput += k * 1000.0 / tpot
             continue
         rnd = g * s.draft_ms + s.path_ms + wait + tau
         e = expected_tokens(s.alpha, g)
         tpots.append(rnd / e)
         goodput += k * e / rnd * 1000.0
     return PlanOutcome(list(gammas), goodput, tau, tpots)
+
+
+def decode_tpot_ms(cycle_ms: float, path_ms: float, wait_ms: float, decode_tokens: float, gap_ms: float = 0.0,
+                   host_ms: float = 0.0) -> float:
+    """A decode session's time per token: a tick cycle (τ + h) per token, plus, once per request of k tokens, the
+    request's path (the answer's way back, the next request's way in) and its wait for the next tick: the session
+    misses the ticks that run meanwhile. ``gap_ms``, when measured (the end of a request's last tick to the start
+    of the next request's first): that time less the h a back-to-back tick would have taken, in place of the
+    speculative rounds' path (which includes waits for draft steps that a decode request does not have)."""
+    if decode_tokens <= 0:
+        return cycle_ms
+    extra = max(0.0, gap_ms - host_ms) if gap_ms > 0 else path_ms + wait_ms
+    return cycle_ms + extra / decode_tokens
+
+
+def best_speculative_tpot_ms(s: SessionCosts, tick_ms: float, wait_ms: float, max_gamma: int) -> float:
+    """The lowest TPOT session ``s`` could get by drafting, over γ ∈ 1..max_gamma, with the tick as planned (one
+    session's extra rows barely move a batch's tick)."""
+    return min((g * s.draft_ms + s.path_ms + wait_ms + tick_ms) / expected_tokens(s.alpha, g)
+               for g in range(1, max_gamma + 1))
 
 
 def _better(a: PlanOutcome, b: PlanOutcome | None, slo: float | None) -> bool:
@@ -210,21 +237,24 @@ def group_sessions(sessions: Sequence[SessionCosts]) -> tuple[list[SessionCosts]
         members[index[b]].append(s)
         of.append(index[b])
     groups = [SessionCosts(sum(m.alpha for m in ms) / len(ms), sum(m.draft_ms for m in ms) / len(ms),
-                           sum(m.path_ms for m in ms) / len(ms), round(sum(m.context for m in ms) / len(ms)))
-              for ms in members]
+                           sum(m.path_ms for m in ms) / len(ms), round(sum(m.context for m in ms) / len(ms)),
+                           sum(m.decode_gap_ms for m in ms) / len(ms)) for ms in members]
     return groups, [float(len(ms)) for ms in members], of
 
 
 def choose_plan(cost: StepCost, sessions: Sequence[SessionCosts], config: ControllerConfig,
-                correction: float = 1.0, draft_step_ms: float = 0.0, host_ms: float = 0.0) -> PlanOutcome:
-    """The best plan: uniform candidates first, then one improvement pass per α group (see the module docstring)."""
+                correction: float = 1.0, draft_step_ms: float = 0.0, host_ms: float = 0.0,
+                decode_tokens: float = 0.0) -> PlanOutcome:
+    """The best plan: uniform candidates first, then one improvement pass per α group (see the module docstring).
+    ``decode_tokens``: tokens per decode request, for the request's path (0: not charged)."""
     if not sessions:
         return PlanOutcome([], 0.0, 0.0, [])
     groups, weights, of = group_sessions(sessions)
     cands = range(0, config.max_gamma + 1)
 
     def evaluate(gs: list[int]) -> PlanOutcome:
-        return evaluate_plan(cost, groups, gs, config.mode, correction, draft_step_ms, weights, host_ms)
+        return evaluate_plan(cost, groups, gs, config.mode, correction, draft_step_ms, weights, host_ms,
+                             decode_tokens)
 
     best: PlanOutcome | None = None
     for g in cands:
@@ -253,6 +283,8 @@ DECAY = 0.9  # each round's weight relative to the one before (recent rounds cou
 PROBE_GAMMA = 2  # γ of a probe round, which keeps a decoding session's acceptance estimate fresh
 PROBE_FIRST, PROBE_MAX = 2, 32  # decode requests between probes: from PROBE_FIRST, doubling up to PROBE_MAX
 HOPE_ALPHA = 0.9  # decoding sessions are probed at PROBE_FIRST.. only while speculation would pay at this α
+PROBE_PAYBACK = 2.0  # a probe (or a newcomer's scout) must be able to save this many times its draft catch-up
+CATCHUP_MIN_TOKENS = 8  # catch-up reports over fewer tokens are mostly a step's fixed cost: not used for the rate
 
 
 @dataclass
@@ -264,6 +296,9 @@ class _Tracked:
     context: int = 0
     decodes: int = 0  # decode-mode requests since the last probe
     probe_every: int = PROBE_FIRST
+    uncached: int = 0  # tokens the session's draft cache has not seen (its prompt, then decode-mode output)
+    remaining: int = 0  # output tokens the session may still ask for (0: not known)
+    scouted: bool = False  # a newcomer's scout round was given
 
     @property
     def alpha(self) -> float:
@@ -286,6 +321,8 @@ class _FleetCosts:
     draft_ms: float = 0.0  # per draft token
     path_ms: float = 0.0
     at: float = 0.0
+    catchup_ms: float = 0.0  # per token the draft cache catches up
+    decode_gap_ms: float = 0.0  # between one decode request's last tick and the next request's first
 
 
 def _ewma(old: float, new: float, weight: float) -> float:
@@ -317,21 +354,32 @@ class GoodputController:
         self._fleet: dict[int, _FleetCosts] = {}
         self.fleet_accepted = 0.0  # pooled, slowly decayed acceptance over every session's rounds
         self.fleet_examined = 0.0
+        self.decode_tokens = float(self.config.decode_tokens)  # EWMA of what decode-mode requests ask for
 
     # ------------------------------------------------------------------ observations
-    def track(self, key: str, context: int = 0) -> None:
+    def track(self, key: str, context: int = 0, remaining: int | None = None) -> None:
+        """Start following a session (its draft cache holds none of its ``context`` yet); ``remaining``: the
+        output tokens it may still ask for, when known."""
         if key not in self.sessions:
-            self.sessions[key] = _Tracked(context=context)
+            self.sessions[key] = _Tracked(context=context, uncached=context)
+        if remaining is not None:
+            self.sessions[key].remaining = max(0, int(remaining))
 
     def forget(self, key: str) -> None:
         self.sessions.pop(key, None)
 
     def observe_round(self, key: str, accepted: int, drafted: int, draft_ms: float = 0.0, path_ms: float = 0.0,
-                      context: int = 0) -> None:
-        """A verified chunk: its acceptance, and the drafter's reported costs (0 = not reported: keep the last)."""
+                      context: int = 0, catchup_ms: float = 0.0, catchup_tokens: int = 0) -> None:
+        """A verified chunk: its acceptance, and the drafter's reported costs (0 = not reported: keep the last).
+        ``catchup_ms`` / ``catchup_tokens``: what the chunk's draft step paid to feed tokens the draft cache had not
+        seen; the fleet's rate per token prices the catch-up of later probes."""
         self.track(key, context)
         t = self.sessions[key]
         if drafted > 0:
+            t.uncached = 0
+            if catchup_tokens >= CATCHUP_MIN_TOKENS and 0 < catchup_ms < math.inf:
+                fleet = self._fleet_at(self.load_level())
+                fleet.catchup_ms = _ewma(fleet.catchup_ms, catchup_ms / catchup_tokens, FLEET_WEIGHT)
             t.update(accepted, drafted)
             self.fleet_accepted = FLEET_DECAY * self.fleet_accepted + accepted
             self.fleet_examined = FLEET_DECAY * self.fleet_examined + accepted + (1 if accepted < drafted else 0)
@@ -346,6 +394,22 @@ class GoodputController:
             fleet.path_ms = _ewma(fleet.path_ms, path_ms, FLEET_WEIGHT)
         if context:
             t.context = context
+
+    def observe_decode(self, key: str, tokens: int, asked: int) -> None:
+        """A decode-mode request answered with ``tokens`` of the ``asked``: the draft cache has that much more to
+        catch up, and decode rows are priced with the request size drafters use."""
+        self.track(key)
+        self.sessions[key].uncached += max(0, int(tokens))
+        if asked > 0:
+            self.decode_tokens = _ewma(self.decode_tokens, float(asked), self.config.correction_weight)
+
+    def observe_decode_gap(self, key: str, ms: float) -> None:
+        """The time from the end of a session's decode request's last tick to the start of its next request's
+        first tick: what decoding costs that session per request beyond its ticks (the answer's way back, the
+        drafter's loop, the next request's way in, its wait for a tick)."""
+        if 0 <= ms < math.inf:
+            fleet = self._fleet_at(self.load_level())
+            fleet.decode_gap_ms = _ewma(fleet.decode_gap_ms, max(ms, 1e-3), FLEET_WEIGHT)
 
     def observe_tick(self, rows: int, tokens: int, context: float, ms: float) -> None:
         """A measured forward: corrects the cost model (online fit, or a ratio over the table)."""
@@ -405,12 +469,50 @@ class GoodputController:
                 return f.draft_ms, f.path_ms
         return 0.0, 0.0
 
+    def catchup_rate(self) -> float:
+        """ms per token a draft cache's catch-up costs, as reported at this load level or a neighbouring one
+        (0: not known)."""
+        level = self.load_level()
+        for at in (level, level - 1, level + 1):
+            f = self._fleet.get(at)
+            if f is not None and f.catchup_ms > 0:
+                return f.catchup_ms
+        return 0.0
+
+    def probe_pays(self, key: str) -> bool | None:
+        """Could a probe of this decoding session repay its draft cache's catch-up: would drafting at an acceptance
+        of ``HOPE_ALPHA`` save, over the session's remaining tokens, ``PROBE_PAYBACK`` times what feeding its
+        unseen tokens costs? None when the catch-up rate or the remaining tokens are not known. At one session
+        on the H200 a probe's catch-up cost 15 ms at context 512 and 93 ms at 2048 on a CPU drafter: the
+        first repays itself in a 64-token session, the second does not."""
+        t = self.sessions[key]
+        rate = self.catchup_rate()
+        if rate <= 0 or t.remaining <= 0 or self.plan is None:
+            return None
+        view = self._views([key])[0]
+        cycle = self.plan.tick_ms + self._host()
+        wait = 0.5 * cycle  # this session decodes: the target ticks back to back
+        decode = decode_tpot_ms(cycle, view.path_ms, wait, self.decode_tokens, view.decode_gap_ms, self._host())
+        hope = SessionCosts(max(view.alpha, HOPE_ALPHA), view.draft_ms, view.path_ms, view.context)
+        saving = decode - best_speculative_tpot_ms(hope, self.plan.tick_ms, wait, self.config.max_gamma)
+        return saving * t.remaining >= PROBE_PAYBACK * rate * t.uncached
+
+    def decode_gap(self) -> float:
+        """The decode gap measured at this load level or a neighbouring one (0: not known)."""
+        level = self.load_level()
+        for at in (level, level - 1, level + 1):
+            f = self._fleet.get(at)
+            if f is not None and f.decode_gap_ms > 0:
+                return f.decode_gap_ms
+        return 0.0
+
     def _views(self, keys: Iterable[str]) -> list[SessionCosts]:
         """Each session's costs; one that has reported none yet borrows the fleet's at this load (drafters on one
-        target are mostly alike)."""
+        target are mostly alike). The decode gap is the fleet's: every decode request pays the same path."""
         draft, path = self.fleet_costs()
+        gap = self.decode_gap() if self.config.mode == DISTRIBUTED else 0.0
         return [SessionCosts(self.alpha_of(k), self.sessions[k].draft_ms or draft, self.sessions[k].path_ms or path,
-                             self.sessions[k].context) for k in keys]
+                             self.sessions[k].context, gap) for k in keys]
 
     def knows_costs(self, key: str) -> bool:
         """Whether a drafting cost is known for this session (its own reports, or the fleet's at this load)."""
@@ -429,7 +531,8 @@ class GoodputController:
         if self.config.mode == FUSED and self.draft_cost is not None:
             draft_step = self.draft_cost.verify_ms(n, n, sum(s.context for s in self.sessions.values()) / n)
         views = self._views(keys)
-        self.plan = choose_plan(self.cost, views, self.config, self.correction, draft_step, self._host())
+        self.plan = choose_plan(self.cost, views, self.config, self.correction, draft_step, self._host(),
+                                self._decode_tokens())
         self._by_bucket = {alpha_bucket(v.alpha): g for v, g in zip(views, self.plan.gammas)}
         self._hopeful = any(self.plan.gammas) or self.probe_worth(views, draft_step)
         self._planned_at, self._planned_n = now, n
@@ -440,13 +543,18 @@ class GoodputController:
         (drafting or the path cost more than a good draft could save, or the batch is compute-bound), a probe
         round cannot change the plan, and each costs a session a drafted round (with its draft cache's catch-up)
         for nothing."""
-        hopeful = [SessionCosts(max(v.alpha, HOPE_ALPHA), v.draft_ms, v.path_ms, v.context) for v in views]
+        hopeful = [SessionCosts(max(v.alpha, HOPE_ALPHA), v.draft_ms, v.path_ms, v.context, v.decode_gap_ms)
+                   for v in views]
         return any(choose_plan(self.cost, hopeful, self.config, self.correction, draft_step_ms,
-                               self._host()).gammas)
+                               self._host(), self._decode_tokens()).gammas)
 
     def _host(self) -> float:
         """h for planning: a fused worker drafts and verifies in lockstep, so its host time is every row's."""
         return self.host_ms if self.config.mode == DISTRIBUTED else 0.0
+
+    def _decode_tokens(self) -> float:
+        """k for planning decode rows (a fused worker's decode rows have no request path)."""
+        return self.decode_tokens if self.config.mode == DISTRIBUTED else 0.0
 
     def next_gamma(self, key: str) -> int:
         """This session's γ for its next round (0: decode mode; -1: no advice, the drafter keeps its γ, while no
@@ -455,7 +563,9 @@ class GoodputController:
         (γ = ``PROBE_GAMMA``) after ``probe_every`` decode requests, the interval doubling while decoding stays
         best, so a changed acceptance or load is noticed. While speculation could not pay even at a high acceptance
         (``probe_worth``), probes come only every ``PROBE_MAX`` decode requests: they cannot change the plan then,
-        but they keep the drafting and path costs from going stale when the load falls."""
+        but they keep the drafting and path costs from going stale when the load falls. A probe is skipped when it
+        cannot repay its draft cache's catch-up (``probe_pays``), and a newcomer planned to decode on the fleet's
+        acceptance alone scouts its own with one probe round at once when that repays its prompt's catch-up."""
         self.track(key)
         t = self.sessions[key]
         if self.config.mode == DISTRIBUTED and (
@@ -471,17 +581,25 @@ class GoodputController:
         if g > 0:
             t.decodes, t.probe_every = 0, PROBE_FIRST
             return g
+        probe = min(PROBE_GAMMA, self.config.max_gamma)
+        if self.config.probe and self._hopeful and t.examined == 0 and not t.scouted:
+            t.scouted = True  # a newcomer planned to decode on the fleet's acceptance alone: scout its own at once
+            if self.probe_pays(key):  # when that repays its catch-up (unknown: decode, no draft prefill)
+                return probe
         if self.config.probe and t.decodes >= (t.probe_every if self._hopeful else PROBE_MAX):
-            if self._hopeful:  # a rare probe (no hope) leaves the schedule for when hope returns
-                t.probe_every = min(PROBE_MAX, 2 * t.probe_every)
             t.decodes = 0
-            return min(PROBE_GAMMA, self.config.max_gamma)
+            if self.probe_pays(key) is not False:  # else decode on, and ask again after another interval
+                if self._hopeful:  # a rare probe (no hope) leaves the schedule for when hope returns
+                    t.probe_every = min(PROBE_MAX, 2 * t.probe_every)
+                return probe
         t.decodes += 1
         return 0
 
     def stats(self) -> dict:
         p = self.plan
-        learned = {"cost_correction": round(self.correction, 3), "host_ms": round(self.host_ms, 3)}
+        learned = {"cost_correction": round(self.correction, 3), "host_ms": round(self.host_ms, 3),
+                   "decode_gap_ms": round(self.decode_gap(), 3), "catchup_ms_per_token": round(self.catchup_rate(), 4),
+                   "decode_tokens": round(self.decode_tokens, 2)}
         if p is None:
             return {"plan_sessions": 0, **learned}
         gs = p.gammas

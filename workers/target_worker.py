@@ -99,6 +99,7 @@ class Served:
     prefilled: int = 0  # prompt tokens cached so far (of prompt[:-1])
     target: TargetSession | None = None
     chunk: Chunk | None = None  # the verify waiting for the next tick
+    decode_ended: float | None = None  # when the tick that finished its last decode request ended (monotonic)
 
     @property
     def to_prefill(self) -> int:
@@ -403,6 +404,11 @@ class TargetServer:
             self.counters["drafted"] += len(m.tokens)
             self.counters["accepted"] += o.accepted
             if chunk.decoding:
+                if not chunk.decoded and chunk.decode_left == m.decode and s.decode_ended is not None:
+                    gap = (tick.started - s.decode_ended) * 1000.0  # its last decode answer to this request's tick
+                    if self.controller is not None:
+                        self.controller.observe_decode_gap(key, gap)
+                    s.decode_ended = None
                 chunk.decoded += tokens
                 chunk.decode_left -= 1
                 if chunk.decode_left > 0 and not t.finished:  # stays queued: a 1-token row in the next tick too
@@ -412,7 +418,14 @@ class TargetServer:
                     continue
                 tokens = chunk.decoded
             elif self.controller is not None:
-                self.controller.observe_round(key, o.accepted, len(m.tokens), m.draft_ms, m.path_ms, t.pos)
+                self.controller.observe_round(key, o.accepted, len(m.tokens), m.draft_ms, m.path_ms, t.pos,
+                                              m.catchup_ms, m.catchup_tokens)
+            if chunk.decoding:
+                s.decode_ended = ended
+                if self.controller is not None:
+                    self.controller.observe_decode(key, len(tokens), m.decode)
+            else:
+                s.decode_ended = None
             t.last_seq = m.seq
             queue_ms = max(0.0, (tick.started - chunk.arrived) * 1000.0)
             busy_ms = min(chunk.busy_s * 1000.0, queue_ms)
@@ -439,7 +452,8 @@ class TargetServer:
         """The controller's γ for this session's next chunk (-1 without a controller)."""
         if self.controller is None:
             return -1
-        self.controller.track(key, pos)
+        t = self.sessions[key].target
+        self.controller.track(key, pos, t.max_new_tokens - t.generated if t is not None else None)
         return self.controller.next_gamma(key)
 
     def fail_tick(self, tick: Tick, exc: Exception) -> list[Message]:

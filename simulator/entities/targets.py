@@ -44,7 +44,7 @@ class Session:
     """A speculative session as the target sees it (its KV cache lives here)."""
 
     __slots__ = ("req", "link", "rng", "context", "prefill_left", "committed", "enqueued", "opened", "acceptance",
-                 "delay_s")
+                 "delay_s", "decode_ended")
 
     def __init__(self, req, link, rng: random.Random, acceptance, delay_s: float = 0.0) -> None:
         self.req = req
@@ -57,6 +57,7 @@ class Session:
         self.enqueued = 0.0
         self.opened: simpy.Event | None = None
         self.delay_s = delay_s  # fixed extra per answer (broker overhead)
+        self.decode_ended: float | None = None  # the forward that finished its last decode request ended then
 
 
 class Answer(NamedTuple):
@@ -216,6 +217,12 @@ class Target:
             st.verified_chunks += len(chunks)
         if self.on_tick is not None:
             self.on_tick(start, [start - c.enqueued for c in chunks], service)
+        if self.controller is not None:  # a decode request's first tick: the gap since its last one's forward
+            for c in chunks:
+                s = c.session
+                if c.decode_left > 0 and c.decoded == 0 and s.decode_ended is not None:
+                    self.controller.observe_decode_gap(str(s.req.id), (start - s.decode_ended) * 1000.0)
+                    s.decode_ended = None
         yield env.timeout(service + self.tick_overhead_s + rows * self.tick_row_overhead_s)
         now = env.now
         m = self.metrics
@@ -238,7 +245,11 @@ class Target:
                     continue
                 n_commit = c.decoded
                 m.decode_rounds += 1
+                s.decode_ended = start + service
+                if ctl is not None:
+                    ctl.observe_decode(str(s.req.id), n_commit, n_commit)
             else:
+                s.decode_ended = None
                 k = s.acceptance.draw(c.gamma, s.rng)
                 m.rounds += 1
                 m.accepted += k
@@ -253,7 +264,7 @@ class Target:
             advice = -1
             if ctl is not None and not finished:
                 key = str(s.req.id)
-                ctl.track(key, s.context)
+                ctl.track(key, s.context, s.req.output_tokens - s.committed)
                 advice = ctl.next_gamma(key)
             deliver(env, c.event, Answer(n_commit, advice, service), s.link.delay(RESULT_BYTES, s.rng) + s.delay_s)
             if finished:
@@ -268,7 +279,7 @@ class Target:
                     self.outstanding -= 1
                     advice = -1
                     if ctl is not None:
-                        ctl.track(str(s.req.id), s.context)
+                        ctl.track(str(s.req.id), s.context, s.req.output_tokens - s.committed)
                         advice = ctl.next_gamma(str(s.req.id))
                     deliver(env, s.opened, advice, s.link.delay(RESULT_BYTES, s.rng) + s.delay_s)
                     if s.req.output_tokens <= 1:
