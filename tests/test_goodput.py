@@ -407,10 +407,13 @@ def test_decode_rows_pay_their_requests_path():
     assert ctl.decode_tokens == pytest.approx(2.0, abs=0.01) and ctl.sessions["s"].uncached == 60
 
 
-def _catch_up_fleet(rate_ms: float | None) -> GoodputController:
+def _catch_up_fleet(rate_ms: float | None, newcomers: int = 0) -> GoodputController:
     """A fleet whose drafts save nothing at α 0.5 (2 ms a draft token, 3 ms of path a round, a 5 ms step): its
-    sessions decode. ``rate_ms``: what a draft cache's catch-up costs per token, as the drafters reported it."""
+    sessions decode. ``rate_ms``: what a draft cache's catch-up costs per token, as the drafters reported it;
+    ``newcomers``: sessions n0.. (context 128, 64 tokens to go) that opened before the fleet reported."""
     ctl = GoodputController(Roofline(weights_ms=5.0), ControllerConfig(max_gamma=6, replan_ms=0.0))
+    for i in range(newcomers):
+        ctl.track(f"n{i}", 128, remaining=64)
     for i in range(20):
         catchup = {"catchup_ms": 100.0 * rate_ms, "catchup_tokens": 100} if rate_ms else {}
         ctl.observe_round(f"f{i % 4}", accepted=1, drafted=2, draft_ms=4.0, path_ms=3.0, context=100, **catchup)
@@ -458,7 +461,7 @@ def test_the_target_feeds_catch_up_and_decoded_tokens_to_the_controller(tiny_pai
     time.sleep(0.02)  # the answer's way back and the next request's way in
     server.handle(Verify(session="a", seq=1, pos=res.pos, tokens=[], decode=4))
     (res,) = _ticks(server)
-    assert 20.0 <= server.controller.decode_gap() < 5000.0  # measured from the first request's last tick
+    assert 15.0 <= server.controller.decode_gap() < 5000.0  # measured from the first request's last tick
     assert t.uncached == len(prompt) + 8
     server.handle(Verify(session="a", seq=2, pos=res.pos, tokens=[5, 6], draft_ms=2.0, catchup_ms=30.0,
                          catchup_tokens=len(prompt) + 8))
@@ -466,4 +469,19 @@ def test_the_target_feeds_catch_up_and_decoded_tokens_to_the_controller(tiny_pai
     assert isinstance(res, Result) and t.uncached == 0
     assert server.controller.catchup_rate() == pytest.approx(30.0 / (len(prompt) + 8))
     stats = server.stats()
-    assert stats["catchup_ms_per_token"] > 0 and stats["decode_gap_ms"] >= 20.0
+    assert stats["catchup_ms_per_token"] > 0 and stats["decode_gap_ms"] >= 15.0
+
+
+def test_sessions_opening_together_do_not_all_scout_at_once():
+    """At most one in 16 sessions (at least one) is in a probe or scout round at a time: sessions that open together
+    would all scout, and their catch-ups would share the drafters. An answered scout makes room for the next."""
+    ctl = _catch_up_fleet(0.05, newcomers=28)  # with the fleet's four: 32 sessions, room for two
+    first = [ctl.next_gamma(f"n{i}") for i in range(28)]
+    assert first.count(PROBE_GAMMA) == 2 and set(first) == {0, PROBE_GAMMA}
+    scout = first.index(PROBE_GAMMA)
+    ctl.observe_round(f"n{scout}", accepted=1, drafted=2, draft_ms=4.0, path_ms=3.0, context=130)
+    assert ctl.next_gamma(f"n{scout}") == 0  # its scout is answered: room for one more
+    again = [ctl.next_gamma(f"n{i}") for i in range(28) if first[i] == 0]
+    assert again.count(PROBE_GAMMA) == 1
+    ctl.forget(f"n{first.index(PROBE_GAMMA, scout + 1)}")  # a session that leaves frees its place too
+    assert [ctl.next_gamma(f"n{i}") for i in range(28) if first[i] == 0].count(PROBE_GAMMA) == 1

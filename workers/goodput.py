@@ -284,6 +284,7 @@ PROBE_GAMMA = 2  # γ of a probe round, which keeps a decoding session's accepta
 PROBE_FIRST, PROBE_MAX = 2, 32  # decode requests between probes: from PROBE_FIRST, doubling up to PROBE_MAX
 HOPE_ALPHA = 0.9  # decoding sessions are probed at PROBE_FIRST.. only while speculation would pay at this α
 PROBE_PAYBACK = 2.0  # a probe (or a newcomer's scout) must be able to save this many times its draft catch-up
+EVIDENCE_SHARE = 1 / 16  # at most this share of a worker's sessions (at least one) in a probe or scout at once
 CATCHUP_MIN_TOKENS = 8  # catch-up reports over fewer tokens are mostly a step's fixed cost: not used for the rate
 
 
@@ -355,6 +356,7 @@ class GoodputController:
         self.fleet_accepted = 0.0  # pooled, slowly decayed acceptance over every session's rounds
         self.fleet_examined = 0.0
         self.decode_tokens = float(self.config.decode_tokens)  # EWMA of what decode-mode requests ask for
+        self._probing: set[str] = set()  # sessions advised a probe or scout whose round is not answered yet
 
     # ------------------------------------------------------------------ observations
     def track(self, key: str, context: int = 0, remaining: int | None = None) -> None:
@@ -367,6 +369,7 @@ class GoodputController:
 
     def forget(self, key: str) -> None:
         self.sessions.pop(key, None)
+        self._probing.discard(key)
 
     def observe_round(self, key: str, accepted: int, drafted: int, draft_ms: float = 0.0, path_ms: float = 0.0,
                       context: int = 0, catchup_ms: float = 0.0, catchup_tokens: int = 0) -> None:
@@ -565,9 +568,12 @@ class GoodputController:
         (``probe_worth``), probes come only every ``PROBE_MAX`` decode requests: they cannot change the plan then,
         but they keep the drafting and path costs from going stale when the load falls. A probe is skipped when it
         cannot repay its draft cache's catch-up (``probe_pays``), and a newcomer planned to decode on the fleet's
-        acceptance alone scouts its own with one probe round at once when that repays its prompt's catch-up."""
+        acceptance alone scouts its own with one probe round at once when that repays its prompt's catch-up. At
+        most ``EVIDENCE_SHARE`` of the sessions (at least one) are in a probe or scout round at once: sessions that
+        open together would otherwise all scout, and their catch-ups share the drafters."""
         self.track(key)
         t = self.sessions[key]
+        self._probing.discard(key)  # the round it was advised for is being answered
         if self.config.mode == DISTRIBUTED and (
                 not self.knows_costs(key)  # planning would take drafting as free
                 or (t.examined < MIN_EVIDENCE and self.fleet_examined < FLEET_EVIDENCE)):  # two unlucky first
@@ -582,15 +588,18 @@ class GoodputController:
             t.decodes, t.probe_every = 0, PROBE_FIRST
             return g
         probe = min(PROBE_GAMMA, self.config.max_gamma)
-        if self.config.probe and self._hopeful and t.examined == 0 and not t.scouted:
+        room = len(self._probing) < max(1, int(EVIDENCE_SHARE * len(self.sessions)))
+        if self.config.probe and room and self._hopeful and t.examined == 0 and not t.scouted:
             t.scouted = True  # a newcomer planned to decode on the fleet's acceptance alone: scout its own at once
             if self.probe_pays(key):  # when that repays its catch-up (unknown: decode, no draft prefill)
+                self._probing.add(key)
                 return probe
-        if self.config.probe and t.decodes >= (t.probe_every if self._hopeful else PROBE_MAX):
+        if self.config.probe and room and t.decodes >= (t.probe_every if self._hopeful else PROBE_MAX):
             t.decodes = 0
             if self.probe_pays(key) is not False:  # else decode on, and ask again after another interval
                 if self._hopeful:  # a rare probe (no hope) leaves the schedule for when hope returns
                     t.probe_every = min(PROBE_MAX, 2 * t.probe_every)
+                self._probing.add(key)
                 return probe
         t.decodes += 1
         return 0
