@@ -12,7 +12,7 @@ from protocol.messages import Result, SessionOpen, SessionOpened, Verify
 from tests.model_fixtures import tiny_pair  # noqa: F401  (fixture)
 from workers.adaptive_gamma import expected_tokens
 from workers.engine import load_engine
-from workers.goodput import (FLEET_EVIDENCE, FUSED, MIN_EVIDENCE, PROBE_GAMMA, PROBE_MAX, PROBE_PAYBACK, ControllerConfig,
+from workers.goodput import (FLEET_EVIDENCE, FUSED, MIN_EVIDENCE, PROBE_GAMMA, PROBE_MAX, ControllerConfig,
                              GoodputController,
                              OnlineStepCost, SessionCosts, choose_plan, evaluate_plan, group_sessions)
 from workers.sampling import SamplingParams
@@ -263,13 +263,18 @@ def test_no_probe_schedule_where_speculation_cannot_pay_even_at_high_acceptance(
     assert not any(ctl.plan.gammas) and seq.index(PROBE_GAMMA) <= 2
 
 
+def _opened(tiny_pair, max_new_tokens: int) -> tuple[TargetServer, list[int], SessionOpened]:
+    """A target of the shipped pair (3 slots) with session "a" opened on a short code prompt."""
+    prompt = encode(load_tokenizer(tiny_pair.target), "def parse_args(argv):")
+    server = TargetServer(load_engine(tiny_pair.target, slots=3, max_context=128), TargetConfig(max_decode=16))
+    server.handle(SessionOpen(session="a", prompt_ids=prompt, max_new_tokens=max_new_tokens))
+    (opened,) = _ticks(server)
+    return server, prompt, opened
+
+
 def test_the_open_carries_the_first_chunks_gamma(tiny_pair):
     """In a fleet that decodes, a new session is told at its open: no first drafted round."""
-    tok = load_tokenizer(tiny_pair.target)
-    prompt = encode(tok, "def parse_args(argv):")
-    server = TargetServer(load_engine(tiny_pair.target, slots=3, max_context=128), TargetConfig(max_decode=16))
-    server.handle(SessionOpen(session="a", prompt_ids=prompt, max_new_tokens=20))
-    (opened,) = _ticks(server)
+    server, prompt, opened = _opened(tiny_pair, 20)
     assert isinstance(opened, SessionOpened) and opened.next_gamma == -1  # nothing known yet: no advice
     ctl = server.controller
     for i in range(24):  # the fleet's drafts cost far more than they save (and it has examined enough)
@@ -442,15 +447,10 @@ def test_a_probe_must_repay_its_draft_catch_up():
     assert blind.catchup_rate() == 0.0 and blind.probe_pays("long") is None
     seq = [blind.next_gamma("long") for _ in range(8)]
     assert seq[0] == 0 and PROBE_GAMMA in seq  # no scout at the open, probes on their schedule
-    assert PROBE_PAYBACK >= 1.0
 
 
 def test_the_target_feeds_catch_up_and_decoded_tokens_to_the_controller(tiny_pair):
-    tok = load_tokenizer(tiny_pair.target)
-    prompt = encode(tok, "def parse_args(argv):")
-    server = TargetServer(load_engine(tiny_pair.target, slots=2, max_context=128), TargetConfig(max_decode=16))
-    server.handle(SessionOpen(session="a", prompt_ids=prompt, max_new_tokens=40))
-    (opened,) = _ticks(server)
+    server, prompt, opened = _opened(tiny_pair, 40)
     t = server.controller.sessions["a"]
     assert t.uncached == len(prompt) and t.remaining == 40  # the draft cache holds nothing of it yet
     server.handle(Verify(session="a", seq=0, pos=opened.pos, tokens=[], decode=4))

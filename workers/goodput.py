@@ -472,21 +472,25 @@ class GoodputController:
                 return f.draft_ms, f.path_ms
         return 0.0, 0.0
 
+    def _nearby(self, name: str) -> float:
+        """A fleet figure (a ``_FleetCosts`` field) at this load level, else at a neighbouring one (0: none)."""
+        level = self.load_level()
+        for at in (level, level - 1, level + 1):
+            value = getattr(self._fleet.get(at), name, 0.0)
+            if value > 0:
+                return value
+        return 0.0
+
     def catchup_rate(self) -> float:
         """ms per token a draft cache's catch-up costs, as reported at this load level or a neighbouring one
         (0: not known)."""
-        level = self.load_level()
-        for at in (level, level - 1, level + 1):
-            f = self._fleet.get(at)
-            if f is not None and f.catchup_ms > 0:
-                return f.catchup_ms
-        return 0.0
+        return self._nearby("catchup_ms")
 
     def probe_pays(self, key: str) -> bool | None:
         """Could a probe of this decoding session repay its draft cache's catch-up: would drafting at an acceptance
         of ``HOPE_ALPHA`` save, over the session's remaining tokens, ``PROBE_PAYBACK`` times what feeding its
         unseen tokens costs? None when the catch-up rate or the remaining tokens are not known. At one session
-        on the H200 a probe's catch-up cost 15 ms at context 512 and 93 ms at 2048 on a CPU drafter: the
+        on the H200 a probe's catch-up cost 15 ms at context 512 and 93-125 ms at 2048 on a CPU drafter: the
         first repays itself in a 64-token session, the second does not."""
         t = self.sessions[key]
         rate = self.catchup_rate()
@@ -502,12 +506,7 @@ class GoodputController:
 
     def decode_gap(self) -> float:
         """The decode gap measured at this load level or a neighbouring one (0: not known)."""
-        level = self.load_level()
-        for at in (level, level - 1, level + 1):
-            f = self._fleet.get(at)
-            if f is not None and f.decode_gap_ms > 0:
-                return f.decode_gap_ms
-        return 0.0
+        return self._nearby("decode_gap_ms")
 
     def _views(self, keys: Iterable[str]) -> list[SessionCosts]:
         """Each session's costs; one that has reported none yet borrows the fleet's at this load (drafters on one
