@@ -485,3 +485,15 @@ def test_sessions_opening_together_do_not_all_scout_at_once():
     assert again.count(PROBE_GAMMA) == 1
     ctl.forget(f"n{first.index(PROBE_GAMMA, scout + 1)}")  # a session that leaves frees its place too
     assert [ctl.next_gamma(f"n{i}") for i in range(28) if first[i] == 0].count(PROBE_GAMMA) == 1
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -5.0, 0.0])
+def test_a_bad_catch_up_or_gap_report_is_ignored(bad):
+    """Reports come from drafters over the wire: a NaN, infinite or negative figure changes nothing."""
+    ctl = _catch_up_fleet(None)
+    ctl.observe_round("f0", accepted=1, drafted=2, draft_ms=4.0, catchup_ms=bad, catchup_tokens=100)
+    ctl.observe_round("f0", accepted=1, drafted=2, draft_ms=4.0, catchup_ms=50.0, catchup_tokens=-100)
+    ctl.observe_decode_gap("f0", bad if bad != 0.0 else -1.0)
+    assert ctl.catchup_rate() == 0.0 and ctl.decode_gap() == 0.0
+    ctl.observe_round("f0", accepted=1, drafted=2, draft_ms=4.0, catchup_ms=50.0, catchup_tokens=100)
+    assert ctl.catchup_rate() == pytest.approx(0.5)  # a sound report still counts
