@@ -1,7 +1,7 @@
 """``specmq bench tick``: where a target tick's time goes, beside the engine's forward.
 
 A profile table (``specmq profile``) times ``engine.forward`` alone. A serving tick does more: it files each
-session's chunk (``handle``), plans the batch (``take_tick``), runs the forward, judges every row (acceptance and
+session's chunk (``read``: parsing its frame, as the target's loop does; ``handle``), plans the batch (``take_tick``), runs the forward, judges every row (acceptance and
 rollback), commits and answers (``finish``: the controller and one ``Result`` per session) and encodes the answers
 for the wire. This runs that exact path, ``TargetServer`` without sockets, on B open sessions at a given context,
 and reports each part per tick and per row. Anything here beyond ``forward_ms`` is host time the GPU may sit idle
@@ -28,7 +28,7 @@ from workers.profiling import ProfileError, build_engine, int_list, sync
 HELP = "a target tick's parts (handle, plan, forward, acceptance, finish, encode) per batch size"
 EXAMPLE = "specmq bench tick --device cuda --grow llama-3.1-8b --batches 1,8,64,256 --gammas 0,4 --json"
 ROOT = Path(__file__).resolve().parents[1]
-PARTS = ("handle_ms", "take_ms", "forward_ms", "accept_ms", "finish_ms", "encode_ms")
+PARTS = ("read_ms", "handle_ms", "take_ms", "forward_ms", "accept_ms", "finish_ms", "encode_ms")
 
 
 def open_sessions(server: Any, n: int, context: int, temperature: float, seed: int) -> list[str]:
@@ -55,8 +55,10 @@ def open_sessions(server: Any, n: int, context: int, temperature: float, seed: i
     return keys
 
 
-def chunk_for(server: Any, key: str, gamma: int, temperature: float, rng: random.Random) -> Any:
-    """The session's next chunk: decode mode (γ 0) or γ random draft tokens (with a random q when sampling)."""
+def chunk_for(server: Any, key: str, gamma: int, temperature: float, rng: random.Random, dense: bool = False
+              ) -> Any:
+    """The session's next chunk: decode mode (γ 0) or γ random draft tokens (with a random q when sampling: 32
+    entries a row, or ``dense``: a whole-vocabulary row, what a drafter sampling without top-k / top-p sends)."""
     from protocol.codec import pack_q
     from protocol.messages import Verify
 
@@ -69,6 +71,10 @@ def chunk_for(server: Any, key: str, gamma: int, temperature: float, rng: random
 
         rows = []
         for x in tokens:
+            if dense:
+                p = np.random.default_rng(rng.randrange(1 << 30)).random(vocab, dtype=np.float32) + 1e-3
+                rows.append((None, (p / p.sum()).astype(np.float32)))
+                continue
             ids = np.array(sorted(set(rng.sample(range(vocab), 31)) | {x}), dtype=np.uint32)
             p = np.full(ids.size, 1.0 / ids.size, dtype=np.float32)
             rows.append((ids, p))
@@ -77,10 +83,11 @@ def chunk_for(server: Any, key: str, gamma: int, temperature: float, rng: random
                   decode=0 if gamma else 1, draft_ms=2.0, path_ms=1.0)
 
 
-def measure_point(server: Any, keys: list[str], gamma: int, temperature: float, ticks: int, seed: int
-                  ) -> dict[str, float]:
+def measure_point(server: Any, keys: list[str], gamma: int, temperature: float, ticks: int, seed: int,
+                  dense: bool = False) -> dict[str, float]:
     """The parts of the median tick of ``ticks`` ticks, in ms (the first, warm-up/capture tick dropped)."""
-    from protocol.codec import encode
+    from protocol.codec import DEFAULT_MAX_FRAME, encode
+    from protocol.frames import parse, to_message
 
     engine = server.engine
     done = sync(engine)
@@ -99,7 +106,9 @@ def measure_point(server: Any, keys: list[str], gamma: int, temperature: float, 
     parts: dict[str, list[float]] = {p: [] for p in PARTS + ("tick_ms",)}
     try:
         for i in range(ticks + 1):
-            msgs = [chunk_for(server, k, gamma, temperature, rng) for k in keys]
+            frames = [encode(chunk_for(server, k, gamma, temperature, rng, dense)) for k in keys]
+            tr = time.perf_counter()
+            msgs = [to_message(parse(f, DEFAULT_MAX_FRAME)) for f in frames]  # what the target's loop reads
             t0 = time.perf_counter()
             for m in msgs:
                 refused = server.handle(m)
@@ -124,13 +133,14 @@ def measure_point(server: Any, keys: list[str], gamma: int, temperature: float, 
             server.take_credits()
             if not i:
                 continue
+            parts["read_ms"].append((t0 - tr) * 1e3)
             parts["handle_ms"].append((t1 - t0) * 1e3)
             parts["take_ms"].append((t2 - t1) * 1e3)
             parts["forward_ms"].append(timing["forward_ms"])
             parts["accept_ms"].append((t3 - t2) * 1e3 - timing["forward_ms"])
             parts["finish_ms"].append((t4 - t3) * 1e3)
             parts["encode_ms"].append((t5 - t4) * 1e3)
-            parts["tick_ms"].append((t5 - t0) * 1e3)
+            parts["tick_ms"].append((t5 - tr) * 1e3)
     finally:
         engine.forward = forward
     ticks_ms = parts["tick_ms"]
@@ -159,7 +169,7 @@ def run(args: argparse.Namespace) -> int:
                                controller=not args.no_controller, cost_table=args.cost_table, tick_ms=0.0)
             server = TargetServer(engine, cfg)
             keys = open_sessions(server, b, args.context, args.temperature, args.seed)
-            med = measure_point(server, keys, gamma, args.temperature, args.ticks, args.seed)
+            med = measure_point(server, keys, gamma, args.temperature, args.ticks, args.seed, args.q == "dense")
             host = med["tick_ms"] - med["forward_ms"]
             row = {"batch": b, "gamma": gamma, "context": args.context, "temperature": args.temperature,
                    **{k: round(v, 3) for k, v in med.items()},
@@ -169,7 +179,7 @@ def run(args: argparse.Namespace) -> int:
             say(f"  γ={gamma} B={b:3d}: tick {row['tick_ms']:8.3f} ms, forward {row['forward_ms']:8.3f}, "
                 f"host {row['host_ms']:7.3f} ({row['host_us_per_row']:.0f} µs/row)")
     head = {"device": args.device, "model": args.model, "grow": args.grow, "dtype": args.dtype,
-            "context": args.context, "ticks": args.ticks, "controller": not args.no_controller,
+            "context": args.context, "ticks": args.ticks, "controller": not args.no_controller, "q": args.q,
             "command": "specmq bench tick " + " ".join(sys.argv[3:] if sys.argv[1:3] == ["bench", "tick"] else [])}
     if args.json:
         print_rows_json(head, rows)
@@ -197,4 +207,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ticks", type=int, default=10, help="timed ticks per point (default: 10)")
     p.add_argument("--cost-table", default=None, help="the controller's profile table (default: fitted online)")
     p.add_argument("--no-controller", action="store_true", help="run the target without the goodput controller")
+    p.add_argument("--q", choices=("sparse", "dense"), default="sparse",
+                   help="when sampling: each draft token's q as 32 entries (a top-k drafter) or the whole vocabulary "
+                        "(a drafter without top-k / top-p) (default: sparse)")
     p.add_argument("--seed", type=int, default=0)
