@@ -16,7 +16,7 @@ after the first delivery: decode mode delivers ``--decode-tokens`` at a time, sp
 the target's mean batch rows per tick and busy fraction (time in forwards over wall), the mean round breakdown (draft, network = round trip minus the
 target's verify time, verify, queue; and the split of a round into draft_wait + draft + path + busy_wait + verify,
 where path is the software path: drafter loop, serialisation, broker hops, the target's gather window; with the
-per-round p50 of path), ``lossless``: the fraction of sessions whose tokens equal target-only's, and at one
+per-round p50 of path; ``round_batch``: the sessions in a round's draft step), ``lossless``: the fraction of sessions whose tokens equal target-only's, and at one
 session ``gamma_trace``: its γ per round (0: a decode request), which shows how auto chose, and ``round_trace``
 ([γ, accepted, draft ms, path ms] per round); ``cost_correction``, ``host_ms``, ``decode_gap_ms`` and
 ``catchup_ms_per_token``: what the target's controller has learned by the point's end (step-cost correction, host
@@ -56,7 +56,8 @@ COLUMNS = ("context", "mode", "temperature", "sessions", "tok_s", "tpot_p50_ms",
 RUN_TIMEOUT_S = 480.0
 # a speculative round's parts (workers.draft_worker.RoundRow), summed over rounds per draft process; a round is
 # draft_wait + draft + path + busy_wait + verify (network = round trip less verify; queue = busy_wait + gather)
-ROUND_PARTS = ("draft_ms", "network_ms", "verify_ms", "queue_ms", "draft_wait_ms", "path_ms", "busy_wait_ms")
+ROUND_PARTS = ("draft_ms", "network_ms", "verify_ms", "queue_ms", "draft_wait_ms", "path_ms", "busy_wait_ms",
+               "batch")  # batch: sessions in the round's draft step
 HB = ("--heartbeat-interval", "0.2", "--liveness", "10")
 
 

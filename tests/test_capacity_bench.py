@@ -36,8 +36,8 @@ def test_summary_counts_sessions_within_each_slo_and_checks_auto_against_the_bes
 
 def test_row_reports_each_round_part_and_the_path_median_over_every_process():
     one = {"draft_ms": 10.0, "network_ms": 20.0, "verify_ms": 30.0, "queue_ms": 8.0, "draft_wait_ms": 4.0,
-           "path_ms": 6.0, "busy_wait_ms": 14.0, "n": 2, "path_ms_rounds": [1.0, 5.0]}
-    two = dict(one, path_ms=9.0, path_ms_rounds=[2.0, 3.0, 4.0], n=3)
+           "path_ms": 6.0, "busy_wait_ms": 14.0, "batch": 4.0, "n": 2, "path_ms_rounds": [1.0, 5.0]}
+    two = dict(one, path_ms=9.0, path_ms_rounds=[2.0, 3.0, 4.0], n=3, batch=21.0)
     rounds = merge_rounds([one, two])
     assert rounds["n"] == 5 and rounds["path_ms"] == 15.0 and sorted(rounds["path_ms_rounds"]) == [1, 2, 3, 4, 5]
     counters = {"ticks": 0.0, "rows": 0.0, "busy_ms": 0.0, "rounds": 0.0}
@@ -46,6 +46,7 @@ def test_row_reports_each_round_part_and_the_path_median_over_every_process():
     assert row["round_path_ms"] == 3.0 and row["round_busy_wait_ms"] == 5.6 and row["round_draft_wait_ms"] == 1.6
     assert row["round_network_ms"] == 8.0 and row["round_queue_ms"] == 3.2  # the old parts keep their meaning
     assert row["round_path_p50_ms"] == 3.0  # the median round, not the mean of sums
+    assert row["round_batch"] == 5.0  # sessions in a round's draft step, over every process's rounds
     assert "round_path_p50_ms" not in make_row(96, "g2", 0.0, results, 1.0, counters, counters, None)
     assert "gamma_trace" not in row  # the results carry no per-round γ
     traced = make_row(96, "auto", 0.0, [dict(results[0], gammas=[4, 0, 0, 2])], 1.0, counters, counters, rounds)
