@@ -7,6 +7,8 @@
 #   bash benchmarks/device_capacity.sh ctxall    # both contexts in one call (the table must exist already)
 #   bash benchmarks/device_capacity.sh tick      # bench tick: a serving tick's parts at batch 1..256, contexts 512/2048
 #                                                 # (with .whl_gpu/speculation_before.py: also the code before a change)
+#   bash benchmarks/device_capacity.sh mixed     # bench tick with prefill chunks beside decode rows (context 2048):
+#                                                 # measured forward vs the table's price of each mixed tick
 #   bash benchmarks/device_capacity.sh profile2  # the table's missing points: batch 1-96 and context 8192 (merge here
 #                                                 # with 'specmq profile --merge')
 # Extra arguments go to 'specmq bench capacity'. Budget: each stage ends within 10 minutes.
@@ -46,6 +48,13 @@ case "$STAGE" in
       2>"$OUT/capacity_ctx${ctx/,/_}.stderr"
     echo "capacity rc=$?"; tail -5 "$OUT/capacity_ctx${ctx/,/_}.stderr"
     (cd /tmp/caplogs 2>/dev/null && tail -n 30 $(find . -name '*.log') > "$OUT/capacity_ctx${ctx/,/_}_logs.txt" 2>&1)
+    ;;
+  mixed)
+    for p in 1 4 8; do
+      timeout 170 python3 -m specmq.cli bench tick --json --device cuda --dtype bfloat16 --grow llama-3.1-8b \
+        --batches 8,32,64 --gammas 0 --context 2048 --ticks 5 --prefill-rows $p --cost-table "$TABLE" \
+        >"$OUT/mixed_p$p.jsonl" 2>"$OUT/mixed_p$p.log"; echo "mixed prefill-rows $p rc=$?"
+    done
     ;;
   tick)
     for ctx in 512 2048; do

@@ -9,7 +9,11 @@ for, and it is what the simulator's table-driven ticks leave out.
 
 Sessions are placed straight into their slots (cache rows of random contents at ``--context``), so no prefill
 runs: the numbers are the steady state of B decoding (``--gamma 0``: decode mode, 1-token rows) or verifying
-(``--gamma N``: N random draft tokens a row, nearly all rejected) sessions.
+(``--gamma N``: N random draft tokens a row, nearly all rejected) sessions. ``--prefill-rows P`` adds P sessions
+prefilling ``--context``-token prompts, one chunk each per tick, at staggered points of their prompts: the mixed
+ticks a target runs while sessions arrive. With ``--cost-table``, each row also gives ``table_ms``, the table's
+cost for the median tick's shape (rows, tokens, mean context: how the simulator prices a tick), and
+``forward_over_table``.
 
     specmq bench tick --device cuda --grow llama-3.1-8b --batches 1,8,32,64,128,256 --gammas 0,4 --json
 """
@@ -55,6 +59,40 @@ def open_sessions(server: Any, n: int, context: int, temperature: float, seed: i
     return keys
 
 
+def keep_prefilling(server: Any, want: int, context: int, rng: random.Random) -> None:
+    """Keep ``want`` sessions prefilling a ``context``-token prompt (``--prefill-rows``): a finished one is dropped
+    and a new one opened, each starting at a different point of its prompt so the ticks mix early and late
+    chunks, as a serving target's do while new sessions arrive."""
+    from workers.acceptance import make_policy
+    from workers.sampling import SamplingParams
+    from workers.target_worker import Served
+
+    for key in [k for k, s in server.sessions.items() if k.startswith("p") and s.target is not None]:
+        server.drop_session(key)
+    engine, vocab = server.engine, server.engine.info.vocab_size
+    have = sum(1 for k in server.sessions if k.startswith("p"))
+    chunk = server.config.prefill_chunk
+    for _ in range(want - have):
+        key = f"p{rng.randrange(1 << 40)}"
+        slot = engine.allocate()
+        start = chunk * rng.randrange(max(1, (context - 1) // chunk))  # its chunks so far, cached already
+        engine.table.lengths[slot] = start
+        prompt = [rng.randrange(3, vocab) for _ in range(context)]
+        s = Served(key, slot, prompt, SamplingParams(), make_policy("exact"), max_new_tokens=1,
+                   arrived=time.monotonic(), prefilled=start)
+        server.sessions[key] = s
+        server.prefill_order.append(key)
+
+
+def tick_shape(server: Any, tick: Any) -> tuple[int, int, float]:
+    """(rows, tokens, mean context) of a tick, as the simulator prices it from a profile table."""
+    rows = tick.plan.rows
+    tokens = sum(len(c.msg.tokens) + 1 for _, c in tick.verify) + sum(take for _, take in tick.prefill)
+    ctx = [server.sessions[k].target.pos for k, _ in tick.verify] + [server.sessions[k].prefilled
+                                                                     for k, _ in tick.prefill]
+    return rows, tokens, sum(ctx) / max(1, len(ctx))
+
+
 def chunk_for(server: Any, key: str, gamma: int, temperature: float, rng: random.Random, dense: bool = False
               ) -> Any:
     """The session's next chunk: decode mode (γ 0) or γ random draft tokens (with a random q when sampling: 32
@@ -84,8 +122,11 @@ def chunk_for(server: Any, key: str, gamma: int, temperature: float, rng: random
 
 
 def measure_point(server: Any, keys: list[str], gamma: int, temperature: float, ticks: int, seed: int,
-                  dense: bool = False) -> dict[str, float]:
-    """The parts of the median tick of ``ticks`` ticks, in ms (the first, warm-up/capture tick dropped)."""
+                  dense: bool = False, prefill_rows: int = 0, context: int = 0, table: Any = None
+                  ) -> dict[str, float]:
+    """The parts of the median tick of ``ticks`` ticks, in ms (the first, warm-up/capture tick dropped).
+    ``prefill_rows``: that many sessions prefill ``context``-token prompts beside the verifying ones (mixed ticks);
+    ``table``: a profile table whose prediction for each tick's shape is reported beside the forward."""
     from protocol.codec import DEFAULT_MAX_FRAME, encode
     from protocol.frames import parse, to_message
 
@@ -103,9 +144,11 @@ def measure_point(server: Any, keys: list[str], gamma: int, temperature: float, 
         return out
 
     engine.forward = timed_forward
-    parts: dict[str, list[float]] = {p: [] for p in PARTS + ("tick_ms",)}
+    parts: dict[str, list[float]] = {p: [] for p in PARTS + ("tick_ms", "table_ms", "tokens")}
     try:
         for i in range(ticks + 1):
+            if prefill_rows:
+                keep_prefilling(server, prefill_rows, context, rng)
             frames = [encode(chunk_for(server, k, gamma, temperature, rng, dense)) for k in keys]
             tr = time.perf_counter()
             msgs = [to_message(parse(f, DEFAULT_MAX_FRAME)) for f in frames]  # what the target's loop reads
@@ -116,16 +159,20 @@ def measure_point(server: Any, keys: list[str], gamma: int, temperature: float, 
                     raise BenchmarkError(f"the target refused a chunk for {m.session}: {refused[0]}")
             t1 = time.perf_counter()
             tick = server.take_tick()
+            if tick is not None and prefill_rows and len(tick.prefill) != prefill_rows:
+                raise BenchmarkError(f"the tick took {len(tick.prefill)} of {prefill_rows} prefill rows")
             if tick is None or len(tick.verify) != len(keys):
                 raise BenchmarkError(f"the tick took {0 if tick is None else len(tick.verify)} of {len(keys)} "
                                      "sessions: raise --max-batch-rows / --max-batch-tokens")
             t2 = time.perf_counter()
+            shape = tick_shape(server, tick)  # before finish moves the prefills on; not part of the tick's time
+            tc = time.perf_counter()
             outcomes = server.compute(tick)
             done()
             t3 = time.perf_counter()
             if isinstance(outcomes, Exception):
                 raise BenchmarkError(f"the tick's forward failed: {outcomes!r}")
-            replies = server.finish(tick, outcomes, (t3 - t2) * 1e3)
+            replies = server.finish(tick, outcomes, (t3 - tc) * 1e3)
             t4 = time.perf_counter()
             for r in replies:
                 encode(r)
@@ -133,14 +180,18 @@ def measure_point(server: Any, keys: list[str], gamma: int, temperature: float, 
             server.take_credits()
             if not i:
                 continue
+            if table is not None:
+                parts["table_ms"].append(table.verify_ms(*shape))
+            if prefill_rows:
+                parts["tokens"].append(float(shape[1]))
             parts["read_ms"].append((t0 - tr) * 1e3)
             parts["handle_ms"].append((t1 - t0) * 1e3)
             parts["take_ms"].append((t2 - t1) * 1e3)
             parts["forward_ms"].append(timing["forward_ms"])
-            parts["accept_ms"].append((t3 - t2) * 1e3 - timing["forward_ms"])
+            parts["accept_ms"].append((t3 - tc) * 1e3 - timing["forward_ms"])
             parts["finish_ms"].append((t4 - t3) * 1e3)
             parts["encode_ms"].append((t5 - t4) * 1e3)
-            parts["tick_ms"].append((t5 - tr) * 1e3)
+            parts["tick_ms"].append((t5 - tr - (tc - t2)) * 1e3)
     finally:
         engine.forward = forward
     ticks_ms = parts["tick_ms"]
@@ -152,7 +203,17 @@ def run(args: argparse.Namespace) -> int:
     from workers.target_worker import TargetConfig, TargetServer
 
     say = lambda text: print(text, file=sys.stderr, flush=True)  # noqa: E731
-    top = max(args.batches)
+    if args.prefill_rows < 0:
+        raise BenchmarkError(f"--prefill-rows must be >= 0, got {args.prefill_rows}")
+    table = None
+    if args.cost_table:
+        from workers.cost_table import CostTableError, load_table
+
+        try:
+            table = load_table(args.cost_table)
+        except (CostTableError, OSError) as exc:
+            raise BenchmarkError(f"cannot read --cost-table {args.cost_table}: {exc}") from None
+    top = max(args.batches) + args.prefill_rows
     max_ctx = args.context + (args.ticks + 2) * (max(args.gammas) + 1) + 16  # every point starts from --context
     say(f"loading {Path(args.model).name}" + (f" grown to {args.grow}" if args.grow else "")
         + f" on {args.device} ({top} slots, context {max_ctx}) ...")
@@ -165,13 +226,19 @@ def run(args: argparse.Namespace) -> int:
         for b in args.batches:
             for slot in [s for s, taken in enumerate(engine.table.taken) if taken]:
                 engine.free(slot)
-            cfg = TargetConfig(max_batch_rows=b, max_batch_tokens=b * (gamma + 1), max_gamma=max(gamma, 1),
+            chunk = TargetConfig.prefill_chunk
+            cfg = TargetConfig(max_batch_rows=b + args.prefill_rows,
+                               max_batch_tokens=b * (gamma + 1) + args.prefill_rows * chunk, max_gamma=max(gamma, 1),
                                controller=not args.no_controller, cost_table=args.cost_table, tick_ms=0.0)
             server = TargetServer(engine, cfg)
             keys = open_sessions(server, b, args.context, args.temperature, args.seed)
-            med = measure_point(server, keys, gamma, args.temperature, args.ticks, args.seed, args.q == "dense")
+            med = measure_point(server, keys, gamma, args.temperature, args.ticks, args.seed, args.q == "dense",
+                                args.prefill_rows, args.context, table)
             host = med["tick_ms"] - med["forward_ms"]
-            row = {"batch": b, "gamma": gamma, "context": args.context, "temperature": args.temperature,
+            extra = {"prefill_rows": args.prefill_rows} if args.prefill_rows else {}
+            if table is not None:
+                extra["forward_over_table"] = round(med["forward_ms"] / med["table_ms"], 3)
+            row = {"batch": b, "gamma": gamma, "context": args.context, "temperature": args.temperature, **extra,
                    **{k: round(v, 3) for k, v in med.items()},
                    "host_ms": round(host, 3), "host_us_per_row": round(host * 1e3 / b, 1),
                    "host_share": round(host / med["tick_ms"], 3)}
@@ -210,4 +277,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--q", choices=("sparse", "dense"), default="sparse",
                    help="when sampling: each draft token's q as 32 entries (a top-k drafter) or the whole vocabulary "
                         "(a drafter without top-k / top-p) (default: sparse)")
+    p.add_argument("--prefill-rows", type=int, default=0,
+                   help="sessions prefilling a --context-token prompt in every tick beside the verifying ones, one "
+                        "chunk each: mixed ticks, as a target serving new sessions runs them (default: 0)")
     p.add_argument("--seed", type=int, default=0)

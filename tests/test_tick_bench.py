@@ -42,3 +42,19 @@ def test_sampled_chunks_with_a_whole_vocabulary_q_are_read_and_judged():
     assert lines[0]["header"]["q"] == "dense"
     (row,) = lines[1:]
     assert row["temperature"] == 0.8 and row["read_ms"] > 0 and row["handle_ms"] > 0
+
+
+def test_mixed_ticks_carry_prefill_rows_and_the_tables_price():
+    """``--prefill-rows``: every timed tick holds that many prefill chunks beside the verifying rows; with a cost
+    table each row gives the table's price of the median tick's shape, as the simulator would charge it."""
+    out = subprocess.run([sys.executable, "-m", "specmq.cli", "bench", "tick", "--json", "--batches", "2",
+                          "--gammas", "0", "--ticks", "2", "--context", "64", "--prefill-rows", "1",
+                          "--cost-table", "configs/profiles/cpu-tiny-pair.yaml"],
+                         cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    (row,) = [json.loads(line) for line in out.stdout.splitlines()][1:]
+    assert row["prefill_rows"] == 1 and row["tokens"] > 2  # two 1-token rows and a prefill chunk
+    assert row["table_ms"] > 0 and abs(row["forward_over_table"] - row["forward_ms"] / row["table_ms"]) < 0.01
+    bad = subprocess.run([sys.executable, "-m", "specmq.cli", "bench", "tick", "--prefill-rows", "-1"], cwd=ROOT,
+                         capture_output=True, text=True, timeout=120)
+    assert bad.returncode != 0 and "--prefill-rows" in bad.stderr and "Traceback" not in bad.stderr
