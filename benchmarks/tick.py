@@ -35,26 +35,32 @@ ROOT = Path(__file__).resolve().parents[1]
 PARTS = ("read_ms", "handle_ms", "take_ms", "forward_ms", "accept_ms", "finish_ms", "encode_ms")
 
 
+def place_session(server: Any, key: str, prompt: list[int], cached: int, params: Any, max_new_tokens: int) -> Any:
+    """A session put straight into a slot whose cache already holds ``cached`` of its prompt's tokens (random
+    contents: no prefill pass runs for them)."""
+    from workers.acceptance import make_policy
+    from workers.target_worker import Served
+
+    slot = server.engine.allocate()
+    server.engine.table.lengths[slot] = cached
+    s = Served(key, slot, prompt, params, make_policy("exact"), max_new_tokens=max_new_tokens,
+               arrived=time.monotonic(), prefilled=cached)
+    server.sessions[key] = s
+    return s
+
+
 def open_sessions(server: Any, n: int, context: int, temperature: float, seed: int) -> list[str]:
     """``n`` sessions opened straight into slots whose cache holds ``context`` tokens (no prefill pass)."""
-    from workers.acceptance import make_policy
     from workers.sampling import SamplingParams
-    from workers.target_worker import Served
 
     rng = random.Random(seed)
     server.eos = frozenset()  # random contexts may produce EOS: the sessions must not finish mid-measure
-    engine, keys = server.engine, []
-    vocab = engine.info.vocab_size
+    vocab, keys = server.engine.info.vocab_size, []
     for i in range(n):
-        slot = engine.allocate()
-        engine.table.lengths[slot] = context - 1
-        key = f"s{i}"
         prompt = [rng.randrange(3, vocab) for _ in range(context)]
-        s = Served(key, slot, prompt, SamplingParams(temperature=temperature, seed=i), make_policy("exact"),
-                   max_new_tokens=1 << 30, arrived=time.monotonic(), prefilled=context - 1)
-        server.sessions[key] = s
-        server.opened(s)
-        keys.append(key)
+        server.opened(place_session(server, f"s{i}", prompt, context - 1,
+                                    SamplingParams(temperature=temperature, seed=i), 1 << 30))
+        keys.append(f"s{i}")
     server.take_credits()
     return keys
 
@@ -63,24 +69,17 @@ def keep_prefilling(server: Any, want: int, context: int, rng: random.Random) ->
     """Keep ``want`` sessions prefilling a ``context``-token prompt (``--prefill-rows``): a finished one is dropped
     and a new one opened, each starting at a different point of its prompt so the ticks mix early and late
     chunks, as a serving target's do while new sessions arrive."""
-    from workers.acceptance import make_policy
     from workers.sampling import SamplingParams
-    from workers.target_worker import Served
 
     for key in [k for k, s in server.sessions.items() if k.startswith("p") and s.target is not None]:
         server.drop_session(key)
-    engine, vocab = server.engine, server.engine.info.vocab_size
+    vocab, chunk = server.engine.info.vocab_size, server.config.prefill_chunk
     have = sum(1 for k in server.sessions if k.startswith("p"))
-    chunk = server.config.prefill_chunk
     for _ in range(want - have):
         key = f"p{rng.randrange(1 << 40)}"
-        slot = engine.allocate()
         start = chunk * rng.randrange(max(1, (context - 1) // chunk))  # its chunks so far, cached already
-        engine.table.lengths[slot] = start
         prompt = [rng.randrange(3, vocab) for _ in range(context)]
-        s = Served(key, slot, prompt, SamplingParams(), make_policy("exact"), max_new_tokens=1,
-                   arrived=time.monotonic(), prefilled=start)
-        server.sessions[key] = s
+        place_session(server, key, prompt, start, SamplingParams(), 1)
         server.prefill_order.append(key)
 
 

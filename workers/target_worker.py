@@ -404,11 +404,10 @@ class TargetServer:
             self.counters["drafted"] += len(m.tokens)
             self.counters["accepted"] += o.accepted
             if chunk.decoding:
-                if not chunk.decoded and chunk.decode_left == m.decode and s.decode_ended is not None:
-                    gap = (tick.started - s.decode_ended) * 1000.0  # its last decode answer to this request's tick
-                    if self.controller is not None:
-                        self.controller.observe_decode_gap(key, gap)
-                    s.decode_ended = None
+                first = not chunk.decoded and chunk.decode_left == m.decode
+                if first and s.decode_ended is not None and self.controller is not None:
+                    # its last decode answer's tick to this request's first: the gap a decode request pays
+                    self.controller.observe_decode_gap(key, (tick.started - s.decode_ended) * 1000.0)
                 chunk.decoded += tokens
                 chunk.decode_left -= 1
                 if chunk.decode_left > 0 and not t.finished:  # stays queued: a 1-token row in the next tick too
@@ -417,15 +416,14 @@ class TargetServer:
                     self.verify_order.append(key)
                     continue
                 tokens = chunk.decoded
-            elif self.controller is not None:
-                self.controller.observe_round(key, o.accepted, len(m.tokens), m.draft_ms, m.path_ms, t.pos,
-                                              m.catchup_ms, m.catchup_tokens)
-            if chunk.decoding:
                 s.decode_ended = ended
                 if self.controller is not None:
                     self.controller.observe_decode(key, len(tokens), m.decode)
             else:
-                s.decode_ended = None
+                s.decode_ended = None  # a drafted round between two decode requests: no gap to measure
+                if self.controller is not None:
+                    self.controller.observe_round(key, o.accepted, len(m.tokens), m.draft_ms, m.path_ms, t.pos,
+                                                  m.catchup_ms, m.catchup_tokens)
             t.last_seq = m.seq
             queue_ms = max(0.0, (tick.started - chunk.arrived) * 1000.0)
             busy_ms = min(chunk.busy_s * 1000.0, queue_ms)

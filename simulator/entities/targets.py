@@ -222,7 +222,6 @@ class Target:
                 s = c.session
                 if c.decode_left > 0 and c.decoded == 0 and s.decode_ended is not None:
                     self.controller.observe_decode_gap(str(s.req.id), (start - s.decode_ended) * 1000.0)
-                    s.decode_ended = None
         yield env.timeout(service + self.tick_overhead_s + rows * self.tick_row_overhead_s)
         now = env.now
         m = self.metrics
