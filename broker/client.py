@@ -36,6 +36,7 @@ import zmq
 import zmq.asyncio
 
 from broker.curve import HANDSHAKE_EVENTS, HandshakeRefused, client_handshake_failure
+from broker.waits import within
 from protocol import errors as E
 from protocol.codec import decode, encode
 from protocol.errors import ProtocolError
@@ -301,7 +302,7 @@ class BrokerClient:
     async def recv(self, timeout: float | None = None) -> Message | None:
         """Next reply that no ``request`` waits for; None on timeout."""
         try:
-            return await asyncio.wait_for(self.inbox.get(), timeout if timeout is not None else self.timeout)
+            return await _get(self.inbox, timeout if timeout is not None else self.timeout)
         except asyncio.TimeoutError:
             return None
 
@@ -334,7 +335,7 @@ class BrokerClient:
             resend_at = next_try(timeout)
             while True:
                 try:
-                    reply = await asyncio.wait_for(q.get(), max(0.0, resend_at - time.monotonic()))
+                    reply = await _get(q, max(0.0, resend_at - time.monotonic()))
                 except asyncio.TimeoutError:
                     now = time.monotonic()
                     if refused is not None:  # back-off over: try again, or report the refusal
@@ -469,7 +470,7 @@ class BrokerClient:
     async def _wait_one(q: asyncio.Queue, delay: float) -> Any:
         """The next item of ``q`` if one comes within ``delay`` seconds, else None."""
         try:
-            return await asyncio.wait_for(q.get(), max(0.0, delay))
+            return await _get(q, max(0.0, delay))
         except asyncio.TimeoutError:
             return None
 
@@ -542,12 +543,8 @@ def request_stats(frontend: str, timeout_s: float = 0.5, *, curve: dict | None =
 
 
 async def _get(q: asyncio.Queue, timeout: float) -> Any:
-    """``q.get()`` within ``timeout``: ``asyncio.timeout`` (one timer) where Python has it, else ``wait_for`` (a task
-    per call, which a stream of thousands of messages a second feels)."""
-    if hasattr(asyncio, "timeout"):
-        async with asyncio.timeout(timeout):
-            return await q.get()
-    return await asyncio.wait_for(q.get(), timeout)
+    """``q.get()`` within ``timeout``, keeping a cancel that lands as the item arrives (see ``broker.waits``)."""
+    return await within(q.get(), timeout)
 
 
 async def wait_for(predicate, timeout: float = 5.0, interval: float = 0.01) -> bool:

@@ -134,6 +134,7 @@ class Gateway:
         self._stats_lock = asyncio.Lock()
         self._runner: web.AppRunner | None = None
         self._watch: asyncio.Task | None = None
+        self._stopping = asyncio.Event()  # ends the broker watch even if its cancel is lost (see broker.client._get)
 
     # ------------------------------------------------------------------ lifecycle
     def app(self) -> web.Application:
@@ -168,12 +169,10 @@ class Gateway:
     async def stop(self) -> None:
         """Stop within a bounded time: open requests get ``grace_s``; a step that still hangs (an HTTP client holding
         a keep-alive connection, a broker that does not answer) is abandoned with a warning, never waited on."""
+        self._stopping.set()
         if self._watch is not None:
             self._watch.cancel()
-            try:
-                await self._watch
-            except asyncio.CancelledError:
-                pass
+            await self._bounded(self._watch, self.config.health_interval + 3.0, "broker_watch")
         if self._runner is not None:
             await self._bounded(self._runner.cleanup(), self.config.grace_s + 3.0, "http")
         await self._bounded(self.client.close(), 3.0, "broker_client")
@@ -210,7 +209,7 @@ class Gateway:
 
     async def _watch_broker(self) -> None:
         was_up = True
-        while True:
+        while not self._stopping.is_set():
             await self.broker_snapshot(max_age=0)
             up = self.broker_up
             if not up and self.jobs:
@@ -222,7 +221,10 @@ class Gateway:
             while not self.client.inbox.empty():  # late messages of cancelled jobs: nobody waits for them
                 self.client.inbox.get_nowait()
                 self.counters["late_messages"] += 1
-            await asyncio.sleep(self.config.health_interval)
+            try:
+                await asyncio.wait_for(self._stopping.wait(), self.config.health_interval)
+            except asyncio.TimeoutError:
+                pass
 
     # ------------------------------------------------------------------ routes
     async def completions(self, request: web.Request) -> web.StreamResponse:

@@ -715,3 +715,49 @@ def test_a_stop_step_slow_to_cancel_is_abandoned_at_its_bound():
         return took
 
     assert asyncio.run(main()) < 2.0
+
+
+def test_a_queue_read_keeps_a_cancel_that_lands_as_its_item_arrives():
+    """The client's queue reads must not lose a cancel (``asyncio.wait_for`` does before Python 3.12 when the item
+    and the cancel arrive together): a lost cancel let the gateway's broker watch run on and hang its stop."""
+    from broker.client import _get
+    from broker.waits import within
+
+    async def main() -> tuple[bool, int]:
+        q: asyncio.Queue = asyncio.Queue()
+        ev = asyncio.Event()
+        reads = [asyncio.create_task(_get(q, 5.0)), asyncio.create_task(within(ev.wait(), 5.0))]
+        await asyncio.sleep(0)  # both now wait
+        q.put_nowait("item")  # wake them ...
+        ev.set()
+        for task in reads:  # ... and the cancels land before they run
+            task.cancel()
+        await asyncio.gather(*reads, return_exceptions=True)
+        return [t.cancelled() for t in reads], q.qsize()
+
+    cancelled, left = asyncio.run(main())
+    assert cancelled == [True, True], "a cancel was lost"
+    assert left == 1, "the item was taken by a cancelled read"
+
+
+def test_the_gateway_stops_even_when_its_broker_watch_swallows_the_cancel(stack):
+    """Belt and braces for the lost cancel above: the watch also ends on the gateway's stop flag."""
+    gw = stack.gateway()
+    swallowed: list[int] = []
+
+    async def stubborn_snapshot(max_age: float):
+        try:
+            await asyncio.sleep(5.0)
+        except asyncio.CancelledError:  # what a lost cancel looks like to the loop
+            swallowed.append(1)
+        return None
+
+    thread = stack.threads[-1]
+    thread.loop.call_soon_threadsafe(setattr, gw, "broker_snapshot", stubborn_snapshot)
+    wait_until(lambda: gw.broker_snapshot is stubborn_snapshot, what="stub installed")
+    time.sleep(0.3)  # the watch is now in the stub's sleep
+    t0 = time.monotonic()
+    stack.threads.remove(thread)
+    thread.stop(timeout=10.0)  # raises, naming the stuck task, if the watch ran on
+    assert swallowed == [1], "the cancel did not land in the stub: the test did not exercise a lost cancel"
+    assert time.monotonic() - t0 < 5.0

@@ -28,6 +28,7 @@ from typing import Any, Sequence
 import structlog
 
 from broker.client import BrokerClient
+from broker.waits import within
 from protocol import errors as E
 from protocol.errors import ProtocolError, SpecmqError
 from protocol.messages import (HEARTBEAT_INTERVAL_S, Busy, Error, Message, Reopen, Result, SessionClose, SessionOpen,
@@ -338,7 +339,7 @@ class DraftBatcher:
                 return
             self._wake.clear()
             try:
-                await asyncio.wait_for(self._wake.wait(), left)
+                await within(self._wake.wait(), left)
             except asyncio.TimeoutError:
                 return
             if len(self._queue) > n:

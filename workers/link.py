@@ -51,6 +51,7 @@ from typing import Any, Callable
 import structlog
 import zmq
 
+from broker.waits import within
 from protocol.codec import encode
 from protocol.errors import ProtocolError
 from protocol.frames import NOBLOCK, parse, raw_recv, raw_send, to_message
@@ -219,7 +220,7 @@ class WorkerLink:
                 if left <= 0:
                     return []
                 try:
-                    await asyncio.wait_for(self._wake.wait(), left)
+                    await within(self._wake.wait(), left)
                 except asyncio.TimeoutError:
                     return []
 
