@@ -70,8 +70,9 @@ def mode_gamma(mode: str) -> int | str:
 
 
 # --------------------------------------------------------------------------- prompts of a given length
-def prompts_of_length(n: int, tokens: int) -> list[list[int]]:
-    """``n`` held-out code prompts of exactly ``tokens`` token ids each (cut from longer stdlib excerpts)."""
+def prompts_of_length(n: int, tokens: int, vocab: int | None = None) -> list[list[int]]:
+    """``n`` held-out code prompts of exactly ``tokens`` token ids each (cut from longer stdlib excerpts); with
+    ``vocab`` (an emulated model's), every id folded into its vocabulary."""
     from workers.tokenizer_text import encode, load_tokenizer
 
     tok = load_tokenizer(TARGET)
@@ -82,6 +83,10 @@ def prompts_of_length(n: int, tokens: int) -> list[list[int]]:
         while len(ids) < tokens:
             ids = ids + ids[1:]  # short excerpt: repeat it (after its BOS)
         out.append(ids[:tokens])
+    if vocab is not None:
+        from workers.engine.emulated import FIRST_TOKEN
+
+        out = [[FIRST_TOKEN + t % (vocab - FIRST_TOKEN) for t in p] for p in out]
     return [out[i % len(out)] for i in range(n)]
 
 
@@ -106,15 +111,16 @@ def draft_proc() -> None:
     from workers.engine import load_engine
     from workers.serving import capture_graphs
 
-    engine = load_engine(DRAFT, device=spec["device"], dtype=spec["dtype"], slots=spec["slots"],
+    model = spec.get("model", str(DRAFT))
+    engine = load_engine(model, device=spec["device"], dtype=spec["dtype"], slots=spec["slots"],
                          max_context=spec["max_context"], backend=spec["backend"], grow=spec.get("grow"))
     if spec["backend"] == "cuda" and spec["device"].startswith("cuda"):
         capture_graphs(engine, "draft model")
-    codec = TextCodec(DRAFT)
+    codec = TextCodec(model if (Path(model) / "tokenizer.json").is_file() else DRAFT)  # emulated: the shipped one
     reply.write(json.dumps({"ready": True}) + "\n")
     for line in sys.stdin:
         cmd = json.loads(line)
-        cfg = DraftConfig(broker=spec["broker"], model=DRAFT, max_new_tokens=cmd["max_new"], gamma=cmd["gamma"],
+        cfg = DraftConfig(broker=spec["broker"], model=model, max_new_tokens=cmd["max_new"], gamma=cmd["gamma"],
                           max_gamma=8, concurrency=max(1, len(cmd["prompt_ids"])), timeout=cmd.get("timeout", 60.0),
                           temperature=cmd.get("temperature", 0.0), link_delay_ms=cmd.get("link_delay_ms", 0.0),
                           decode_tokens=cmd.get("decode_tokens", 8))
@@ -245,7 +251,8 @@ def lossless(results: list[dict], reference: list[list[int]] | None) -> float | 
 def target_flags(args: argparse.Namespace, slots: int, max_context: int) -> list[str]:
     flags = ["--device", args.device, "--dtype", args.dtype, "--backend", args.backend, "--slots", str(slots),
              "--max-context", str(max_context), "--max-batch-rows", str(max(64, slots)),
-             "--max-batch-tokens", str(max(512, slots * 9)), "--tick-ms", str(args.tick_ms), *HB]
+             "--max-batch-tokens", str(max(512, slots * 9)), "--tick-ms", str(args.tick_ms), *HB,
+             "--model", str(args.target_model)]
     if args.target_grow:
         flags += ["--grow", args.target_grow]
     if args.cost_table:
@@ -269,7 +276,7 @@ def run_distributed(args: argparse.Namespace, context: int, prompts: list[list[i
         spec = {"broker": cluster.frontend, "device": args.draft_device, "threads": args.threads,
                 "dtype": "float32" if args.draft_device == "cpu" else args.dtype, "backend": args.draft_backend,
                 "grow": args.draft_grow, "slots": -(-slots // args.draft_procs), "max_context": max_context,
-                "log_level": "warning"}
+                "log_level": "warning", "model": str(args.draft_model)}
         (logdir / f"ctx{context}").mkdir(parents=True, exist_ok=True)
         drafts = DraftProcs(args.draft_procs, spec, args.threads, logdir / f"ctx{context}")
         cluster.wait_registered({"target"}, timeout_s=900)
@@ -321,7 +328,8 @@ def run_fused(args: argparse.Namespace, context: int, prompts: list[list[int]], 
         cluster.start_broker(*HB)
         flags = ["--device", args.device, "--dtype", args.dtype, "--backend", args.backend, "--jobs", str(slots),
                  "--max-context", str(max_context), "--max-batch-rows", str(max(64, slots)),
-                 "--max-batch-tokens", str(max(512, slots * 9)), "--gamma", "auto", *HB]
+                 "--max-batch-tokens", str(max(512, slots * 9)), "--gamma", "auto", *HB,
+                 "--target-model", str(args.target_model), "--draft-model", str(args.draft_model)]
         if args.target_grow:
             flags += ["--grow", args.target_grow]
         fused_draft_grow = args.draft_grow or getattr(args, "draft_grow_on_cpu", None)
@@ -334,7 +342,7 @@ def run_fused(args: argparse.Namespace, context: int, prompts: list[list[int]], 
 
         def jobs(ids: list[list[int]], max_new: int, temperature: float = 0.0) -> tuple[list[dict], float]:
             t0 = time.perf_counter()
-            res = asyncio.run(run_jobs_ids(ids, broker=cluster.frontend, model=TARGET, max_new_tokens=max_new,
+            res = asyncio.run(run_jobs_ids(ids, broker=cluster.frontend, model=args.target_model, max_new_tokens=max_new,
                                            gamma=0, temperature=temperature, top_p=1.0, seed=0,
                                            concurrency=len(ids), timeout=120.0, connect_timeout=30.0))
             return [r.to_json() for r in res], time.perf_counter() - t0
@@ -432,6 +440,8 @@ def setup_row(args: argparse.Namespace) -> dict[str, Any]:
             "contexts": args.contexts, "modes": args.modes, "max_new_tokens": args.max_new_tokens,
             "draft_procs": args.draft_procs, "tick_ms": args.tick_ms, "link_delay_ms": args.link_delay_ms,
             "cost_table": str(args.cost_table) if args.cost_table else None, "slos_ms": args.slo_ms,
+            "target_model": str(args.target_model), "draft_model": str(args.draft_model),
+            "emulated": args.emulated,
             "command": "specmq bench capacity " + " ".join(sys.argv[3:])}
 
 
@@ -479,6 +489,42 @@ def _check(args: argparse.Namespace) -> None:
     if not args.draft_device.startswith("cuda"):  # the shipped draft computes what the grown one does, cheaper
         args.draft_grow_on_cpu = args.draft_grow
         args.draft_grow = None
+    _check_models(args)
+
+
+def _check_models(args: argparse.Namespace) -> None:
+    """Both models load the same way (real or emulated); an emulated pair needs no growth and folds the prompts
+    into its vocabulary. ``args.emulated``: the device the emulated target's table was profiled on, or None."""
+    from workers.engine import EngineError
+    from workers.engine.emulated import MODEL_TYPE
+    from workers.engine.model_dir import read_config
+
+    cfgs = []
+    for flag, path in (("--target-model", args.target_model), ("--draft-model", args.draft_model)):
+        try:
+            cfgs.append(read_config(path)[1])
+        except EngineError as exc:
+            raise BenchmarkError(f"{flag}: {exc}") from None
+    kinds = [c.get("model_type") == MODEL_TYPE for c in cfgs]
+    if kinds[0] != kinds[1]:
+        raise BenchmarkError("--target-model and --draft-model: emulate both or neither (an emulated model's tokens "
+                             "mean nothing to a real one)")
+    args.emulated, args.emulated_vocab = None, None
+    if kinds[0]:
+        from workers.engine import load_engine
+
+        if cfgs[0].get("vocab_size") != cfgs[1].get("vocab_size"):
+            raise BenchmarkError("--target-model and --draft-model: the emulated pair's vocab_size differ")
+        try:
+            engine = load_engine(args.target_model, slots=1)
+            load_engine(args.draft_model, slots=1)
+        except EngineError as exc:
+            raise BenchmarkError(str(exc)) from None
+        args.emulated, args.emulated_vocab = engine.info.device, engine.info.vocab_size
+        if "fused" in args.modes:
+            raise BenchmarkError("--modes fused: the fused worker needs real models (it serves text jobs); run it "
+                                 "without --target-model / --draft-model emulated, or leave fused out")
+        args.target_grow = args.draft_grow = args.draft_grow_on_cpu = None
 
 
 def load_rows(path: Path) -> tuple[dict, list[dict]]:
@@ -599,7 +645,7 @@ def run(args: argparse.Namespace) -> int:
     progress(f"logs in {logdir}")
     for context in args.contexts:
         prompts = prompts_of_length(max(args.sessions + [args.sampled_sessions or 0]),
-                                    context - args.max_new_tokens)
+                                    context - args.max_new_tokens, args.emulated_vocab)
         reference: dict[int, list[list[int]]] = {}
         if any(m != "fused" for m in args.modes):
             reference = run_distributed(args, context, prompts, logdir, emit)
@@ -621,6 +667,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default=None, help="dtype on CUDA devices (default: bfloat16 on cuda, float32 on cpu)")
     p.add_argument("--backend", default=None, help="target engine backend (default: cuda on a GPU, else auto)")
     p.add_argument("--draft-backend", default=None, help="draft engine backend (default: cuda on a GPU, else auto)")
+    p.add_argument("--target-model", type=Path, default=TARGET,
+                   help="target model directory; an emulated one (models/emulated/) runs a profiled GPU's step "
+                        "times on any machine (default: the shipped target)")
+    p.add_argument("--draft-model", type=Path, default=DRAFT, help="draft model directory (default: the shipped draft)")
     p.add_argument("--target-grow", default="llama-3.1-8b",
                    help="grow the shipped target to this shape on the GPU (default: llama-3.1-8b; ignored on cpu)")
     p.add_argument("--draft-grow", default="llama-3.2-1b",

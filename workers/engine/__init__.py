@@ -3,7 +3,8 @@
 ``load_engine(model_dir, backend="auto")`` picks our compact Llama (``torch_engine``) for ``model_type == "llama"``
 and the recompute engine (``reference``) for anything else transformers can load. ``backend="cuda"`` is the
 CUDA-graph engine (``cuda_engine``: static per-slot cache, (batch, tokens) buckets; on CPU it runs the same
-static-shape forward without graphs). What a Neuron engine would need is written down in ``docs/backends.md``.
+static-shape forward without graphs). A directory whose config.json says ``model_type: specmq-emulated`` loads the
+emulated engine (``emulated``: a profiled device's step times, no weights). What a Neuron engine would need is written down in ``docs/backends.md``.
 """
 from __future__ import annotations
 
@@ -28,6 +29,11 @@ def load_engine(model_dir: str | Path, device: str = "cpu", dtype: str = "float3
     if backend not in BACKENDS:
         raise EngineError(f"backend {backend!r} unknown (choose from {', '.join(BACKENDS)})")
     _, cfg = read_config(model_dir)
+    from workers.engine.emulated import MODEL_TYPE, load_emulated_engine
+    if cfg.get("model_type") == MODEL_TYPE:  # no weights: any backend runs it the same way (workers/engine/emulated.py)
+        if grow is not None:
+            raise EngineError(f"{model_dir}: an emulated model cannot grow (its cost table sets its size)")
+        return load_emulated_engine(model_dir, cfg, slots=slots, max_context=max_context)
     if backend == "auto":
         from workers.engine.torch_engine import SUPPORTED_MODEL_TYPES
         backend = "llama" if cfg.get("model_type") in SUPPORTED_MODEL_TYPES else "reference"
