@@ -57,7 +57,7 @@ RUN_TIMEOUT_S = 480.0
 # a speculative round's parts (workers.draft_worker.RoundRow), summed over rounds per draft process; a round is
 # draft_wait + draft + path + busy_wait + verify (network = round trip less verify; queue = busy_wait + gather)
 ROUND_PARTS = ("draft_ms", "network_ms", "verify_ms", "queue_ms", "draft_wait_ms", "path_ms", "busy_wait_ms",
-               "batch")  # batch: sessions in the round's draft step
+               "send_ms", "batch")  # batch: sessions in the round's draft step; send_ms: path before the chunk's send
 HB = ("--heartbeat-interval", "0.2", "--liveness", "10")
 
 

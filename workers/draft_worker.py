@@ -39,7 +39,7 @@ log = structlog.get_logger("draft")
 DEFAULT_MODEL = Path(__file__).resolve().parent.parent / "models" / "tiny-draft"
 DEFAULT_BROKER = "tcp://127.0.0.1:5555"
 PROFILE_COLUMNS = ("session", "round", "gamma", "accepted", "draft_ms", "network_ms", "verify_ms", "queue_ms",
-                   "batch", "draft_wait_ms", "path_ms", "busy_wait_ms")
+                   "batch", "draft_wait_ms", "path_ms", "busy_wait_ms", "send_ms")
 
 
 class DraftError(SpecmqError):
@@ -112,7 +112,9 @@ class RoundRow:
     ``network_ms`` is the round trip from the chunk's send minus ``verify_ms``, waits at the target included;
     ``queue_ms`` the chunk's wait at the target before its tick, of which ``busy_wait_ms`` passed while earlier ticks
     ran. ``path_ms`` is the software path: the drafter's loop handing the chunk on, serialisation, broker hops, the
-    target's gather window and loop. The goodput controller receives ``draft_wait_ms + network_ms`` (``Verify.path_ms``:
+    target's gather window and loop. Of it, ``send_ms`` passed at the drafter before the chunk was handed to its
+    broker client (the other sessions of the step sent theirs first), and ``queue_ms - busy_wait_ms`` at the target
+    (its gather window and loop); the rest is transit (hops and the answer's way back). The goodput controller receives ``draft_wait_ms + network_ms`` (``Verify.path_ms``:
     all the round costs beyond drafting and verifying, waits included, as they are part of every token's time).
     """
 
@@ -128,6 +130,7 @@ class RoundRow:
     draft_wait_ms: float = 0.0  # draft request to the start of its step: the gather and a step already running
     path_ms: float = 0.0
     busy_wait_ms: float = 0.0
+    send_ms: float = 0.0  # the end of its draft step to the chunk's hand-off to the broker client
 
 
 @dataclass
@@ -558,6 +561,7 @@ class DraftWorker:
                                                         draft_ms=reported, wait_and_path_ms=wait_and_path_ms,
                                                         catchup=caught)
                 trip_ms = (time.perf_counter() - drafted.ended) * 1000  # from the chunk's draft step to its reply
+                send_ms = max(0.0, trip_ms - rtt_ms)  # of which before the first send
                 if not isinstance(reply, Result):
                     raise SessionFailed("bad_reply", f"unexpected {reply.TYPE} to verify")
                 k = reply.accepted
@@ -584,7 +588,7 @@ class DraftWorker:
                     res.index, res.rounds, g, k, round(draft_ms, 3), round(network_ms, 3), round(reply.verify_ms, 3),
                     round(reply.queue_ms, 3), drafted.batch, draft_wait_ms=round(drafted.wait_ms, 3),
                     path_ms=round(max(0.0, trip_ms - reply.verify_ms - reply.busy_wait_ms), 3),
-                    busy_wait_ms=round(reply.busy_wait_ms, 3)))
+                    busy_wait_ms=round(reply.busy_wait_ms, 3), send_ms=round(send_ms, 3)))
                 if controller and g > 0:
                     controller.update(k, g)
                 if reply.finished or len(res.token_ids) >= cfg.max_new_tokens:
