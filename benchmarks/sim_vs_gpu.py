@@ -18,8 +18,11 @@ What comes from where (nothing is fitted to a predicted point):
   ``round_network_ms`` (median over g2, g4, auto: round trip less the target's forward, with nobody to wait for);
   host time per tick outside the forward = target-only N = 1 ``tpot_p50 × (1 − busy)`` less the path's share of
   a decode request (path / decode tokens): the host time of a one-row tick; the served forward's cost over the
-  table's (``targets[].cost_scale``) = target-only N = 8's forward per tick (``tpot_p50 × busy``) over the table
-  at its mean batch: the serving loop's forward (per-row inputs, acceptance, sync) costs more than the profiled step;
+  table's (``targets[].cost_scale``) = target-only N = 8's ``cost_correction`` (the target's running ratio of each
+  tick's measured forward to the table's price of its shape): the serving loop's forward (per-row inputs,
+  acceptance, the hand-off to the compute thread, sync) costs more than the profiled step. Rows without it fall back
+  to ``tpot_p50 × busy`` over the table at the mean batch, which also counts prefill ticks' busy time (21% too high
+  at context 2048 against an emulated run, whose true ratio is known);
 - the drafter's session start (``open_ms``: tokenizing, its own prompt prefill, the open's trip), linear in N
   through N = 1 and N = 8: measured TTFT p50 less the simulated TTFT without it (median over the modes);
 - host time per row of a tick (``targets[].tick_row_overhead_ms``): the slope b of a least-squares line
@@ -176,8 +179,10 @@ def calibrate(rows: list[dict[str, Any]], context: int, table, output: int = 64,
         overhead = max(0.0, one["tpot_p50_ms"] * (1.0 - one["busy"]) - path / DECODE_TOKENS)
     scale = 1.0
     eight = at.get(("target-only", CALIB_N[1]))
-    if eight and eight.get("busy") and eight.get("target_batch"):
-        rows_ = max(1, round(eight["target_batch"]))
+    if eight and eight.get("cost_correction"):  # the target's own measured forward over the table's price, per tick
+        scale = float(eight["cost_correction"])
+    elif eight and eight.get("busy") and eight.get("target_batch"):  # rows without it: busy time per token, which
+        rows_ = max(1, round(eight["target_batch"]))  # also counts the prefill ticks (an overestimate at long prompts)
         scale = eight["tpot_p50_ms"] * eight["busy"] / table.verify_ms(rows_, rows_, context - output / 2)
     cal = {"draft_ms_1": per_token(1), "draft_ms_8": per_token(8), "path_ms": path, "tick_overhead_ms": overhead,
            "cost_scale": scale, "host_one_row_ms": overhead, "tick_row_overhead_ms": 0.0}

@@ -128,3 +128,10 @@ def test_bench_capacity_runs_the_emulated_pair_and_refuses_a_mixed_one(tmp_path)
     fused = subprocess.run(base + ["--target-model", str(TARGET), "--draft-model", str(DRAFT), "--modes", "fused"],
                            capture_output=True, text=True, timeout=120, env=env, cwd=ROOT)
     assert fused.returncode != 0 and "fused worker needs real models" in fused.stderr
+
+
+def test_bench_tick_builds_the_emulated_engine_as_is():
+    from workers.profiling import build_engine
+
+    eng = build_engine(str(TARGET), None, "cpu", "float32", slots=4, max_context=600)
+    assert eng.info.dtype == "emulated" and eng.info.num_slots == 4 and eng.info.max_context == 600

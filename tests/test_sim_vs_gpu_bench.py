@@ -89,6 +89,16 @@ def test_calibration_ignores_the_predicted_points(rows_file, table):
     assert cal["path_ms"] == pytest.approx(1.0) and cal["draft_ms_1"] == pytest.approx(0.5 * (1 + 1 / 16))
 
 
+def test_forward_over_table_is_the_targets_own_correction_at_n8_when_the_rows_carry_it(rows_file, table):
+    _, rows = read_rows(rows_file)
+    busy_based = calibrate(rows, CONTEXT, load_table(table), OUTPUT)["cost_scale"]
+    t = load_table(table)
+    assert busy_based == pytest.approx(3.5 * 0.9 / t.verify_ms(8, 8, CONTEXT - OUTPUT / 2))  # tpot × busy / table
+    learned = [dict(r, cost_correction=1.07) if (r["mode"], r["sessions"]) == ("target-only", 8)
+               else dict(r, cost_correction=9.0) for r in rows]  # only the N = 8 target-only row may count
+    assert calibrate(learned, CONTEXT, t, OUTPUT)["cost_scale"] == pytest.approx(1.07)
+
+
 def test_bad_rows_files_are_named(tmp_path, capsys):
     with pytest.raises(BenchmarkError, match="not found"):
         read_rows(tmp_path / "missing.jsonl")

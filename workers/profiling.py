@@ -110,6 +110,15 @@ def build_engine(model_dir: str | None, shape: str | None, device: str, dtype: s
     from workers.engine.base import EngineError
     from workers.engine.cuda_shapes import fill_cache_randomly, random_engine
 
+    from workers.engine.emulated import is_emulated
+
+    if model_dir and not shape and is_emulated(model_dir):  # no cache to fill: its forwards are priced, not run
+        from workers.engine import load_engine
+
+        try:
+            return load_engine(model_dir, slots=slots, max_context=max_context)
+        except EngineError as exc:
+            raise ProfileError(f"cannot build the engine: {exc}") from None
     try:
         if shape:
             eng = random_engine(shape, device=device, dtype=dtype, slots=slots, max_context=max_context)
