@@ -289,7 +289,7 @@ class BrokerClient:
         # Always bounded: the socket can be writable when checked and lose its only peer a moment later (a CURVE
         # handshake refused), and then a send waits forever.
         try:
-            await asyncio.wait_for(self.send(msg), timeout)
+            await within(self.send(msg), timeout)
         except asyncio.TimeoutError:
             pass
 

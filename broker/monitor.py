@@ -15,6 +15,7 @@ import zmq
 import zmq.asyncio
 
 from broker.client import STATS_MAX_FRAME
+from broker.waits import within
 from protocol.codec import decode
 
 SPARK = "▁▂▃▄▅▆▇█"
@@ -122,7 +123,7 @@ def subscribe(pub: str, frontend: str, curve: dict) -> zmq.asyncio.Socket:
 async def recv_snapshot(sock: zmq.asyncio.Socket, timeout: float) -> dict | None:
     """The next published snapshot, or None when none came within ``timeout`` (or it did not decode)."""
     try:
-        frame = await asyncio.wait_for(sock.recv(), timeout)
+        frame = await within(sock.recv(), timeout)
         return decode(frame, max_frame=STATS_MAX_FRAME).snapshot
     except (asyncio.TimeoutError, Exception):
         return None

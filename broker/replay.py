@@ -32,6 +32,7 @@ import zmq.asyncio
 
 from broker.capture import CaptureRead, iter_records
 from broker.client import request_stats
+from broker.waits import within
 from protocol.errors import SpecmqError
 from protocol.messages import CLIENT_TYPES
 
@@ -304,7 +305,7 @@ class Replayer:
     async def _answer(self, answer: asyncio.Future) -> float:
         """When ``answer`` came back; after ``answer_timeout_s`` without it, now (counted in ``late``)."""
         try:
-            return await asyncio.wait_for(answer, self.answer_timeout_s)
+            return await within(answer, self.answer_timeout_s)
         except asyncio.TimeoutError:
             self.late += 1
             return time.perf_counter()
@@ -368,7 +369,7 @@ class Replayer:
             self._sending_done = True
             if self.pending > 0:
                 try:
-                    await asyncio.wait_for(self._idle.wait(), self.drain_s)
+                    await within(self._idle.wait(), self.drain_s)
                 except asyncio.TimeoutError:
                     self.report.warnings.append(f"{self.pending} requests unanswered after {self.drain_s:g}s drain")
             if self.late:

@@ -2,7 +2,8 @@
 
 ``asyncio.wait_for`` before Python 3.12 returns the result, and drops the cancel, when the awaited thing completes
 in the same loop step as a cancel of the caller: a loop told to stop then runs on as if never told (a gateway's
-stop hung on this). ``asyncio.timeout`` (3.11+) has no such race and costs one timer instead of a task per call.
+stop and a client's heartbeat loop, cancelled while it sent a beat, each hung a close this way). Every timed wait
+in the broker, the workers and the gateway goes through ``within``. ``asyncio.timeout`` (3.11+) has no such race and costs one timer instead of a task per call.
 """
 from __future__ import annotations
 

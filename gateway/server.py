@@ -29,6 +29,7 @@ import structlog
 from aiohttp import web
 
 from broker.client import BrokerClient
+from broker.waits import within
 from gateway.chat import ChatTemplate
 from gateway.openai_api import (DONE_EVENT, FINISH_REASONS, ApiError, ChunkFormat, GenerationRequest, error_body,
                                 parse_chat, parse_completion, response_body, usage)
@@ -222,7 +223,7 @@ class Gateway:
                 self.client.inbox.get_nowait()
                 self.counters["late_messages"] += 1
             try:
-                await asyncio.wait_for(self._stopping.wait(), self.config.health_interval)
+                await within(self._stopping.wait(), self.config.health_interval)
             except asyncio.TimeoutError:
                 pass
 

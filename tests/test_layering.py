@@ -145,3 +145,15 @@ def test_the_checker_sees_function_level_and_relative_imports(tmp_path, monkeypa
     bad = layering_violations()
     assert any(b.startswith("broker/a.py:2:") for b in bad) and any(b.startswith("protocol/x.py:1:") for b in bad)
     assert import_cycles() == [["broker.e", "broker.f"]]
+
+
+def test_timed_waits_go_through_within():
+    """``asyncio.wait_for`` loses a cancel that lands as its awaitable completes (Python < 3.12): a cancelled loop then
+    runs on and whatever waits for it hangs (it hung a gateway's stop and a client's close). ``broker.waits.within``
+    is the one timed wait."""
+    offenders = [f"{path.relative_to(ROOT)}:{node.lineno}" for name, path in source_modules().items()
+                 if name != "broker.waits"
+                 for node in ast.walk(ast.parse(path.read_text()))
+                 if isinstance(node, ast.Attribute) and node.attr == "wait_for"
+                 and isinstance(node.value, ast.Name) and node.value.id == "asyncio"]
+    assert not offenders, f"use broker.waits.within instead of asyncio.wait_for at {', '.join(offenders)}"
