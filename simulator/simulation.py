@@ -117,7 +117,7 @@ class Simulation:
                                                cost_scale=float(group.get("cost_scale", 1.0)),
                                                tick_overhead_ms=float(group.get("tick_overhead_ms", 0.0)),
                                                tick_row_overhead_ms=float(group.get("tick_row_overhead_ms", 0.0)),
-                                               controller=self._controller(cost)))
+                                               controller=self._controller(cost, _limits(group))))
             if not self.targets:
                 raise ConfigError("a distributed deployment needs at least one target")
         self.broker = Broker(self.targets, cfg["router"], self._rng(), float(bcfg["overhead_ms"]))
@@ -176,12 +176,14 @@ class Simulation:
         env.process(self._sample(float(cfg["sample_ms"]) / 1000.0))
 
     # ------------------------------------------------------------------ wiring
-    def _controller(self, cost: CostModel) -> GoodputController | None:
+    def _controller(self, cost: CostModel, limits: BatchLimits) -> GoodputController | None:
         """A target's goodput controller over its cost model, with virtual time as its clock (None when no draft
-        follows advice: fixed-γ runs pay nothing for it)."""
+        follows advice: fixed-γ runs pay nothing for it). It plans with the target's token budget and prefill chunk,
+        as the real target's does."""
         if not self.auto:
             return None
-        cfg = ControllerConfig(**vars(self._controller_cfg))
+        cfg = ControllerConfig(**{**vars(self._controller_cfg), "max_batch_tokens": limits.max_batch_tokens,
+                                  "prefill_chunk": limits.prefill_chunk})
         return GoodputController(cost, cfg, clock=lambda: self.env.now)
 
     def _fused_gamma(self, fcfg: dict[str, Any]) -> int:

@@ -132,6 +132,8 @@ class ControllerConfig:
     probe: bool = True  # probe decoding sessions' acceptance now and then (see ``next_gamma``)
     correction_weight: float = 0.2  # EWMA weight of each measured tick in the cost correction
     mode: str = DISTRIBUTED
+    max_batch_tokens: int = 0  # the worker's tokens per forward (0: unknown) and its prefill chunk: what prompts
+    prefill_chunk: int = 256  # waiting to be cached add to each tick (``prefill_per_tick``)
 
     def __post_init__(self) -> None:
         if self.max_gamma < 1:
@@ -147,21 +149,24 @@ class ControllerConfig:
 def evaluate_plan(cost: StepCost, sessions: Sequence[SessionCosts], gammas: Sequence[int], mode: str = DISTRIBUTED,
                   correction: float = 1.0, draft_step_ms: float = 0.0,
                   weights: Sequence[float] | None = None, host_ms: float = 0.0,
-                  decode_tokens: float = 0.0) -> PlanOutcome:
+                  decode_tokens: float = 0.0, prefill: tuple[float, float] = (0.0, 0.0)) -> PlanOutcome:
     """Predicted goodput, tick time and per-session TPOT of one plan (see the module docstring).
 
     ``weights``: how many sessions each entry stands for (a group of alike sessions), 1 each by default.
     ``host_ms``: the worker's host time between back-to-back ticks (h), paid by decode rows on top of τ.
     ``decode_tokens``: tokens per decode request (k); a decode session then also pays its request's path and
     wait for a tick once per k tokens (0: not charged).
+    ``prefill``: (tokens, rows) of prompt chunks every tick carries beside the plan's rows while prompts wait to
+    be cached (``GoodputController.prefill_per_tick``): the same work whatever the plan, so it raises τ for all.
     """
     if not sessions:
         return PlanOutcome([], 0.0, 0.0, [])
     w = list(weights) if weights is not None else [1.0] * len(sessions)
     n = sum(w)
     ctx = sum(s.context * k for s, k in zip(sessions, w)) / n
-    tau = correction * cost.verify_ms(max(1, round(n)), max(1, round(sum(k * (g + 1) for g, k in zip(gammas, w)))),
-                                      ctx)
+    p_tokens, p_rows = prefill
+    tau = correction * cost.verify_ms(max(1, round(n + p_rows)),
+                                      max(1, round(sum(k * (g + 1) for g, k in zip(gammas, w)) + p_tokens)), ctx)
     if mode == FUSED:
         rnd = tau + max(gammas) * draft_step_ms
         es = [expected_tokens(s.alpha, g) if g else 1.0 for s, g in zip(sessions, gammas)]
@@ -244,7 +249,7 @@ def group_sessions(sessions: Sequence[SessionCosts]) -> tuple[list[SessionCosts]
 
 def choose_plan(cost: StepCost, sessions: Sequence[SessionCosts], config: ControllerConfig,
                 correction: float = 1.0, draft_step_ms: float = 0.0, host_ms: float = 0.0,
-                decode_tokens: float = 0.0) -> PlanOutcome:
+                decode_tokens: float = 0.0, prefill: tuple[float, float] = (0.0, 0.0)) -> PlanOutcome:
     """The best plan: uniform candidates first, then one improvement pass per α group (see the module docstring).
     ``decode_tokens``: tokens per decode request, for the request's path (0: not charged)."""
     if not sessions:
@@ -254,7 +259,7 @@ def choose_plan(cost: StepCost, sessions: Sequence[SessionCosts], config: Contro
 
     def evaluate(gs: list[int]) -> PlanOutcome:
         return evaluate_plan(cost, groups, gs, config.mode, correction, draft_step_ms, weights, host_ms,
-                             decode_tokens)
+                             decode_tokens, prefill)
 
     best: PlanOutcome | None = None
     for g in cands:
@@ -357,6 +362,7 @@ class GoodputController:
         self.fleet_examined = 0.0
         self.decode_tokens = float(self.config.decode_tokens)  # EWMA of what decode-mode requests ask for
         self._probing: set[str] = set()  # sessions advised a probe or scout whose round is not answered yet
+        self.prefill_backlog = (0, 0)  # (prompt tokens not yet cached, sessions holding them): ``observe_prefill``
 
     # ------------------------------------------------------------------ observations
     def track(self, key: str, context: int = 0, remaining: int | None = None) -> None:
@@ -425,6 +431,26 @@ class GoodputController:
         if predicted > 0:
             w = self.config.correction_weight
             self.correction = (1 - w) * self.correction + w * (ms / predicted)
+
+    def observe_prefill(self, tokens: int, sessions: int) -> None:
+        """The prompts waiting to be cached now (tokens, sessions): while there are any, every tick carries chunks
+        of them, which makes each tick cost more whatever the plan, and speculation's extra verify tokens cost
+        relatively less."""
+        self.prefill_backlog = (max(0, int(tokens)), max(0, int(sessions)))
+
+    def prefill_per_tick(self, rows: int) -> tuple[float, float]:
+        """(tokens, rows) of prompt chunks a tick carries beside ``rows`` decode rows: at most a chunk per waiting
+        session, at most the backlog, and within the worker's token budget as decoding leaves it (the same for every
+        plan: prefill work is what arrives, not what the plan chooses)."""
+        tokens, sessions = self.prefill_backlog
+        if tokens <= 0 or sessions <= 0:
+            return 0.0, 0.0
+        take = min(tokens, self.config.prefill_chunk * sessions)
+        if self.config.max_batch_tokens > 0:
+            take = min(take, max(0, self.config.max_batch_tokens - rows))
+        if take <= 0:
+            return 0.0, 0.0
+        return float(take), float(min(sessions, math.ceil(take / self.config.prefill_chunk)))
 
     def observe_host(self, ms: float) -> None:
         """The host time between one tick's forward and the next one's start, when nothing was waited for:
@@ -534,7 +560,7 @@ class GoodputController:
             draft_step = self.draft_cost.verify_ms(n, n, sum(s.context for s in self.sessions.values()) / n)
         views = self._views(keys)
         self.plan = choose_plan(self.cost, views, self.config, self.correction, draft_step, self._host(),
-                                self._decode_tokens())
+                                self._decode_tokens(), self._prefill(n))
         self._by_bucket = {alpha_bucket(v.alpha): g for v, g in zip(views, self.plan.gammas)}
         self._hopeful = any(self.plan.gammas) or self.probe_worth(views, draft_step)
         self._planned_at, self._planned_n = now, n
@@ -548,7 +574,11 @@ class GoodputController:
         hopeful = [SessionCosts(max(v.alpha, HOPE_ALPHA), v.draft_ms, v.path_ms, v.context, v.decode_gap_ms)
                    for v in views]
         return any(choose_plan(self.cost, hopeful, self.config, self.correction, draft_step_ms,
-                               self._host(), self._decode_tokens()).gammas)
+                               self._host(), self._decode_tokens(), self._prefill(len(views))).gammas)
+
+    def _prefill(self, rows: int) -> tuple[float, float]:
+        """Prompt chunks per tick for planning (a fused worker's prefill runs in its own rounds: none)."""
+        return self.prefill_per_tick(rows) if self.config.mode == DISTRIBUTED else (0.0, 0.0)
 
     def _host(self) -> float:
         """h for planning: a fused worker drafts and verifies in lockstep, so its host time is every row's."""

@@ -433,12 +433,17 @@ class TargetServer:
                                    next_gamma=self.next_gamma(key, t.pos), incarnation=m.incarnation)
             self.credits += 1
             out.append(t.last_result)
+        cached: list[Served] = []
         for key, take in tick.prefill:
             s = self.sessions[key]
             s.prefilled += take
             if s.to_prefill == 0:
                 self.prefill_order.remove(key)
-                out.append(self.opened(s))
+                cached.append(s)
+        if self.controller is not None:  # prompts still waiting: the chunks later ticks carry whatever the plan
+            self.controller.observe_prefill(sum(self.sessions[k].to_prefill for k in self.prefill_order),
+                                            len(self.prefill_order))
+        out += [self.opened(s) for s in cached]
         return out
 
     def observe_host(self, ms: float) -> None:
@@ -494,8 +499,10 @@ class TargetServer:
 
 def make_controller(config: TargetConfig) -> GoodputController:
     """The goodput controller over the configured profile table, or over a cost line fitted from measured ticks."""
-    return GoodputController(load_cost(config.cost_table), ControllerConfig(max_gamma=min(config.auto_max_gamma, config.max_gamma),
-                                                   tpot_slo_ms=config.tpot_slo_ms))
+    return GoodputController(load_cost(config.cost_table),
+                             ControllerConfig(max_gamma=min(config.auto_max_gamma, config.max_gamma),
+                                              tpot_slo_ms=config.tpot_slo_ms, max_batch_tokens=config.max_batch_tokens,
+                                              prefill_chunk=config.prefill_chunk))
 
 
 # ---------------------------------------------------------------------- the loop on a WorkerLink

@@ -229,6 +229,10 @@ class Target:
         if ctl is not None and chunks:
             ctl.observe_tick(rows, tokens, ctx / rows, service * 1000.0)
             ctl.observe_host((self.tick_overhead_s + rows * self.tick_row_overhead_s) * 1000.0)
+        if ctl is not None:  # prompts still waiting after this tick, as the real target reports them
+            taken = {id(s): take for s, take in plan.prefill}
+            left = [s.prefill_left - taken.get(id(s), 0) for s in self.prefill_q]
+            ctl.observe_prefill(sum(x for x in left if x > 0), sum(1 for x in left if x > 0))
         for c in chunks:
             s = c.session
             n_left = s.req.output_tokens - s.committed
