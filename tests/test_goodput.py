@@ -4,6 +4,7 @@ the target worker gives target-only output."""
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 import pytest
 
@@ -21,6 +22,7 @@ from workers.target_worker import TargetConfig, TargetServer
 from workers.tokenizer_text import encode, load_tokenizer
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
+ROOT = Path(__file__).resolve().parents[1]
 
 
 class Roofline:
@@ -497,3 +499,72 @@ def test_a_bad_catch_up_or_gap_report_is_ignored(bad):
     assert ctl.catchup_rate() == 0.0 and ctl.decode_gap() == 0.0
     ctl.observe_round("f0", accepted=1, drafted=2, draft_ms=4.0, catchup_ms=50.0, catchup_tokens=100)
     assert ctl.catchup_rate() == pytest.approx(0.5)  # a sound report still counts
+
+
+def test_prompts_waiting_make_every_tick_longer_and_speculation_pays_sooner():
+    """While prompts wait to be cached, each tick carries their chunks whatever the plan: τ grows for decoding and
+    speculating alike, and a round's tokens amortise it. The same 64 sessions that decode on an idle target draft
+    while 9 prompts are prefilled beside them (measured on an emulated H200: γ 2 gave 1.26x target-only's tok/s)."""
+    from workers.cost_table import load_table
+
+    table = load_table(ROOT / "configs" / "profiles" / "h200-grown-8b-1b.yaml")
+    group = [SessionCosts(0.7, 1.6, 8.0, 2048, 1.3)] * 64
+    cfg = ControllerConfig(max_gamma=4)
+    idle = choose_plan(table, group, cfg, correction=1.08, host_ms=0.3, decode_tokens=8)
+    busy = choose_plan(table, group, cfg, correction=1.08, host_ms=0.3, decode_tokens=8, prefill=(2240.0, 9.0, 0.03))
+    assert set(idle.gammas) == {0} and min(busy.gammas) >= 2
+    assert busy.tick_ms > idle.tick_ms  # the prefill chunks ride in the tick
+
+
+def test_prefill_per_tick_is_a_chunk_per_waiting_prompt_within_the_token_budget():
+    ctl = GoodputController(Roofline(), ControllerConfig(max_batch_tokens=512, prefill_chunk=256))
+    assert ctl.prefill_per_tick(64) == (0.0, 0.0, 0.0)  # nothing waits
+    ctl.observe_prefill(1000, 3)
+    assert ctl.prefill_per_tick(64)[:2] == (448.0, 2.0)  # 512 less the 64 decode rows' tokens: two chunks
+    ctl.observe_prefill(100, 1)
+    assert ctl.prefill_per_tick(8)[:2] == (100.0, 1.0)  # the backlog is the limit
+    unbounded = GoodputController(Roofline(), ControllerConfig(prefill_chunk=256))
+    unbounded.observe_prefill(1000, 3)
+    assert unbounded.prefill_per_tick(500)[:2] == (768.0, 3.0)
+    ctl.observe_prefill(-5, 2)  # a nonsense report counts as nothing waiting
+    assert ctl.prefill_per_tick(8) == (0.0, 0.0, 0.0)
+    # sessions with more ticks ahead than the backlog lasts see it in that share of their ticks only; a prompt
+    # token is worth the output it unlocks: the running sessions' remaining output over a waiting prompt's length
+    ctl.observe_prefill(896, 4)
+    for i in range(8):
+        ctl.track(f"s{i}", 512, remaining=64)
+    share = (896 / 504) / 64
+    assert ctl.prefill_per_tick(8) == pytest.approx((504 * share, 2 * share, 64 / 224))
+    for i in range(8):
+        ctl.track(f"s{i}", 512, remaining=1)  # ending sessions: the backlog outlasts them, every tick has it
+    assert ctl.prefill_per_tick(8) == pytest.approx((504.0, 2.0, 1 / 224))
+
+
+def test_verify_tokens_that_crowd_prompts_out_of_the_budget_pay_for_their_slower_progress():
+    """Within a token budget, verify rows go first: a plan's extra verify tokens shorten its ticks' prefill and
+    slow the waiting prompts, which goodput counts at the output they unlock."""
+    cost = Roofline(weights_ms=5.0, knee=64, per_token_ms=0.02)
+    group = [SessionCosts(0.7, 1.0, 3.0, 512)] * 100
+    free = evaluate_plan(cost, group, [4] * 100, prefill=(400.0, 2.0, 0.0), max_tokens=512)
+    valued = evaluate_plan(cost, group, [4] * 100, prefill=(400.0, 2.0, 1.0), max_tokens=512)
+    # 500 verify tokens leave room for 12 prompt tokens a tick; decoding's 100 leave room for all 400
+    assert valued.goodput_tok_s - free.goodput_tok_s == pytest.approx(12 / free.tick_ms * 1000.0)
+    dec_free = evaluate_plan(cost, group, [0] * 100, prefill=(400.0, 2.0, 0.0), max_tokens=512)
+    dec_valued = evaluate_plan(cost, group, [0] * 100, prefill=(400.0, 2.0, 1.0), max_tokens=512)
+    assert dec_valued.goodput_tok_s - dec_free.goodput_tok_s == pytest.approx(400 / dec_free.tick_ms * 1000.0)
+    assert free.tick_ms < evaluate_plan(cost, group, [4] * 100, prefill=(400.0, 2.0, 0.0)).tick_ms  # capped
+
+
+def test_the_target_reports_its_prompt_backlog_to_the_controller(tiny_pair):
+    prompt = encode(load_tokenizer(tiny_pair.target), "def parse_args(argv):\n    return argv\n" * 2)
+    server = TargetServer(load_engine(tiny_pair.target, slots=3, max_context=128),
+                          TargetConfig(max_decode=16, prefill_chunk=8, max_batch_tokens=16))
+    assert server.controller.config.prefill_chunk == 8 and server.controller.config.max_batch_tokens == 16
+    assert server.handle(SessionOpen(session="a", prompt_ids=prompt, max_new_tokens=8)) == []
+    assert server.handle(SessionOpen(session="b", prompt_ids=prompt, max_new_tokens=8)) == []
+    tick = server.take_tick()
+    server.finish(tick, server.compute(tick), 1.0)
+    waiting = sum(server.sessions[k].to_prefill for k in ("a", "b"))
+    assert server.controller.prefill_backlog == (waiting, 2) and waiting > 0
+    _ticks(server)
+    assert server.controller.prefill_backlog == (0, 0)

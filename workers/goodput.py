@@ -149,31 +149,37 @@ class ControllerConfig:
 def evaluate_plan(cost: StepCost, sessions: Sequence[SessionCosts], gammas: Sequence[int], mode: str = DISTRIBUTED,
                   correction: float = 1.0, draft_step_ms: float = 0.0,
                   weights: Sequence[float] | None = None, host_ms: float = 0.0,
-                  decode_tokens: float = 0.0, prefill: tuple[float, float] = (0.0, 0.0)) -> PlanOutcome:
+                  decode_tokens: float = 0.0, prefill: tuple[float, float, float] = (0.0, 0.0, 0.0),
+                  max_tokens: int = 0) -> PlanOutcome:
     """Predicted goodput, tick time and per-session TPOT of one plan (see the module docstring).
 
     ``weights``: how many sessions each entry stands for (a group of alike sessions), 1 each by default.
     ``host_ms``: the worker's host time between back-to-back ticks (h), paid by decode rows on top of τ.
     ``decode_tokens``: tokens per decode request (k); a decode session then also pays its request's path and
     wait for a tick once per k tokens (0: not charged).
-    ``prefill``: (tokens, rows) of prompt chunks every tick carries beside the plan's rows while prompts wait to
-    be cached (``GoodputController.prefill_per_tick``): the same work whatever the plan, so it raises τ for all.
+    ``prefill``: (tokens, rows, value) of prompt chunks a tick carries beside the plan's rows while prompts wait
+    to be cached (``GoodputController.prefill_per_tick``), and what a prompt token is worth in output tokens (the
+    output it unlocks). Within ``max_tokens`` (the worker's token budget; 0: none) a plan's verify tokens leave
+    less room for them: its ticks are shorter, and the prompts' progress, counted in goodput at that value, slower.
     """
     if not sessions:
         return PlanOutcome([], 0.0, 0.0, [])
     w = list(weights) if weights is not None else [1.0] * len(sessions)
     n = sum(w)
     ctx = sum(s.context * k for s, k in zip(sessions, w)) / n
-    p_tokens, p_rows = prefill
-    tau = correction * cost.verify_ms(max(1, round(n + p_rows)),
-                                      max(1, round(sum(k * (g + 1) for g, k in zip(gammas, w)) + p_tokens)), ctx)
+    p_tokens, p_rows, p_value = prefill
+    verify = sum(k * (g + 1) for g, k in zip(gammas, w))
+    if max_tokens > 0 and p_tokens > 0:  # verify rows first, prompt chunks in what is left (``plan_tick``)
+        room = min(p_tokens, max(0.0, max_tokens - verify))
+        p_rows, p_tokens = p_rows * room / p_tokens, room
+    tau = correction * cost.verify_ms(max(1, round(n + p_rows)), max(1, round(verify + p_tokens)), ctx)
     if mode == FUSED:
         rnd = tau + max(gammas) * draft_step_ms
         es = [expected_tokens(s.alpha, g) if g else 1.0 for s, g in zip(sessions, gammas)]
         return PlanOutcome(list(gammas), sum(e * k for e, k in zip(es, w)) / rnd * 1000.0, tau, [rnd / e for e in es])
     cycle = tau + host_ms  # one decode tick after another
     wait = 0.5 * cycle if any(g == 0 for g in gammas) else 0.0  # decode rows keep the target ticking back to back
-    goodput, tpots = 0.0, []
+    goodput, tpots = p_value * p_tokens / cycle * 1000.0, []
     for s, g, k in zip(sessions, gammas, w):
         if g == 0:
             tpot = decode_tpot_ms(cycle, s.path_ms, wait, decode_tokens, s.decode_gap_ms, host_ms)
@@ -249,7 +255,7 @@ def group_sessions(sessions: Sequence[SessionCosts]) -> tuple[list[SessionCosts]
 
 def choose_plan(cost: StepCost, sessions: Sequence[SessionCosts], config: ControllerConfig,
                 correction: float = 1.0, draft_step_ms: float = 0.0, host_ms: float = 0.0,
-                decode_tokens: float = 0.0, prefill: tuple[float, float] = (0.0, 0.0)) -> PlanOutcome:
+                decode_tokens: float = 0.0, prefill: tuple[float, float, float] = (0.0, 0.0, 0.0)) -> PlanOutcome:
     """The best plan: uniform candidates first, then one improvement pass per α group (see the module docstring).
     ``decode_tokens``: tokens per decode request, for the request's path (0: not charged)."""
     if not sessions:
@@ -259,7 +265,7 @@ def choose_plan(cost: StepCost, sessions: Sequence[SessionCosts], config: Contro
 
     def evaluate(gs: list[int]) -> PlanOutcome:
         return evaluate_plan(cost, groups, gs, config.mode, correction, draft_step_ms, weights, host_ms,
-                             decode_tokens, prefill)
+                             decode_tokens, prefill, config.max_batch_tokens)
 
     best: PlanOutcome | None = None
     for g in cands:
@@ -438,19 +444,28 @@ class GoodputController:
         relatively less."""
         self.prefill_backlog = (max(0, int(tokens)), max(0, int(sessions)))
 
-    def prefill_per_tick(self, rows: int) -> tuple[float, float]:
-        """(tokens, rows) of prompt chunks a tick carries beside ``rows`` decode rows: at most a chunk per waiting
-        session, at most the backlog, and within the worker's token budget as decoding leaves it (the same for every
-        plan: prefill work is what arrives, not what the plan chooses)."""
+    def prefill_per_tick(self, rows: int) -> tuple[float, float, float]:
+        """(tokens, rows, value) of prompt chunks a tick carries, on average over the planned sessions' remaining
+        ticks, beside ``rows`` decode rows, and a prompt token's worth in output tokens. A tick now takes at most a
+        chunk per waiting prompt, at most the backlog, and fits the worker's token budget as decoding leaves it.
+        The backlog lasts backlog / that many ticks; sessions with fewer ticks than that ahead of them (a decode
+        tick per remaining token) see prefill in all of theirs, sessions with more in that share of them: a burst
+        of short prompts makes a few ticks long, not a whole session's. Value: the output a waiting prompt's tokens
+        unlock, taken as the running sessions' mean remaining output over a waiting prompt's mean length; a plan
+        whose verify tokens crowd prompts out of the budget pays for their slower progress at that rate."""
         tokens, sessions = self.prefill_backlog
         if tokens <= 0 or sessions <= 0:
-            return 0.0, 0.0
+            return 0.0, 0.0, 0.0
         take = min(tokens, self.config.prefill_chunk * sessions)
         if self.config.max_batch_tokens > 0:
             take = min(take, max(0, self.config.max_batch_tokens - rows))
         if take <= 0:
-            return 0.0, 0.0
-        return float(take), float(min(sessions, math.ceil(take / self.config.prefill_chunk)))
+            return 0.0, 0.0, 0.0
+        left = [t.remaining for t in self.sessions.values() if t.remaining > 0]
+        out = sum(left) / len(left) if left else 0.0
+        share = min(1.0, (tokens / take) / out) if out else 1.0
+        return (float(take) * share, float(min(sessions, math.ceil(take / self.config.prefill_chunk))) * share,
+                out / (tokens / sessions))
 
     def observe_host(self, ms: float) -> None:
         """The host time between one tick's forward and the next one's start, when nothing was waited for:
@@ -578,7 +593,7 @@ class GoodputController:
 
     def _prefill(self, rows: int) -> tuple[float, float]:
         """Prompt chunks per tick for planning (a fused worker's prefill runs in its own rounds: none)."""
-        return self.prefill_per_tick(rows) if self.config.mode == DISTRIBUTED else (0.0, 0.0)
+        return self.prefill_per_tick(rows) if self.config.mode == DISTRIBUTED else (0.0, 0.0, 0.0)
 
     def _host(self) -> float:
         """h for planning: a fused worker drafts and verifies in lockstep, so its host time is every row's."""
