@@ -369,6 +369,7 @@ class GoodputController:
         self.decode_tokens = float(self.config.decode_tokens)  # EWMA of what decode-mode requests ask for
         self._probing: set[str] = set()  # sessions advised a probe or scout whose round is not answered yet
         self.prefill_backlog = (0, 0)  # (prompt tokens not yet cached, sessions holding them): ``observe_prefill``
+        self.prefill_prompt_tokens = 0  # the whole length of those sessions' prompts
 
     # ------------------------------------------------------------------ observations
     def track(self, key: str, context: int = 0, remaining: int | None = None) -> None:
@@ -438,11 +439,12 @@ class GoodputController:
             w = self.config.correction_weight
             self.correction = (1 - w) * self.correction + w * (ms / predicted)
 
-    def observe_prefill(self, tokens: int, sessions: int) -> None:
-        """The prompts waiting to be cached now (tokens, sessions): while there are any, every tick carries chunks
-        of them, which makes each tick cost more whatever the plan, and speculation's extra verify tokens cost
-        relatively less."""
+    def observe_prefill(self, tokens: int, sessions: int, prompt_tokens: int = 0) -> None:
+        """The prompts waiting to be cached now (tokens not yet cached, sessions, and those prompts' whole length):
+        while there are any, every tick carries chunks of them, which makes each tick cost more whatever the plan,
+        and speculation's extra verify tokens cost relatively less."""
         self.prefill_backlog = (max(0, int(tokens)), max(0, int(sessions)))
+        self.prefill_prompt_tokens = max(int(prompt_tokens), self.prefill_backlog[0])
 
     def prefill_per_tick(self, rows: int) -> tuple[float, float, float]:
         """(tokens, rows, value) of prompt chunks a tick carries, on average over the planned sessions' remaining
@@ -451,7 +453,7 @@ class GoodputController:
         The backlog lasts backlog / that many ticks; sessions with fewer ticks than that ahead of them (a decode
         tick per remaining token) see prefill in all of theirs, sessions with more in that share of them: a burst
         of short prompts makes a few ticks long, not a whole session's. Value: the output a waiting prompt's tokens
-        unlock, taken as the running sessions' mean remaining output over a waiting prompt's mean length; a plan
+        unlock, taken as the running sessions' mean remaining output over a waiting prompt's mean whole length; a plan
         whose verify tokens crowd prompts out of the budget pays for their slower progress at that rate."""
         tokens, sessions = self.prefill_backlog
         if tokens <= 0 or sessions <= 0:
@@ -465,7 +467,7 @@ class GoodputController:
         out = sum(left) / len(left) if left else 0.0
         share = min(1.0, (tokens / take) / out) if out else 1.0
         return (float(take) * share, float(min(sessions, math.ceil(take / self.config.prefill_chunk))) * share,
-                out / (tokens / sessions))
+                out / (max(tokens, self.prefill_prompt_tokens) / sessions))
 
     def observe_host(self, ms: float) -> None:
         """The host time between one tick's forward and the next one's start, when nothing was waited for:

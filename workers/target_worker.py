@@ -441,8 +441,9 @@ class TargetServer:
                 self.prefill_order.remove(key)
                 cached.append(s)
         if self.controller is not None:  # prompts still waiting: the chunks later ticks carry whatever the plan
-            self.controller.observe_prefill(sum(self.sessions[k].to_prefill for k in self.prefill_order),
-                                            len(self.prefill_order))
+            waiting = [self.sessions[k] for k in self.prefill_order]
+            self.controller.observe_prefill(sum(s.to_prefill for s in waiting), len(waiting),
+                                            sum(len(s.prompt) for s in waiting))
         out += [self.opened(s) for s in cached]
         return out
 

@@ -232,7 +232,8 @@ class Target:
         if ctl is not None:  # prompts still waiting after this tick, as the real target reports them
             taken = {id(s): take for s, take in plan.prefill}
             left = [s.prefill_left - taken.get(id(s), 0) for s in self.prefill_q]
-            ctl.observe_prefill(sum(x for x in left if x > 0), sum(1 for x in left if x > 0))
+            ctl.observe_prefill(sum(x for x in left if x > 0), sum(1 for x in left if x > 0),
+                                sum(s.req.prompt_tokens for s, x in zip(self.prefill_q, left) if x > 0))
         for c in chunks:
             s = c.session
             n_left = s.req.output_tokens - s.committed
