@@ -528,16 +528,14 @@ def test_prefill_per_tick_is_a_chunk_per_waiting_prompt_within_the_token_budget(
     assert unbounded.prefill_per_tick(500)[:2] == (768.0, 3.0)
     ctl.observe_prefill(-5, 2)  # a nonsense report counts as nothing waiting
     assert ctl.prefill_per_tick(8) == (0.0, 0.0, 0.0)
-    # sessions with more ticks ahead than the backlog lasts see it in that share of their ticks only; a prompt
-    # token is worth the output it unlocks: the running sessions' remaining output over a waiting prompt's length
-    ctl.observe_prefill(896, 4)
+    # a prompt token is worth the output it unlocks: the running sessions' remaining output over a waiting
+    # prompt's whole length (not what is left of it)
+    ctl.observe_prefill(896, 4, prompt_tokens=4 * 300)
     for i in range(8):
         ctl.track(f"s{i}", 512, remaining=64)
-    share = (896 / 504) / 64
-    assert ctl.prefill_per_tick(8) == pytest.approx((504 * share, 2 * share, 64 / 224))
-    for i in range(8):
-        ctl.track(f"s{i}", 512, remaining=1)  # ending sessions: the backlog outlasts them, every tick has it
-    assert ctl.prefill_per_tick(8) == pytest.approx((504.0, 2.0, 1 / 224))
+    assert ctl.prefill_per_tick(8) == pytest.approx((504.0, 2.0, 64 / 300))
+    ctl.observe_prefill(896, 4)  # the whole length unknown: what is left stands for it
+    assert ctl.prefill_per_tick(8)[2] == pytest.approx(64 / 224)
 
 
 def test_verify_tokens_that_crowd_prompts_out_of_the_budget_pay_for_their_slower_progress():

@@ -202,3 +202,23 @@ def test_the_simulated_target_measures_the_decode_gap():
     assert sim.metrics.decode_rounds >= 4
     gap = sim.targets[0].controller.decode_gap()
     assert 5.0 <= gap <= 5.0 + 2 * 5.1  # the path, then at most a tick's wait (and a tick's cycle) on top
+
+
+def test_the_simulated_target_reports_its_prompt_backlog_and_budget_to_the_controller():
+    """As the real target does after every tick: the prompt tokens still to cache, the sessions holding them and
+    their whole length; the controller plans with the target's token budget and prefill chunk."""
+    cfg = closed(8, "auto", 40)
+    cfg["workload"]["prompt_tokens"] = 600
+    cfg["targets"][0]["max_batch_tokens"] = 1024
+    cfg["targets"][0]["prefill_chunk"] = 128
+    sim = Simulation(cfg, costs=Roofline(weights_ms=5.0))
+    ctl = sim.targets[0].controller
+    assert (ctl.config.max_batch_tokens, ctl.config.prefill_chunk) == (1024, 128)
+    seen = []
+    observe = ctl.observe_prefill
+    ctl.observe_prefill = lambda *a: (seen.append(a), observe(*a))[1]
+    sim.run()
+    busy = [a for a in seen if a[0] > 0]
+    assert busy and all(a[1] >= 1 and a[2] >= a[0] for a in busy)  # whole prompts are at least what is left
+    assert busy[0][2] == 600 * busy[0][1]
+    assert seen[-1][:2] == (0, 0) and ctl.prefill_backlog == (0, 0)  # every prompt cached by the end

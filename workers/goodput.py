@@ -447,14 +447,13 @@ class GoodputController:
         self.prefill_prompt_tokens = max(int(prompt_tokens), self.prefill_backlog[0])
 
     def prefill_per_tick(self, rows: int) -> tuple[float, float, float]:
-        """(tokens, rows, value) of prompt chunks a tick carries, on average over the planned sessions' remaining
-        ticks, beside ``rows`` decode rows, and a prompt token's worth in output tokens. A tick now takes at most a
-        chunk per waiting prompt, at most the backlog, and fits the worker's token budget as decoding leaves it.
-        The backlog lasts backlog / that many ticks; sessions with fewer ticks than that ahead of them (a decode
-        tick per remaining token) see prefill in all of theirs, sessions with more in that share of them: a burst
-        of short prompts makes a few ticks long, not a whole session's. Value: the output a waiting prompt's tokens
-        unlock, taken as the running sessions' mean remaining output over a waiting prompt's mean whole length; a plan
-        whose verify tokens crowd prompts out of the budget pays for their slower progress at that rate."""
+        """(tokens, rows, value) of the prompt chunks the next ticks carry beside ``rows`` decode rows, and a prompt
+        token's worth in output tokens. A tick takes at most a chunk per waiting prompt, at most the backlog, and
+        fits the worker's token budget as decoding leaves it. That is what the next round's tick carries, and a γ
+        is chosen for the next round only (the plan is redone as the backlog drains). Value: the output a waiting
+        prompt's tokens unlock, taken as the running sessions' mean remaining output over a waiting prompt's mean
+        whole length; a plan whose verify tokens crowd prompts out of the budget pays for their slower progress at
+        that rate."""
         tokens, sessions = self.prefill_backlog
         if tokens <= 0 or sessions <= 0:
             return 0.0, 0.0, 0.0
@@ -465,8 +464,7 @@ class GoodputController:
             return 0.0, 0.0, 0.0
         left = [t.remaining for t in self.sessions.values() if t.remaining > 0]
         out = sum(left) / len(left) if left else 0.0
-        share = min(1.0, (tokens / take) / out) if out else 1.0
-        return (float(take) * share, float(min(sessions, math.ceil(take / self.config.prefill_chunk))) * share,
+        return (float(take), float(min(sessions, math.ceil(take / self.config.prefill_chunk))),
                 out / (max(tokens, self.prefill_prompt_tokens) / sessions))
 
     def observe_host(self, ms: float) -> None:
