@@ -121,7 +121,8 @@ def test_bench_capacity_runs_the_emulated_pair_and_refuses_a_mixed_one(tmp_path)
     points = [r for r in rows if "mode" in r]
     assert len(points) == 4 and all(r["lossless"] == 1.0 and r["errors"] == 0 for r in points)
     g2 = [r for r in points if r["mode"] == "g2"]
-    assert all(0 < r["alpha"] < 1 and r["round_send_ms"] >= 0 for r in g2)
+    assert all(r["alpha"] is not None and 0 < r["alpha"] <= 1 and r["mean_gamma"] > 0 for r in g2)
+    assert all(r.get("round_send_ms", 0.0) >= 0 for r in g2)
     mixed = subprocess.run(base + ["--target-model", str(TARGET), "--sessions", "1", "--modes", "g2"],
                            capture_output=True, text=True, timeout=120, env=env, cwd=ROOT)
     assert mixed.returncode != 0 and "emulate both or neither" in mixed.stderr
