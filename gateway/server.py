@@ -135,7 +135,7 @@ class Gateway:
         self._stats_lock = asyncio.Lock()
         self._runner: web.AppRunner | None = None
         self._watch: asyncio.Task | None = None
-        self._stopping = asyncio.Event()  # ends the broker watch even if its cancel is lost (see broker.client._get)
+        self._stopping = asyncio.Event()  # ends the broker watch even if its cancel is lost (see broker.waits)
 
     # ------------------------------------------------------------------ lifecycle
     def app(self) -> web.Application:

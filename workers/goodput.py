@@ -591,7 +591,7 @@ class GoodputController:
         return any(choose_plan(self.cost, hopeful, self.config, self.correction, draft_step_ms,
                                self._host(), self._decode_tokens(), self._prefill(len(views))).gammas)
 
-    def _prefill(self, rows: int) -> tuple[float, float]:
+    def _prefill(self, rows: int) -> tuple[float, float, float]:
         """Prompt chunks per tick for planning (a fused worker's prefill runs in its own rounds: none)."""
         return self.prefill_per_tick(rows) if self.config.mode == DISTRIBUTED else (0.0, 0.0, 0.0)
 

@@ -68,28 +68,13 @@ class EmulatedEngine(SlotTableEngine):
     """Slots and lengths like every backend; a forward sleeps for its priced step time and returns one-hot logits."""
 
     def __init__(self, info: EngineInfo, role: str, step_ms: Any, *, acceptance: float = 0.7, seed: int = 0,
-                 logit_scale: float = 12.0, draft_flat_tokens: int = 64) -> None:
+                 logit_scale: float = 12.0) -> None:
         self.info, self.role, self.step_ms = info, role, step_ms
         self.acceptance, self.seed, self.logit_scale = acceptance, seed, logit_scale
-        self.draft_flat_tokens = draft_flat_tokens
+        # a token depends only on the token fed and its position: the slots need their lengths, nothing more
         self.table = SlotTable(info.num_slots, info.max_context, info.vocab_size)
-        self.last: list[int] = [0] * info.num_slots  # each slot's last cached token: what its next one follows
-        self.history: list[list[int]] = [[] for _ in range(info.num_slots)]  # for rollback of ``last``
         self.forwards = 0
         self.slept_ms = 0.0
-
-    def allocate(self) -> int:
-        slot = super().allocate()
-        self.history[slot] = []
-        return slot
-
-    def free(self, slot: int) -> None:
-        super().free(slot)
-        self.history[slot] = []
-
-    def rollback(self, slot: int, n: int) -> None:
-        super().rollback(slot, n)
-        del self.history[slot][self.table.lengths[slot]:]
 
     def cost_ms(self, rows: int, tokens: int, context: float) -> float:
         """The priced step time of a forward of ``rows`` rows, ``tokens`` new tokens, ``context`` mean length."""
@@ -115,7 +100,6 @@ class EmulatedEngine(SlotTableEngine):
             out.append(row[-1:] if lo else row)
             at += len(toks)
         for slot, toks in zip(slots, tokens):
-            self.history[slot].extend(toks)
             self.table.lengths[slot] += len(toks)
         wait = self.cost_ms(len(slots), n_tokens, context) / 1000.0 - (time.perf_counter() - t0)
         if wait > 0:
@@ -172,9 +156,7 @@ def load_emulated_engine(model_dir: str | Path, cfg: dict[str, Any], slots: int 
     info = EngineInfo(model_id=path.resolve().name, vocab_size=vocab, max_context=ctx, num_slots=slots,
                       eos_token_id=None, dtype="emulated", device="emulated:" + (table.hardware or table.device),
                       tokenizer_fingerprint="emulated-" + str(seed), eos_token_ids=())
-    engine = EmulatedEngine(info, role, step_ms, acceptance=acceptance, seed=seed, draft_flat_tokens=flat)
-    engine.table_source = str(table_path)  # type: ignore[attr-defined]
-    return engine
+    return EmulatedEngine(info, role, step_ms, acceptance=acceptance, seed=seed)
 
 
 def is_emulated(model_dir: str | Path) -> bool:
